@@ -1,0 +1,165 @@
+"""APOLLO (channel-wise, rank r) and APOLLO-Mini (tensor-wise, rank 1): spec §4, §5; [001] Alg. 1.
+
+Adam runs on the random projection R = PᵀĜ (r×b); its only use is the ratio s = ‖N‖/‖R‖ per channel
+(or per tensor), which rescales the *raw* gradient: the update is full rank, the state is 2·r·b floats.
+P is never stored: it is regenerated from a seed every step (spec §3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qtrain.optim.base import Method, MethodOptimizer, Update
+from qtrain.optim.limiter import norm_growth_factor
+from qtrain.optim.projection import (
+    channel_shape,
+    official_next_seed,
+    orient,
+    random_projection,
+    window_seed,
+)
+
+BIAS_CORRECTION_MODES = ("outside", "inside")
+SCALE_TYPES = ("channel", "tensor")
+
+
+def apollo_scaling(
+    g_hat: Tensor,
+    proj: Tensor,
+    m: Tensor,
+    v: Tensor,
+    phi: Tensor,
+    step: int,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    scale: float,
+    scale_type: str,
+    bias_correction: str,
+    gamma: float = 1.01,
+) -> Tensor:
+    """One APOLLO step on the oriented fp32 gradient Ĝ (a×b) with projection P (a×r).
+
+    Updates m, v (r×b) and phi (0-dim, NL state) in place. Returns the factor f with D = Ĝ·Diag(f)
+    (f of shape (b,), channel) or D = f·Ĝ (f 0-dim, tensor), including NL, α = √scale and, in mode
+    "outside", κ_t. The full-size X = Ĝ·Diag(s) is never formed: ‖X‖ comes from column norms.
+    """
+    b1, b2 = betas
+    c1, c2 = 1 - b1**step, 1 - b2**step
+    r = proj.t() @ g_hat  # (r, b)                                     step 4
+    m.mul_(b1).add_(r, alpha=1 - b1)  #                                step 5
+    v.mul_(b2).addcmul_(r, r, value=1 - b2)
+    if bias_correction == "outside":  # apollo.py: ε outside, κ_t on the step size    step 6
+        n = m / (v.sqrt() + eps)
+        step_factor = math.sqrt(c2) / c1
+    else:  # q_apollo.py (bitsandbytes kernel): bias correction inside, NL sees the κ_t ramp
+        n = (m / c1) / ((v / c2).sqrt() + eps)
+        step_factor = 1.0
+    if scale_type == "channel":  # s_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)   step 7
+        s = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
+        x_norm = (s.square() * g_hat.square().sum(dim=0)).sum().sqrt()  # ‖Ĝ Diag(s)‖
+    else:  # APOLLO-Mini: one s for the tensor   step 7'
+        s = n.norm() / (r.norm() + 1e-8)  # ()
+        x_norm = s * g_hat.norm()
+    eta, new_phi = norm_growth_factor(x_norm, phi, first=step == 1, gamma=gamma)  # step 9
+    phi.copy_(new_phi)
+    return s * (eta * (math.sqrt(scale) * step_factor))  # steps 10-11: α = √scale
+
+
+@dataclass
+class Apollo(Method):
+    """APOLLO hyperparameters. `scale` is α² (APOLLO's CLI convention: 128 means ×11.31)."""
+
+    rank: int = 256
+    scale: float = 1.0
+    scale_type: str = "channel"
+    update_proj_gap: int = 200
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    bias_correction: str = "outside"
+    gamma: float = 1.01
+    seed: int = 0
+    official_seed_chain: bool = False
+
+    def validate(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise ValueError(f"APOLLO needs 2-D weights, got shape {shape}")
+        if not 1 <= self.rank <= min(shape):
+            raise ValueError(f"APOLLO rank = {self.rank} must be in [1, {min(shape)}] for a weight of shape {shape}")
+        if self.scale_type not in SCALE_TYPES:
+            raise ValueError(f"APOLLO scale_type = {self.scale_type!r}; allowed: {SCALE_TYPES}")
+        if self.bias_correction not in BIAS_CORRECTION_MODES:
+            raise ValueError(f"APOLLO bias_correction = {self.bias_correction!r}; allowed: {BIAS_CORRECTION_MODES}")
+        if self.update_proj_gap < 1 or self.scale <= 0:
+            raise ValueError(f"APOLLO needs update_proj_gap >= 1 and scale > 0, got {self.update_proj_gap}, {self.scale}")
+
+    def init_state(self, shape, device, uid) -> dict[str, Any]:
+        b = max(shape)
+        zeros = torch.zeros((self.rank, b), device=device, dtype=torch.float32)  # (r, b)
+        return {
+            "step": 0,
+            "uid": uid,
+            "proj_seed": 0,
+            "exp_avg": zeros,
+            "exp_avg_sq": zeros.clone(),
+            "limiter_norm": torch.zeros((), device=device, dtype=torch.float32),
+        }
+
+    def projection_seed(self, state: dict[str, Any], t: int) -> int:
+        window = (t - 1) // self.update_proj_gap
+        if not self.official_seed_chain:
+            return window_seed(self.seed, state["uid"], window)
+        if (t - 1) % self.update_proj_gap == 0:  # the official chain: seed_1 = uid, then next_seed(...)
+            state["proj_seed"] = state["uid"] if window == 0 else official_next_seed(state["proj_seed"])
+        return state["proj_seed"]
+
+    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+        state["step"] = t = state["step"] + 1
+        seed = self.projection_seed(state, t)
+        proj = random_projection(tuple(grad.shape), self.rank, seed, grad.device)  # (a, r), discarded after use
+        f = apollo_scaling(
+            orient(grad.float()), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
+            betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
+            bias_correction=self.bias_correction, gamma=self.gamma,
+        )
+        if self.scale_type == "channel":
+            f = f.reshape(channel_shape(tuple(grad.shape)))
+        return Update(grad_scale=f)
+
+
+def apollo_mini(**kwargs) -> Apollo:
+    """APOLLO-Mini defaults: rank 1, tensor-wise scaling, scale 128 (spec §5)."""
+    return Apollo(**{"rank": 1, "scale": 128.0, "scale_type": "tensor", **kwargs})
+
+
+class APOLLO(MethodOptimizer):
+    """APOLLO / APOLLO-Mini as a regular torch optimizer; 2-D params get APOLLO, others Adam.
+
+    Example (APOLLO-Mini): APOLLO(params, lr=0.01, rank=1, scale=128, scale_type="tensor", update_proj_gap=200)
+    A group with rank=None is trained by Adam (like apollo-torch's regular group).
+    """
+
+    def __init__(
+        self, params, lr: float = 0.01, rank: int | None = 256, scale: float = 1.0, scale_type: str = "channel",
+        update_proj_gap: int = 200, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+        bias_correction: str = "outside", seed: int = 0, official_seed_chain: bool = False,
+    ):
+        defaults = dict(
+            lr=lr, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=update_proj_gap, betas=betas,
+            eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, seed=seed,
+            official_seed_chain=official_seed_chain,
+        )
+        super().__init__(params, defaults)
+
+    def uses_method(self, group, p) -> bool:
+        return group["rank"] is not None and p.dim() == 2
+
+    def method_for(self, group) -> Apollo:
+        keys = ("rank", "scale", "scale_type", "update_proj_gap", "betas", "eps", "weight_decay",
+                "bias_correction", "seed", "official_seed_chain")
+        return Apollo(**{k: group[k] for k in keys})

@@ -1,0 +1,140 @@
+"""The interface every qtrain optimizer method implements, and the torch.optim.Optimizer around it.
+
+A *method* (APOLLO, GaLore, ...) is hyperparameters plus two functions of tensors:
+    init_state(shape, device, uid) -> state dict        (fp32 tensors and python ints)
+    direction(grad, state) -> Update                    (advances state["step"])
+The same method object serves three callers without change: the standalone optimizer below (float
+weights), qtrain's layer-wise release hooks (float and int8 weights), and the ordinary non-release step.
+An Update D is applied as   W <- (W - lr * D) * (1 - lr * weight_decay)   (decoupled decay after the step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """splitmix64-style hash of integers -> a seed in [0, 2^63). Stateless: resume-safe, order-free."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & MASK64)) & MASK64
+        h = (h + 0x9E3779B97F4A7C15) & MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def name_uid(name: str) -> int:
+    """A stable integer id of a parameter's qualified name (Python's hash() is salted per process)."""
+    h = 0xCBF29CE484222325  # FNV-1a 64
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x100000001B3) & MASK64
+    return h >> 1
+
+
+def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A fresh generator on `device` (CPU and CUDA draw different numbers for one seed)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Update(NamedTuple):
+    """The direction D of one step: either a dense tensor, or a multiplier of the gradient.
+
+    grad_scale broadcasts against the *un-oriented* gradient (shape (), (1, n) or (m, 1)): APOLLO's
+    update is the raw gradient times channel factors, so int8 weights can apply it chunk by chunk
+    without a full-size D.
+    """
+
+    dense: Tensor | None = None
+    grad_scale: Tensor | None = None
+
+    def rows(self, grad: Tensor, r0: int, r1: int) -> Tensor:
+        """D[r0:r1] in fp32 for a 2-D weight."""
+        if self.dense is not None:
+            return self.dense[r0:r1].float()
+        s = self.grad_scale
+        s = s[r0:r1] if s.dim() == 2 and s.shape[0] > 1 else s
+        return grad[r0:r1].float() * s
+
+    def full(self, grad: Tensor) -> Tensor:
+        return self.dense.float() if self.dense is not None else grad.float() * self.grad_scale
+
+
+@torch.no_grad()
+def apply_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tensor, weight_decay: float) -> None:
+    """W <- (W - lr*D) * (1 - lr*wd) on a float weight, arithmetic in fp32."""
+    w = weight.float()
+    w.sub_(update.full(grad) * lr)
+    if weight_decay > 0:
+        w.mul_(1 - lr * weight_decay)
+    if w is not weight:
+        weight.copy_(w)  # bf16 weights: one rounding at the end (qtrain's int8 path uses SR instead)
+
+
+@dataclass
+class Method:
+    """Base of all methods: hyperparameters shared by every method."""
+
+    weight_decay: float = 0.0
+
+    def init_state(self, shape: tuple[int, ...], device: torch.device, uid: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+        raise NotImplementedError
+
+    def validate(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError naming the hyperparameter if the method cannot handle this shape."""
+
+
+class MethodOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer that applies `method_for(group)` to each parameter with a gradient.
+
+    Groups without the method's marker key (see `uses_method`) fall back to `fallback_for(group)`
+    (Adam), so the usual APOLLO/GaLore pattern of one regular group plus one low-rank group works.
+    """
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        super().__init__(params, defaults)
+        uid = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                uid += 1  # 1-based position across groups: the official projection seed (spec §3)
+                self.state[p]["uid"] = uid
+
+    def method_for(self, group: dict[str, Any]) -> Method:
+        raise NotImplementedError
+
+    def uses_method(self, group: dict[str, Any], p: Tensor) -> bool:
+        return p.dim() == 2
+
+    def fallback_for(self, group: dict[str, Any]) -> Method:
+        from qtrain.optim.adam import Adam
+
+        return Adam(betas=group["betas"], eps=group.get("adam_eps", 1e-6), weight_decay=group["weight_decay"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                method = self.method_for(group) if self.uses_method(group, p) else self.fallback_for(group)
+                state = self.state[p]
+                if "step" not in state:
+                    method.validate(tuple(p.shape))
+                    state.update(method.init_state(tuple(p.shape), p.device, state["uid"]))
+                update = method.direction(p.grad.float(), state)
+                apply_update_(p, update, p.grad, group["lr"], method.weight_decay)
+        return loss

@@ -1,0 +1,80 @@
+"""Stochastic rounding (SR) onto the int8 group grid, from a dedicated generator.
+
+SR rounds v to floor(v) + Bernoulli(v - floor(v)), so E[SR(v)] = v: updates much smaller than one
+quantization step still move the weight on average, where nearest rounding would drop them.
+All arithmetic is fp32 (the official code does it in bf16, which biases SR: spec §12).
+The uniform numbers come from a torch.Generator the caller owns (never the global RNG); qtrain seeds
+one per (run seed, tensor, step), so a resumed run draws the same numbers with no generator state saved.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from qtrain.quant.groupwise import CODE_MAX, group_ranges, num_groups, to_grid
+
+
+def stochastic_round(v: Tensor, uniform: Tensor) -> Tensor:
+    """floor(v) + [u < frac(v)] for fp32 v, u ~ U[0, 1) of v's shape. Returns fp32 integers.
+
+    Only floor(v) or ceil(v) can come out; an integer v is returned unchanged (frac = 0 < u never holds).
+    """
+    lower = torch.floor(v)
+    return lower + (uniform < (v - lower)).to(v.dtype)
+
+
+def quantize_groupwise_sr(
+    w: Tensor, group_size: int, generator: torch.Generator, meta_dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stochastic-rounding quantization with fresh per-group ranges. Same outputs as quantize_groupwise."""
+    G = num_groups(w.shape, group_size)
+    groups = w.detach().reshape(G, group_size).float()  # (G, g)
+    scale, offset = group_ranges(groups, meta_dtype)
+    v = to_grid(groups, scale, offset)
+    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+    codes = stochastic_round(v, u).clamp_(0, CODE_MAX).to(torch.uint8)
+    return codes.reshape(w.shape), scale, offset
+
+
+def rows_per_chunk(shape: tuple[int, int], group_size: int, max_elems: int) -> int:
+    """Rows per chunk such that each chunk holds whole groups and about max_elems elements."""
+    m, n = shape
+    unit = math.lcm(n, group_size) // n  # smallest row count that ends on a group boundary
+    return max(unit, (max_elems // (n * unit)) * unit) if m > unit else m
+
+
+@torch.no_grad()
+def requantize_sr_(
+    codes: Tensor,
+    scale: Tensor,
+    offset: Tensor,
+    group_size: int,
+    new_rows: Callable[[int, int, Tensor], Tensor],
+    generator: torch.Generator,
+    max_chunk_elems: int = 1 << 22,
+) -> None:
+    """In place: W <- SR(new_rows(r0, r1, dequant(W[r0:r1]))) chunk by chunk over rows.
+
+    codes: uint8 (m, n); scale/offset: (G,). new_rows gets the fp32 rows (r1-r0, n) and returns their new
+    values (it may work in place). Chunking keeps the fp32 transients at ~max_chunk_elems elements
+    (3 buffers: weights, uniforms, grid positions) instead of a full fp32 copy of the weight.
+    """
+    m, n = codes.shape
+    rows = rows_per_chunk((m, n), group_size, max_chunk_elems)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        g0, g1 = r0 * n // group_size, r1 * n // group_size  # exact: chunks end on group boundaries
+        block = codes[r0:r1]  # (k, n) view
+        sc, off = scale[g0:g1], offset[g0:g1]
+        w = (block.reshape(-1, group_size).float() * sc.float()[:, None] + off.float()[:, None]).reshape(r1 - r0, n)
+        w = new_rows(r0, r1, w).reshape(-1, group_size)  # (Gc, g) fp32
+        new_scale, new_offset = group_ranges(w, scale.dtype)
+        v = to_grid(w, new_scale, new_offset)
+        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+        block.copy_(stochastic_round(v, u).clamp_(0, CODE_MAX).reshape(r1 - r0, n))
+        sc.copy_(new_scale)
+        off.copy_(new_offset)
