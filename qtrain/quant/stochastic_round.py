@@ -54,13 +54,13 @@ def requantize_sr_(
     offset: Tensor,
     group_size: int,
     new_rows: Callable[[int, int, Tensor], Tensor],
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     max_chunk_elems: int = 1 << 22,
 ) -> None:
     """In place: W <- SR(new_rows(r0, r1, dequant(W[r0:r1]))) chunk by chunk over rows.
 
     codes: uint8 (m, n); scale/offset: (G,). new_rows gets the fp32 rows (r1-r0, n) and returns their new
-    values (it may work in place). Chunking keeps the fp32 transients at ~max_chunk_elems elements
+    values (it may work in place). generator=None rounds to nearest instead of SR. Chunking keeps the fp32 transients at ~max_chunk_elems elements
     (3 buffers: weights, uniforms, grid positions) instead of a full fp32 copy of the weight.
     """
     m, n = codes.shape
@@ -74,7 +74,10 @@ def requantize_sr_(
         w = new_rows(r0, r1, w).reshape(-1, group_size)  # (Gc, g) fp32
         new_scale, new_offset = group_ranges(w, scale.dtype)
         v = to_grid(w, new_scale, new_offset)
-        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+        if generator is None:  # nearest rounding (comparison mode): u = 1/2 rounds frac > 1/2 up
+            u = torch.full_like(v, 0.5)
+        else:
+            u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
         block.copy_(stochastic_round(v, u).clamp_(0, CODE_MAX).reshape(r1 - r0, n))
         sc.copy_(new_scale)
         off.copy_(new_offset)

@@ -1,0 +1,96 @@
+"""Int8Linear: a Linear layer that stores only group-wise int8 codes (no float master weight).
+
+Forward dequantizes to the compute dtype; backward returns dX and hands dW straight to a grad sink
+(the layer-wise release hook) instead of keeping a .grad: integer tensors cannot hold one (spec §12).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtrain.quant.groupwise import dequantize_groupwise, num_groups, quantize_groupwise
+
+GradSink = Callable[["Int8Linear", Tensor], None]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _Int8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, anchor: Tensor, layer: "Int8Linear") -> Tensor:
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        ctx.layer = layer
+        ctx.save_for_backward(x)  # the codes are NOT saved: the release hook rewrites them in place
+        return F.linear(x, layer.dequantize(dtype))  # (B, T, in) -> (B, T, out)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (x,) = ctx.saved_tensors
+        layer: Int8Linear = ctx.layer
+        # Dequantize again rather than keep Ŵ alive from forward: one weight-sized transient at a time.
+        w = layer.dequantize(dy.dtype)  # (out, in); this layer has not been updated yet in this backward
+        dx = dy @ w if ctx.needs_input_grad[0] else None  # (B, T, in)
+        del w
+        dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (out, in)
+        layer.receive_grad(dw)
+        return dx, None, None
+
+
+class Int8Linear(nn.Module):
+    """y = x Ŵᵀ with Ŵ = codes * scale + offset per group of `group_size` consecutive weights."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128,
+                 meta_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        G = num_groups((out_features, in_features), group_size)
+        self.register_buffer("codes", torch.zeros((out_features, in_features), dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(G, dtype=meta_dtype, device=device))
+        self.register_buffer("offset", torch.zeros(G, dtype=meta_dtype, device=device))
+        self.weight_grad: Tensor | None = None  # accumulated dW when no sink is attached
+        self.grad_sink: GradSink | None = None
+        # Autograd calls backward only if some input requires grad; without this anchor the first
+        # layer (input from a frozen embedding, or raw features) would never see its dW.
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    @classmethod
+    def from_float(cls, weight: Tensor, group_size: int, meta_dtype: torch.dtype = torch.float32) -> "Int8Linear":
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, group_size, meta_dtype, device=weight.device)
+        layer.load_float_(weight)
+        return layer
+
+    @torch.no_grad()
+    def load_float_(self, weight: Tensor) -> None:
+        """Nearest-rounding quantization of a float weight (initialisation only)."""
+        codes, scale, offset = quantize_groupwise(weight, self.group_size, self.scale.dtype)
+        self.codes.copy_(codes)
+        self.scale.copy_(scale)
+        self.offset.copy_(offset)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_groupwise(self.codes, self.scale, self.offset, self.group_size, dtype)
+
+    def receive_grad(self, dw: Tensor) -> None:
+        if self.grad_sink is not None:
+            self.grad_sink(self, dw)
+        elif self.weight_grad is None:
+            self.weight_grad = dw
+        else:
+            self.weight_grad += dw  # gradient accumulation (non-release mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Int8LinearFn.apply(x, self._anchor, self)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, meta={self.scale.dtype}"

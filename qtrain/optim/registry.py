@@ -1,0 +1,37 @@
+"""Name -> matrix method, for recipes (`[optim] method = "..."` with `[optim.args]`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable
+
+from qtrain.optim.apollo import Apollo, apollo_mini
+from qtrain.optim.base import Method
+
+# name -> (factory, dataclass whose fields are the accepted [optim.args] keys)
+MATRIX_METHODS: dict[str, tuple[Callable[..., Method], type[Method]]] = {
+    "apollo": (Apollo, Apollo),
+    "apollo_mini": (apollo_mini, Apollo),
+}
+
+
+def build_method(name: str, args: dict[str, Any], weight_decay: float = 0.0, seed: int = 0) -> Method:
+    """Instantiate a method; unknown names/args raise ValueError naming the closest valid one."""
+    if name not in MATRIX_METHODS:
+        close = difflib.get_close_matches(name, MATRIX_METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"[optim] method = {name!r} is unknown{hint}; choose one of {sorted(MATRIX_METHODS)}")
+    factory, cls = MATRIX_METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"[optim.args] {key!r} is not a {name} hyperparameter{hint}; valid: {sorted(fields)}")
+    kwargs = dict(args)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if "seed" in fields:
+        kwargs.setdefault("seed", seed)
+    return factory(weight_decay=weight_decay, **kwargs)

@@ -1,0 +1,42 @@
+"""One optimizer step applied to an int8 weight: dequantize -> W - lr·s⊙G -> stochastic requantize.
+
+This is the plain-torch reference path. It works chunk by chunk over rows so the fp32 transients are
+a few MB, never a full fp32 copy of the weight (spec §12 "update of a quantized weight").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qtrain.quant.stochastic_round import requantize_sr_
+
+
+@torch.no_grad()
+def int8_scaled_update_(
+    codes: Tensor,
+    scale: Tensor,
+    offset: Tensor,
+    group_size: int,
+    grad: Tensor,
+    grad_scale: Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    generator: torch.Generator | None,
+    max_chunk_elems: int = 1 << 22,
+) -> None:
+    """codes (m, n) uint8, scale/offset (G,): W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)).
+
+    grad: (m, n) any float dtype (upcast per chunk); grad_scale broadcasts against it: shape (), (1, n)
+    or (m, 1), fp32. A dense direction D is passed as grad=D, grad_scale=1. generator=None: nearest rounding.
+    """
+    per_row = grad_scale.dim() == 2 and grad_scale.shape[0] > 1  # (m, 1): slice it with the rows
+
+    def new_rows(r0: int, r1: int, w: Tensor) -> Tensor:  # w: (r1-r0, n) fp32, owned by the caller
+        s = grad_scale[r0:r1] if per_row else grad_scale
+        w.sub_(grad[r0:r1].float() * s * lr)
+        if weight_decay > 0:
+            w.mul_(1 - lr * weight_decay)
+        return w
+
+    requantize_sr_(codes, scale, offset, group_size, new_rows, generator, max_chunk_elems)

@@ -1,0 +1,156 @@
+"""Per-tensor updates, applied either inside backward (layer-wise gradient release) or after it.
+
+`Updater` owns the optimizer state of every trainable tensor, keyed by qualified name, and one global
+step counter and learning rate read by all tensors. `update_int8` / `update_float` apply one update to
+one tensor and free its gradient. Release mode calls them from hooks the moment a gradient is final,
+so at most one weight's gradient is alive; non-release mode (`step()`) calls the same functions after
+backward: both modes run identical arithmetic, which the tests check bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from qtrain.int8_linear import Int8Linear
+from qtrain.model import float_parameters, int8_layers
+from qtrain.optim.base import Method, apply_update_, mix_seed, name_uid, seeded_generator
+from qtrain.quant.int8_update import int8_scaled_update_
+
+FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
+
+
+class Updater:
+    """Optimizer state and update rules for every trainable tensor of a qtrain model.
+
+    matrix_method: the method for int8 projections (and for lm_head if `lm_head_method` is set).
+    float_optimizer: builds one torch optimizer per float tensor (embedding, norms, lm_head).
+    rounding: "stochastic" (SR, seeded by (seed, tensor, step)) or "nearest" (for comparison only).
+    """
+
+    def __init__(self, model: nn.Module, matrix_method: Method, float_optimizer: FloatOptimizerFactory,
+                 *, lm_head_method: Method | None = None, seed: int = 0, rounding: str = "stochastic",
+                 float_grad_clip: float = 0.0):
+        self.model = model
+        self.matrix_method = matrix_method
+        self.seed = seed
+        self.rounding = rounding
+        self.float_grad_clip = float_grad_clip
+        self.step = 0  # optimizer updates completed; the update in flight is number step + 1
+        self.lr = 0.0
+        self.int8 = int8_layers(model)
+        self.floats = float_parameters(model)
+        self.method_floats = {n: lm_head_method for n in self.floats if lm_head_method and n.startswith("lm_head")}
+        self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items() if n not in self.method_floats}
+        self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
+        self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
+        self._handles: list = []
+        for name, layer in self.int8.items():
+            layer.name = name
+
+    # ---- one tensor -------------------------------------------------------------------------------
+    def _method_state(self, name: str, method: Method, shape: tuple[int, ...], device) -> dict[str, Any]:
+        if name not in self.state:
+            method.validate(shape)
+            self.state[name] = method.init_state(shape, device, name_uid(name))
+        return self.state[name]
+
+    @torch.no_grad()
+    def update_int8(self, layer: Int8Linear, grad: Tensor) -> None:
+        """dequantize -> method update in fp32 -> requantize (SR), chunked; frees the gradient."""
+        name = layer.name
+        state = self._method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
+        update = self.matrix_method.direction(grad.float(), state)
+        if update.dense is not None:
+            grad, scale = update.dense, torch.ones((), device=grad.device)
+        else:
+            scale = update.grad_scale
+        if self.rounding == "stochastic":
+            gen = seeded_generator(grad.device, mix_seed(self.seed, name_uid(name), self.step))
+        else:
+            gen = None
+        int8_scaled_update_(layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale, self.lr,
+                            self.matrix_method.weight_decay, gen)
+        layer.weight_grad = None
+        self._mark(name)
+
+    @torch.no_grad()
+    def update_float(self, name: str, p: nn.Parameter) -> None:
+        if self.float_grad_clip > 0:  # per tensor: release mode never knows the global norm (spec §13)
+            nn.utils.clip_grad_norm_([p], self.float_grad_clip)
+        if name in self.method_floats:
+            method = self.method_floats[name]
+            state = self._method_state(name, method, tuple(p.shape), p.device)
+            apply_update_(p, method.direction(p.grad.float(), state), p.grad, self.lr, method.weight_decay)
+        else:
+            opt = self.float_opts[name]
+            for group in opt.param_groups:
+                group["lr"] = self.lr
+            opt.step()
+        p.grad = None
+        self._mark(name)
+
+    def _mark(self, name: str) -> None:
+        if name in self.updated:
+            raise RuntimeError(
+                f"{name} was updated twice in step {self.step + 1}: release mode saw a second backward "
+                f"before the step ended; use [train] release = false for gradient accumulation"
+            )
+        self.updated.add(name)
+
+    # ---- release mode -----------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Layer-wise release: update each tensor inside backward as soon as its gradient is final."""
+        for layer in self.int8.values():
+            layer.grad_sink = self.update_int8
+        for name, p in self.floats.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: self.update_float(name, p)))
+
+    def detach(self) -> None:
+        for layer in self.int8.values():
+            layer.grad_sink = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # ---- both modes -------------------------------------------------------------------------------
+    def begin_step(self, lr: float) -> None:
+        """Set the one LR every tensor uses in this update (spec §13: no per-tensor schedulers)."""
+        self.lr = lr
+        self.updated.clear()
+
+    def finish_step(self) -> None:
+        """Non-release: apply all updates now. Both: check every tensor was updated exactly once."""
+        if not self.attached:
+            for name, layer in self.int8.items():
+                if layer.weight_grad is not None:
+                    self.update_int8(layer, layer.weight_grad)
+            for name, p in self.floats.items():
+                if p.grad is not None:
+                    self.update_float(name, p)
+        missing = set(self.int8) | set(self.floats)
+        missing -= self.updated
+        if missing:
+            raise RuntimeError(f"step {self.step + 1}: no gradient reached {sorted(missing)[:5]} "
+                               f"({len(missing)} tensors); every trainable tensor must be updated each step")
+        self.step += 1
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "method_state": self.state,
+            "float_optimizers": {n: opt.state_dict() for n, opt in self.float_opts.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = sd["step"]
+        self.state = sd["method_state"]
+        for n, opt in self.float_opts.items():
+            opt.load_state_dict(sd["float_optimizers"][n])

@@ -1,0 +1,109 @@
+"""Group-wise int8 storage and stochastic rounding (spec §12)."""
+
+import pytest
+import torch
+
+from qtrain.int8_linear import Int8Linear
+from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise
+from qtrain.quant.int8_update import int8_scaled_update_
+from qtrain.quant.stochastic_round import quantize_groupwise_sr, stochastic_round
+
+
+def test_nearest_roundtrip_error_within_half_step():
+    w = torch.randn(48, 80) * 0.02  # 48*80 = 3840 = 30 groups of 128, groups straddle rows (80 % 128 != 0)
+    codes, scale, offset = quantize_groupwise(w, 128)
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape and scale.shape == (30,)
+    err = (dequantize_groupwise(codes, scale, offset, 128) - w).reshape(30, 128).abs()
+    assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5))
+    # the group min and max are represented exactly (float offset: codes 0 and 255)
+    g = w.reshape(30, 128)
+    deq = dequantize_groupwise(codes, scale, offset, 128).reshape(30, 128)
+    torch.testing.assert_close(deq.min(1).values, g.min(1).values, rtol=0, atol=1e-9)
+    torch.testing.assert_close(deq.max(1).values, g.max(1).values, rtol=0, atol=1e-8)
+
+
+def test_all_positive_group_is_not_clipped():
+    # The official integer zero point clamps z to 0 for an all-positive group and clips it (spec §12).
+    w = torch.linspace(5.0, 6.0, 128)[None, :]
+    codes, scale, offset = quantize_groupwise(w, 128)
+    deq = dequantize_groupwise(codes, scale, offset, 128)
+    assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6
+
+
+def test_bytes_of_a_quantized_weight():
+    layer = Int8Linear(in_features=256, out_features=96, group_size=128)
+    numel = 256 * 96
+    assert layer.codes.nbytes == numel  # one byte per weight
+    assert layer.scale.nbytes + layer.offset.nbytes == 2 * (numel // 128) * 4  # fp32 scale + offset per group
+    assert sum(b.nbytes for b in layer.buffers()) == numel + numel // 128 * 8
+    assert list(layer.parameters()) == []  # no float master copy
+    half = Int8Linear(256, 96, 128, meta_dtype=torch.bfloat16)
+    assert sum(b.nbytes for b in half.buffers()) == numel + numel // 128 * 4
+
+
+def test_size_not_multiple_of_group_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"shape \(3, 50\).*multiple of the group size.*quant_group_size"):
+        quantize_groupwise(torch.randn(3, 50), 128)
+
+
+def test_bf16_metadata_never_clips():
+    w = torch.randn(64, 128) * 3 + 1
+    codes, scale, offset = quantize_groupwise(w, 128, meta_dtype=torch.bfloat16)
+    assert scale.dtype == torch.bfloat16
+    v = (w.reshape(64, 128) - offset.float()[:, None]) / scale.float()[:, None]
+    assert v.min() >= 0 and v.max() <= 255  # offset rounded down, scale up: the range still fits
+    err = (dequantize_groupwise(codes, scale, offset, 128) - w).reshape(64, 128).abs()
+    assert torch.all(err <= scale.float()[:, None] / 2 * (1 + 1e-3))
+
+
+def test_sr_returns_floor_or_ceil_and_keeps_grid_values():
+    v = torch.rand(10000, dtype=torch.float32) * 255
+    out = stochastic_round(v, torch.rand(10000))
+    assert torch.all((out == torch.floor(v)) | (out == torch.ceil(v)))
+    grid = torch.randint(0, 256, (10000,)).float()
+    assert torch.equal(stochastic_round(grid, torch.rand(10000)), grid)
+
+
+def test_sr_is_unbiased():
+    # Δ, offset fixed; N = 10^4 draws per value: |mean - w| < 4·(Δ/2)/√N (spec §12), accumulated in fp64.
+    gen = torch.Generator().manual_seed(1)
+    delta, lo = 0.01, -1.0
+    w = lo + delta * (torch.rand(64, generator=gen) * 254 + 0.5)  # strictly inside the grid
+    v = (w - lo) / delta
+    N = 10_000
+    draws = stochastic_round(v.expand(N, 64), torch.rand(N, 64, generator=gen))
+    mean = (draws.double() * delta + lo).mean(0)
+    bound = 4 * (delta / 2) / N**0.5
+    assert torch.all((mean - w.double()).abs() < bound), (mean - w.double()).abs().max()
+
+
+def test_sr_quantize_same_generator_seed_reproduces():
+    w = torch.randn(8, 256)
+    a = quantize_groupwise_sr(w, 128, torch.Generator().manual_seed(3))
+    b = quantize_groupwise_sr(w, 128, torch.Generator().manual_seed(3))
+    c = quantize_groupwise_sr(w, 128, torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def _interior_update(rounding_generator):
+    """Apply an update of 0.1Δ to every element away from its group's min and max (ranges stay fixed)."""
+    torch.manual_seed(0)
+    G, g = 400, 128
+    codes, scale, offset = quantize_groupwise(torch.randn(G, g), g)
+    before = dequantize_groupwise(codes, scale, offset, g)
+    interior = (codes > 0) & (codes < 250)  # +0.1Δ keeps these strictly inside [min, max]
+    step = scale[:, None] * 0.1 * interior  # W <- W - lr * grad with lr = 1, grad = -0.1Δ
+    int8_scaled_update_(codes, scale, offset, g, -step, torch.ones(()), 1.0, 0.0, rounding_generator)
+    after = dequantize_groupwise(codes, scale, offset, g)
+    moved = ((after - before)[interior] / scale[:, None].expand(G, g)[interior]).double()
+    return moved  # per-element move in units of Δ
+
+
+def test_small_update_moves_mean_under_sr_not_under_nearest():
+    moved_sr = _interior_update(torch.Generator().manual_seed(0))
+    # each element moves +1 step with p = 0.1: mean 0.1, std of the mean sqrt(0.09/N) ≈ 0.0006 (N ≈ 50k)
+    assert abs(moved_sr.mean().item() - 0.1) < 4 * (0.09 / moved_sr.numel()) ** 0.5
+    assert set(moved_sr.round().unique().tolist()) <= {0.0, 1.0}
+    moved_nearest = _interior_update(None)
+    assert moved_nearest.abs().max().item() < 1e-3  # every code unchanged: the update is lost
