@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from qtrain.int8_linear import Int8Linear
-from qtrain.model import float_parameters, int8_layers
+from qtrain.model import float_parameters, int8_layers, is_quantized_projection
 from qtrain.optim.base import Method, apply_update_, mix_seed, name_uid, seeded_generator
 from qtrain.quant.int8_update import int8_scaled_update_
 
@@ -25,8 +25,8 @@ FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
 class Updater:
     """Optimizer state and update rules for every trainable tensor of a qtrain model.
 
-    matrix_method: the method for int8 projections (and for lm_head if `lm_head_method` is set).
-    float_optimizer: builds one torch optimizer per float tensor (embedding, norms, lm_head).
+    matrix_method: the method for the seven projections, int8 or float (and lm_head if `lm_head_method`).
+    float_optimizer: builds one torch optimizer per other float tensor (embedding, norms, lm_head).
     rounding: "stochastic" (SR, seeded by (seed, tensor, step)) or "nearest" (for comparison only).
     """
 
@@ -42,7 +42,13 @@ class Updater:
         self.lr = 0.0
         self.int8 = int8_layers(model)
         self.floats = float_parameters(model)
-        self.method_floats = {n: lm_head_method for n in self.floats if lm_head_method and n.startswith("lm_head")}
+        # Float projections (quantization off) take the matrix method like int8 ones; lm_head optionally.
+        self.method_floats: dict[str, Method] = {}
+        for n in self.floats:
+            if is_quantized_projection(n.removesuffix(".weight")):
+                self.method_floats[n] = matrix_method
+            elif lm_head_method is not None and n.startswith("lm_head"):
+                self.method_floats[n] = lm_head_method
         self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items() if n not in self.method_floats}
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")

@@ -62,7 +62,7 @@ def apollo_scaling(
         step_factor = 1.0
     if scale_type == "channel":  # s_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)   step 7
         s = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
-        x_norm = (s.square() * g_hat.square().sum(dim=0)).sum().sqrt()  # ‖Ĝ Diag(s)‖
+        x_norm = (s * torch.linalg.vector_norm(g_hat, dim=0)).norm()  # ‖Ĝ Diag(s)‖, no a×b temporary
     else:  # APOLLO-Mini: one s for the tensor   step 7'
         s = n.norm() / (r.norm() + 1e-8)  # ()
         x_norm = s * g_hat.norm()

@@ -6,13 +6,24 @@ import dataclasses
 import difflib
 from typing import Any, Callable
 
+from qtrain.optim.alice import AliceMethod, alice0
 from qtrain.optim.apollo import Apollo, apollo_mini
+from qtrain.optim.apollo_svd import ApolloSVDMethod
 from qtrain.optim.base import Method
+from qtrain.optim.fira import FiraMethod
+from qtrain.optim.galore import GaLoreMethod
+from qtrain.optim.racs import RacsMethod
 
 # name -> (factory, dataclass whose fields are the accepted [optim.args] keys)
 MATRIX_METHODS: dict[str, tuple[Callable[..., Method], type[Method]]] = {
     "apollo": (Apollo, Apollo),
     "apollo_mini": (apollo_mini, Apollo),
+    "apollo_svd": (ApolloSVDMethod, ApolloSVDMethod),
+    "galore": (GaLoreMethod, GaLoreMethod),
+    "fira": (FiraMethod, FiraMethod),
+    "racs": (RacsMethod, RacsMethod),
+    "alice": (AliceMethod, AliceMethod),
+    "alice0": (alice0, AliceMethod),
 }
 
 

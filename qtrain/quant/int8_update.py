@@ -34,7 +34,7 @@ def int8_scaled_update_(
 
     def new_rows(r0: int, r1: int, w: Tensor) -> Tensor:  # w: (r1-r0, n) fp32, owned by the caller
         s = grad_scale[r0:r1] if per_row else grad_scale
-        w.sub_(grad[r0:r1].float() * s * lr)
+        w.addcmul_(grad[r0:r1], s * -lr)  # mixed dtypes promote to fp32 elementwise, no fp32 grad copy
         if weight_decay > 0:
             w.mul_(1 - lr * weight_decay)
         return w

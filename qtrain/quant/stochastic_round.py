@@ -61,7 +61,7 @@ def requantize_sr_(
 
     codes: uint8 (m, n); scale/offset: (G,). new_rows gets the fp32 rows (r1-r0, n) and returns their new
     values (it may work in place). generator=None rounds to nearest instead of SR. Chunking keeps the fp32 transients at ~max_chunk_elems elements
-    (3 buffers: weights, uniforms, grid positions) instead of a full fp32 copy of the weight.
+    (weights/grid positions, uniforms, floor; the fp32 rows are transient too) instead of a full fp32 copy of the weight.
     """
     m, n = codes.shape
     rows = rows_per_chunk((m, n), group_size, max_chunk_elems)
@@ -70,14 +70,19 @@ def requantize_sr_(
         g0, g1 = r0 * n // group_size, r1 * n // group_size  # exact: chunks end on group boundaries
         block = codes[r0:r1]  # (k, n) view
         sc, off = scale[g0:g1], offset[g0:g1]
-        w = (block.reshape(-1, group_size).float() * sc.float()[:, None] + off.float()[:, None]).reshape(r1 - r0, n)
-        w = new_rows(r0, r1, w).reshape(-1, group_size)  # (Gc, g) fp32
+        # In-place chain: w, then v = grid position, share one fp32 buffer (peak ≈ 3 fp32 + 2 byte buffers).
+        w = block.reshape(-1, group_size).float().mul_(sc.float()[:, None]).add_(off.float()[:, None])  # (Gc, g)
+        w = new_rows(r0, r1, w.view(r1 - r0, n)).view(-1, group_size)
         new_scale, new_offset = group_ranges(w, scale.dtype)
-        v = to_grid(w, new_scale, new_offset)
-        if generator is None:  # nearest rounding (comparison mode): u = 1/2 rounds frac > 1/2 up
-            u = torch.full_like(v, 0.5)
+        v = w.sub_(new_offset.float()[:, None]).div_(new_scale.float()[:, None])  # same as to_grid, in place
+        if generator is None:  # nearest rounding (comparison mode)
+            codes_f = v.round_()
         else:
             u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
-        block.copy_(stochastic_round(v, u).clamp_(0, CODE_MAX).reshape(r1 - r0, n))
+            lower = torch.floor(v)
+            codes_f = lower.add_(u.lt_(v.sub_(lower)))  # floor(v) + [u < frac(v)] = stochastic_round(v, u)
+            del u, lower
+        block.copy_(codes_f.clamp_(0, CODE_MAX).view(r1 - r0, n))
         sc.copy_(new_scale)
         off.copy_(new_offset)
+        del w, v, codes_f  # free this chunk's buffers before the next chunk allocates its own

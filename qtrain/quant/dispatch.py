@@ -1,0 +1,89 @@
+"""Choose between the Triton kernels and their plain-torch references for int8 weights.
+
+backend="auto": Triton when every tensor is on CUDA and Triton is installed and supports the layout
+(fp32 scales, power-of-two group size), else the torch reference. "torch" and "triton" force one;
+"triton" on CPU tensors runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests).
+Both backends draw the SR uniforms from one integer seed per (run, tensor, step), see update_seed, but
+from different generators (torch's Philox/mt19937 vs Triton's tl.rand): their codes agree in
+distribution, not bitwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qtrain.optim.base import mix_seed
+from qtrain.quant import triton_kernels
+from qtrain.quant.groupwise import dequantize_groupwise
+from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def update_seed(run_seed: int, uid: int, step: int) -> int:
+    """The SR seed of one update of one tensor, in [0, 2^31): stateless, so a resumed run redraws it."""
+    return mix_seed(run_seed, uid, step) >> 32  # mix_seed gives 63 bits; tl.rand takes an int32 seed
+
+
+def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale: Tensor, offset: Tensor,
+                group_size: int) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}; allowed: {BACKENDS}")
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        if not (on_cuda and triton_kernels.HAVE_TRITON):
+            return False
+        try:
+            triton_kernels.check_supported(codes, scale, offset, group_size)
+        except ValueError:  # e.g. bf16 scales: the reference handles every layout, only slower
+            return False
+        return True
+    triton_kernels.check_supported(codes, scale, offset, group_size)  # explicit "triton": say why not
+    if not on_cuda and not triton_kernels.interpret_mode():
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got tensors on {devices}; use backend='torch' (or 'auto') "
+            f"on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (tests only)"
+        )
+    return True
+
+
+def dequantize(
+    codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> Tensor:
+    """codes uint8 (m, n), scale/offset (G,) -> weights (m, n) in dtype; both backends bit-identical."""
+    if _use_triton(backend, (codes, scale, offset), codes, scale, offset, group_size):
+        return triton_kernels.dequantize_triton(codes, scale, offset, group_size, dtype)
+    return dequantize_groupwise(codes, scale, offset, group_size, dtype)
+
+
+def int8_scaled_update_(
+    codes: Tensor,
+    scale: Tensor,
+    offset: Tensor,
+    group_size: int,
+    grad: Tensor,
+    grad_scale: Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    generator_seed: int,
+    backend: str = "auto",
+) -> None:
+    """In place: W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)); see int8_update.int8_scaled_update_.
+
+    generator_seed in [0, 2^31) (update_seed): the Philox key of the Triton kernel, or the seed of a fresh
+    torch.Generator on the weight's device for the reference. lr: a float, or a 0-dim tensor on the weight's
+    device (the Triton kernel reads it on the device, the reference uses it as a tensor operand).
+    """
+    tensors = (codes, scale, offset, grad, grad_scale) + ((lr,) if isinstance(lr, Tensor) else ())
+    if _use_triton(backend, tensors, codes, scale, offset, group_size):
+        triton_kernels.int8_scaled_update_triton_(
+            codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator_seed
+        )
+        return
+    generator = torch.Generator(codes.device).manual_seed(generator_seed)
+    int8_scaled_update_torch_(codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator)

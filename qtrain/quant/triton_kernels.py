@@ -1,0 +1,246 @@
+"""Triton twins of the int8 weight kernels: dequantize, and the fused scaled update with stochastic rounding.
+
+Each kernel matches a plain-torch reference of the same signature (groupwise.dequantize_groupwise and
+int8_update.int8_scaled_update_) bit for bit, given the same uniforms: the same fp32 operations in the
+same order. Three things make that hold on a GPU:
+  - launches pass enable_fp_fusion=False: `c * scale + offset` compiled to one FMA rounds once where
+    torch rounds twice (torch runs each op as its own kernel, so it never contracts);
+  - divisions use tl.math.div_rn (IEEE round-to-nearest), as torch's `/` does;
+  - fp32 -> bf16 is rounded to nearest-even by integer arithmetic on the bits; Triton's interpreter
+    (TRITON_INTERPRET=1, which the CPU tests use) truncates in its native cast, GPUs round to nearest.
+
+Layout (groupwise.py): codes uint8 (m, n), groups of g consecutive elements of the row-major flattening
+(they straddle rows when n % g != 0), scale/offset (G,) fp32, w = codes * scale + offset.
+Each program handles BLOCK_G whole groups as a (BLOCK_G, g) tile, so the per-group min/max of the update
+kernel is a register reduction: one read and one write of the codes, no atomics, no second pass.
+
+Importable without Triton (HAVE_TRITON = False); the dispatcher in dispatch.py then uses the references.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from qtrain.quant.groupwise import CODE_MAX, MIN_RANGE, num_groups
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+    # kernels may only read globals that are constexpr
+    _CODE_MAX = tl.constexpr(float(CODE_MAX))
+    _MIN_RANGE = tl.constexpr(MIN_RANGE)
+except ImportError:  # the torch references serve CPU-only installs
+    HAVE_TRITON = False
+
+TILE_ELEMS = 2048  # elements per program: 16 groups of 128, 16 per thread at 4 warps (16-byte code loads)
+NUM_WARPS = 4
+SCALE_SCALAR, SCALE_PER_COL, SCALE_PER_ROW = 0, 1, 2  # grad_scale of shape (), (1, n), (m, 1)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return HAVE_TRITON and bool(triton.knobs.runtime.interpret)
+
+
+@functools.cache
+def _jitted(fn, interpret: bool, do_not_specialize: tuple[str, ...]):
+    return triton.jit(fn, do_not_specialize=do_not_specialize)
+
+
+def _kernel(fn, do_not_specialize: tuple[str, ...] = ()):
+    # triton.jit reads TRITON_INTERPRET when it wraps a function, so wrapping at import would freeze the
+    # mode of whichever module imported this one first; wrapping per mode at launch lets one process run
+    # both the compiled kernels (CUDA tensors) and the interpreted ones (CPU tests).
+    return _jitted(fn, interpret_mode(), do_not_specialize)
+
+
+def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
+    """Raise ValueError if the Triton kernels cannot take these tensors (the torch references can)."""
+    G = num_groups(codes.shape, group_size)
+    problems = []
+    if not HAVE_TRITON:
+        problems.append("triton is not installed (pip install triton)")
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or not codes.is_contiguous():
+        problems.append(f"codes must be contiguous uint8 (m, n), got {codes.dtype} {tuple(codes.shape)}")
+    if group_size < 4 or group_size & (group_size - 1):
+        problems.append(f"group size {group_size} must be a power of two >= 4 (Triton tiles; 4 uniforms per Philox draw)")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t.dtype != torch.float32 or t.shape != (G,) or not t.is_contiguous():
+            problems.append(f"{name} must be contiguous fp32 of shape ({G},), got {t.dtype} {tuple(t.shape)}")
+    if codes.numel() >= 2**31:
+        problems.append(f"{codes.numel()} elements >= 2^31 (the kernels index with int32)")
+    if problems:
+        raise ValueError(
+            "the Triton int8 kernels cannot handle this weight: " + "; ".join(problems)
+            + ". Use backend='torch' (bf16 scales: set the quantization meta dtype to fp32)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# dequantize
+
+
+def _dequantize_kernel(
+    codes_ptr, scale_ptr, offset_ptr, out_ptr, num_groups,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    gid = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BLOCK_G,) group indices
+    gmask = gid < num_groups
+    flat = gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (BLOCK_G, GROUP) row-major element index
+    mask = gmask[:, None]
+    c = tl.load(codes_ptr + flat, mask=mask, other=0).to(tl.float32)
+    sc = tl.load(scale_ptr + gid, mask=gmask, other=0.0)
+    off = tl.load(offset_ptr + gid, mask=gmask, other=0.0)
+    w = c * sc[:, None] + off[:, None]  # fp32, rounded after * and after + (no FMA: see module docstring)
+    if OUT_BF16:  # fp32 -> bf16 round to nearest even on the bits (the interpreter's cast truncates)
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        w = tl.where(w == w, bits.to(tl.float32, bitcast=True), w)  # NaN stays NaN
+    tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(
+    codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Twin of groupwise.dequantize_groupwise: codes uint8 (m, n), scale/offset fp32 (G,) -> (m, n) dtype.
+
+    Bit-exact with the reference for dtype in {fp32, bf16, fp16}.
+    """
+    check_supported(codes, scale, offset, group_size)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dequantize_triton writes fp32, bf16 or fp16, got {dtype}")
+    G = scale.numel()
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    block_g = max(1, TILE_ELEMS // group_size)
+    _kernel(_dequantize_kernel)[(triton.cdiv(G, block_g),)](
+        codes, scale, offset, out, G,
+        GROUP=group_size, BLOCK_G=block_g, OUT_BF16=dtype == torch.bfloat16,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused update: dequantize -> W - lr*s*G -> decay -> fresh group ranges -> SR -> codes, scale, offset
+
+
+def _update_kernel(
+    codes_ptr, scale_ptr, offset_ptr, grad_ptr, s_ptr, lr, decay, weight_decay, uniform_ptr, seed,
+    num_groups, n_cols,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SCALE_MODE: tl.constexpr, LR_IS_PTR: tl.constexpr,
+    HAS_WD: tl.constexpr, USE_UNIFORM: tl.constexpr,
+):
+    gid = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
+    gmask = gid < num_groups
+    flat = gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (BLOCK_G, GROUP)
+    mask = gmask[:, None]
+
+    # dequantize (fp32, two roundings)
+    c = tl.load(codes_ptr + flat, mask=mask, other=0).to(tl.float32)
+    sc = tl.load(scale_ptr + gid, mask=gmask, other=0.0)
+    off = tl.load(offset_ptr + gid, mask=gmask, other=0.0)
+    w = c * sc[:, None] + off[:, None]
+
+    # W <- W - (G * s) * lr, in the reference's order; s per tensor, column or row (flat -> row, col)
+    g = tl.load(grad_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    if SCALE_MODE == 0:
+        s = tl.load(s_ptr).to(tl.float32)
+    elif SCALE_MODE == 1:
+        s = tl.load(s_ptr + flat % n_cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + flat // n_cols, mask=mask, other=0.0).to(tl.float32)
+    if LR_IS_PTR:  # a 0-dim device tensor, read here: no host sync for a scheduled lr
+        lr_val = tl.load(lr).to(tl.float32)
+    else:
+        lr_val = lr
+    w = w - (g * s) * lr_val
+    if HAS_WD:  # decoupled decay after the step; with a tensor lr, 1 - lr*wd is formed in fp32 like torch
+        if LR_IS_PTR:
+            decay = 1.0 - lr_val * weight_decay
+        w = w * decay
+
+    # fresh per-group range (groupwise.group_ranges, fp32 meta): offset = min, scale = range / 255
+    lo = tl.min(w, axis=1)  # (BLOCK_G,); padding groups loaded zeros, so they stay finite (and unstored)
+    hi = tl.max(w, axis=1)
+    new_scale = tl.math.div_rn(tl.maximum(hi - lo, _MIN_RANGE), _CODE_MAX)
+    v = tl.math.div_rn(w - lo[:, None], new_scale[:, None])  # continuous code position in [0, 255]
+
+    # SR: floor(v) + [u < frac(v)], u from the caller (tests) or Philox4x32-10 keyed by seed: element i takes
+    # output i % 4 of counter i // 4 (one Philox evaluation per 4 elements: the kernel's main ALU cost)
+    if USE_UNIFORM:
+        u = tl.load(uniform_ptr + flat, mask=mask, other=0.0)
+    else:
+        quad = gid[:, None] * (GROUP // 4) + tl.arange(0, GROUP // 4)[None, :]  # (BLOCK_G, GROUP/4)
+        u0, u1, u2, u3 = tl.rand4x(seed, quad)
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_G, GROUP))  # element 4q+r <- u_r[q]
+    lower = tl.floor(v)
+    q = lower + (u < v - lower).to(tl.float32)
+    q = tl.minimum(tl.maximum(q, 0.0), _CODE_MAX)
+    tl.store(codes_ptr + flat, q.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr + gid, new_scale, mask=gmask)
+    tl.store(offset_ptr + gid, lo, mask=gmask)
+
+
+def _scale_mode(grad_scale: Tensor, shape: tuple[int, int]) -> int:
+    m, n = shape
+    if grad_scale.numel() == 1:
+        return SCALE_SCALAR
+    if grad_scale.shape == (1, n):
+        return SCALE_PER_COL
+    if grad_scale.shape == (m, 1):
+        return SCALE_PER_ROW
+    raise ValueError(f"grad_scale of shape {tuple(grad_scale.shape)} must be (), (1, {n}) or ({m}, 1)")
+
+
+@torch.no_grad()
+def int8_scaled_update_triton_(
+    codes: Tensor,
+    scale: Tensor,
+    offset: Tensor,
+    group_size: int,
+    grad: Tensor,
+    grad_scale: Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    seed: int,
+    uniform: Tensor | None = None,
+) -> None:
+    """Twin of int8_update.int8_scaled_update_: W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)).
+
+    One kernel, one pass over the weight. codes uint8 (m, n), scale/offset fp32 (G,), updated in place.
+    grad (m, n) fp32/bf16/fp16; grad_scale fp32 of shape (), (1, n) or (m, 1); lr a float or a 0-dim
+    tensor on the weight's device (read in the kernel: no host sync). seed in [0, 2^31): Philox key; the
+    uniform of flat element i is output i % 4 of tl.rand4x(seed, i // 4), so a (seed, shape) pair
+    reproduces bitwise and nothing of size m*n is materialised. uniform (m, n) fp32 in [0, 1): use these numbers instead (tests).
+    Same uniforms as the reference => identical codes, scale and offset.
+    """
+    check_supported(codes, scale, offset, group_size)
+    m, n = codes.shape
+    G = scale.numel()
+    if grad.shape != codes.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} != weight shape {(m, n)}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with dispatch.update_seed")
+    mode = _scale_mode(grad_scale, (m, n))
+    lr_is_ptr = isinstance(lr, Tensor)
+    if lr_is_ptr and lr.numel() != 1:
+        raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+    # python lr: 1 - lr*wd in fp64 here, rounded to fp32 at launch, as torch's mul_ by a python float
+    decay = 1.0 - lr * weight_decay if not lr_is_ptr else 1.0
+    if uniform is not None and uniform.shape != codes.shape:
+        raise ValueError(f"uniform shape {tuple(uniform.shape)} != weight shape {(m, n)}")
+    block_g = max(1, TILE_ELEMS // group_size)
+    # seed is not specialized: a new value every step must not trigger a recompilation
+    _kernel(_update_kernel, ("seed",))[(triton.cdiv(G, block_g),)](
+        codes, scale, offset, grad.contiguous(), grad_scale.contiguous(),  # no-ops for autograd's grads
+        lr if lr_is_ptr else float(lr), float(decay), float(weight_decay),
+        None if uniform is None else uniform.float().contiguous(), seed, G, n,
+        GROUP=group_size, BLOCK_G=block_g, SCALE_MODE=mode, LR_IS_PTR=lr_is_ptr,
+        HAS_WD=weight_decay > 0, USE_UNIFORM=uniform is not None,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
