@@ -25,7 +25,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -205,7 +204,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
     _remove_scratch(root)
     final = root / f"step-{step:08d}"
     existing = _step_dirs(root)
-    previous = f"{existing[0][1].name}" if existing else None
+    previous = existing[0][1].name if existing else None
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     installed = False
     try:
@@ -266,7 +265,8 @@ def _verified_meta(path: Path) -> dict:
     actual = _sha256(tensors_path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
-            f"checkpoint {path} is corrupt: sha256 of {TENSORS_FILE} is {actual}, meta.json records {meta.get('sha256')}"
+            f"checkpoint {path} is corrupt: sha256 of {TENSORS_FILE} is {actual}, "
+            f"meta.json records {meta.get('sha256')}"
         )
     return meta
 
@@ -280,7 +280,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     meta = _verified_meta(path)
     tensors = load_file(str(path / TENSORS_FILE), device="cpu")
     if len(tensors) != meta.get("num_tensors"):
-        raise CheckpointError(f"checkpoint {path} holds {len(tensors)} tensors, meta.json records {meta.get('num_tensors')}")
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(tensors)} tensors, meta.json records {meta.get('num_tensors')}"
+        )
     return tensors, meta
 
 

@@ -82,6 +82,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Per-head width: hidden_size / num_heads."""
         return self.hidden_size // self.num_heads
 
 
@@ -208,10 +209,15 @@ class TrainConfig:
     """A whole recipe: one dataclass per TOML section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """[model]: architecture, read by build_model."""
     quant: QuantConfig = field(default_factory=QuantConfig)
+    """[quant]: int8 weight storage, read by build_model."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """[optim] and [optim.args]: optimizers and LR schedule, read by build_optimizer."""
     train: LoopConfig = field(default_factory=LoopConfig)
+    """[train]: the loop, read by train."""
     data: DataConfig = field(default_factory=DataConfig)
+    """[data]: corpus and tokenizer, read by prepare_data."""
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
@@ -265,7 +271,10 @@ class TrainConfig:
     def _cross_field_problems(self, bad: set[str]) -> list[str]:
         """Constraints between keys; a check is skipped when one of its keys was already rejected."""
         m, t, o, dc = self.model, self.train, self.optim, self.data
-        ok = lambda *keys: not bad.intersection(keys)  # noqa: E731
+
+        def ok(*keys: str) -> bool:
+            return not bad.intersection(keys)
+
         out = []
         if ok("model.hidden_size", "model.num_heads"):
             if m.hidden_size % m.num_heads:

@@ -1,29 +1,28 @@
 """Training text as documents: the embedded default corpus and readers for user corpora.
 
-A corpus is a sequence of documents (strings); the tokenizer packs them with EOS between documents.
+A corpus is a sequence of documents (strings); qtrain.data packs their tokens with EOS after each.
 `[data] corpus` selects the source:
     "default"          the embedded corpus: Python's pydoc topics plus docstrings of a fixed list of
                        standard-library modules (real English, available offline), extracted at first
                        use and cached as JSONL in the cache dir. It depends on the Python version.
-    a text file        one document per file (blank lines inside it are kept as text).
+    a text file        one document per file (blank lines inside it are kept as text); *.gz is unzipped.
     a directory        every *.txt and *.md below it, recursively, sorted by relative path; one
                        document per file.
     *.jsonl, *.jsonl.gz one document per line, from its "text" field; blank lines are skipped.
-Non-UTF-8 input: undecodable bytes are skipped (dropped) and a `UndecodableBytesWarning` names the
+Non-UTF-8 input: undecodable bytes are skipped (dropped) and an `UndecodableBytesWarning` names the
 file and the number of bytes dropped; the rest of the file is used. Documents are stripped of
 surrounding whitespace and empty ones are dropped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import importlib
 import inspect
-import io
 import json
 import os
 import pkgutil
+import subprocess
 import sys
 import uuid
 import warnings
@@ -108,9 +107,7 @@ def _module_docs(module) -> list[tuple[str, str]]:
 def _submodules(name: str) -> list:
     """The module and, for a package, its importable non-test submodules (recursive, sorted)."""
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # deprecation warnings of old modules are not our concern
-            module = importlib.import_module(name)
+        module = importlib.import_module(name)
     except Exception:  # absent on this platform (e.g. asyncio.windows_events): skip
         return []
     out = [module]
@@ -124,30 +121,40 @@ def _submodules(name: str) -> list:
 def build_default_corpus() -> list[str]:
     """The embedded corpus as documents: one per pydoc topic (sorted), then one per module.
 
-    Deterministic for a given Python version (~1.8 MB of text on 3.11). Takes well under a second.
+    Deterministic for a given Python version (~1.8 MB of text on 3.11) when run in a clean interpreter
+    (see default_corpus_path); takes well under a second.
     """
     from pydoc_data.topics import topics
 
     docs = [topics[key].strip() for key in sorted(topics)]
     seen: set[str] = set()  # a docstring appears once, under its first name (re-exports, inherited docs)
-    for top in DEFAULT_MODULES:
-        for module in _submodules(top):
-            entries = []
-            for qualname, doc in _module_docs(module):
-                if doc not in seen:
-                    seen.add(doc)
-                    entries.append(f"{qualname}\n{doc}")
-            if entries:
-                docs.append("\n\n".join(entries))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation warnings of stdlib modules (typing.io, ...) are not ours
+        modules = [module for top in DEFAULT_MODULES for module in _submodules(top)]
+        documented = [_module_docs(module) for module in modules]
+    for found in documented:
+        entries = []
+        for qualname, doc in found:
+            if doc not in seen:
+                seen.add(doc)
+                entries.append(f"{qualname}\n{doc}")
+        if entries:
+            docs.append("\n\n".join(entries).strip())
     return [d for d in docs if d]
 
 
 def default_corpus_path(cache_root: Path) -> Path:
-    """The cached JSONL of the default corpus, extracted at first use."""
+    """The cached JSONL of the default corpus, extracted at first use in a fresh, isolated interpreter.
+
+    Not in this process: libraries imported here (torch, pytest, ...) patch stdlib functions such as
+    inspect.getfile, which would change the extracted text. `python -I -S` sees only the stdlib.
+    """
     version = ".".join(map(str, sys.version_info[:3]))
     path = cache_root / "corpus" / f"default-py{version}-v{DEFAULT_CORPUS_VERSION}.jsonl"
     if not path.exists():
-        write_atomic(path, (json.dumps({"text": d}).encode() + b"\n" for d in build_default_corpus()))
+        done = subprocess.run([sys.executable, "-I", "-S", __file__, str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DataError(f"extracting the default corpus into {path} failed:\n{done.stderr[-2000:]}")
     return path
 
 
@@ -210,7 +217,7 @@ def _raw_documents(corpus: str, cache_root: Path) -> Iterator[str]:
 
 
 def iter_documents(corpus: str, cache_root: Path, max_chars: int = 0) -> Iterator[str]:
-    """Stripped, non-empty documents of `corpus`, truncated to max_chars characters in total (0 = all).
+    """Stripped, non-empty documents of `corpus`, cut to max_chars characters in total (0 = no limit).
 
     Lazy: each call re-reads the source. Raises DataError on a missing path, a bad JSONL line, or a
     corpus with no text at all (checked once the source is exhausted).
@@ -221,13 +228,16 @@ def iter_documents(corpus: str, cache_root: Path, max_chars: int = 0) -> Iterato
         if not doc:
             continue
         if max_chars and total + len(doc) >= max_chars:
-            doc = doc[: max_chars - total].strip()
-            if doc:
-                total += len(doc)
-                yield doc
+            doc = doc[: max_chars - total]  # exactly max_chars in total (the cut may end in a space)
+            total += len(doc)
+            yield doc
             break
         total += len(doc)
         yield doc
     if total == 0:
         raise DataError(f'[data] corpus = "{corpus}" contains no text (empty after stripping whitespace); '
                         f'add text to it or point [data] corpus elsewhere')
+
+
+if __name__ == "__main__":  # python -I -S qtrain/corpus.py OUT.jsonl: see default_corpus_path
+    write_atomic(Path(sys.argv[1]), (json.dumps({"text": d}).encode() + b"\n" for d in build_default_corpus()))

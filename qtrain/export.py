@@ -16,6 +16,7 @@ Dequantizing qtrain's int8 layers into a float Llama is a separate step that run
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from pathlib import Path
@@ -84,18 +85,20 @@ def _proto_fields(buf: bytes) -> dict[int, list]:
             n = 8 if wire_type == 1 else 4
             value, i = buf[i : i + n], i + n
         else:
-            raise ExportError(f"unexpected protobuf wire type {wire_type} for field {number}: not a sentencepiece model?")
+            raise ExportError(
+                f"unexpected protobuf wire type {wire_type} for field {number}: not a sentencepiece .model file?"
+            )
         fields.setdefault(number, []).append(value)
     return fields
 
 
 def _spm_settings(model_bytes: bytes) -> dict:
-    """The settings of a sentencepiece ModelProto that decide segmentation (field numbers: sentencepiece_model.proto)."""
+    """The sentencepiece settings that decide segmentation (field numbers from sentencepiece_model.proto)."""
     proto = _proto_fields(model_bytes)
     trainer = _proto_fields(proto.get(2, [b""])[-1])  # ModelProto.trainer_spec = 2
     normalizer = _proto_fields(proto.get(3, [b""])[-1])  # ModelProto.normalizer_spec = 3
     return {
-        "model_type": {1: "unigram", 2: "bpe", 3: "word", 4: "char"}[trainer.get(3, [1])[-1]],  # default UNIGRAM
+        "model_type": {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(trainer.get(3, [1])[-1], "unknown"),
         "byte_fallback": bool(trainer.get(35, [0])[-1]),
         "precompiled_charsmap": normalizer.get(2, [b""])[-1],  # the compiled NFKC (or custom) rules
         "add_dummy_prefix": bool(normalizer.get(3, [1])[-1]),
@@ -145,6 +148,9 @@ def hf_tokenizer(tokenizer_model: Path, model_max_length: int | None = None) -> 
 
     unk/bos/eos/pad tokens and ids are the sentencepiece model's own (qtrain's convention: 0, 1, 2, 3).
     Raises ExportError if the conversion does not reproduce sentencepiece's ids on the probe texts.
+    Known limit: where two unigram segmentations score exactly the same (e.g. a long run of one character),
+    the two libraries may break the tie differently; that needs a tokenizer trained without byte_fallback or
+    on repetitive text to show up (qtrain trains with byte_fallback=true).
     """
     tokenizer_model = Path(tokenizer_model)
     if not tokenizer_model.is_file():
@@ -198,6 +204,15 @@ def _cast_copy(model: LlamaForCausalLM, dtype: torch.dtype, special_ids: dict[st
     return out
 
 
+def _name_portable_tokenizer_class(config_path: Path) -> None:
+    """Set tokenizer_class in tokenizer_config.json to a name every transformers version reads."""
+    # transformers 5 writes its class name "TokenizersBackend", which 4.x does not know; "PreTrainedTokenizerFast"
+    # means "use tokenizer.json as is" in both, so the export also loads where transformers 4.x is pinned
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(
     model: LlamaForCausalLM,
     tokenizer_model: Path,
@@ -245,6 +260,7 @@ def export_hf(
         tmp.mkdir()
         _cast_copy(model, dtype, special_ids).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _name_portable_tokenizer_class(tmp / "tokenizer_config.json")
         shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
         for path in tmp.iterdir():
             fsync_path(path)

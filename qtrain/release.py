@@ -39,7 +39,7 @@ class Updater:
         self.rounding = rounding
         self.float_grad_clip = float_grad_clip
         self.step = 0  # optimizer updates completed; the update in flight is number step + 1
-        self.lr = 0.0
+        self.lr = self.float_lr = 0.0
         self.int8 = int8_layers(model)
         self.floats = float_parameters(model)
         # Float projections (quantization off) take the matrix method like int8 ones; lm_head optionally.
@@ -93,7 +93,7 @@ class Updater:
         else:
             opt = self.float_opts[name]
             for group in opt.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = self.float_lr
             opt.step()
         p.grad = None
         self._mark(name)
@@ -126,9 +126,13 @@ class Updater:
         return bool(self._handles)
 
     # ---- both modes -------------------------------------------------------------------------------
-    def begin_step(self, lr: float) -> None:
-        """Set the one LR every tensor uses in this update (spec §13: no per-tensor schedulers)."""
+    def begin_step(self, lr: float, float_lr: float | None = None) -> None:
+        """Set the LR every tensor uses in this update (spec §13: one schedule, no per-tensor schedulers).
+
+        float_lr: LR of the Adam-trained float tensors when the recipe sets its own (same schedule).
+        """
         self.lr = lr
+        self.float_lr = lr if float_lr is None else float_lr
         self.updated.clear()
 
     def finish_step(self) -> None:

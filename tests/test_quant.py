@@ -42,7 +42,7 @@ def test_bytes_of_a_quantized_weight():
 
 
 def test_size_not_multiple_of_group_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"shape \(3, 50\).*multiple of the group size.*quant_group_size"):
+    with pytest.raises(ValueError, match=r"shape \(3, 50\).*multiple of the group size.*group_size"):
         quantize_groupwise(torch.randn(3, 50), 128)
 
 

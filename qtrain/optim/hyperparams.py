@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 
 def check_range(
-    method: str, name: str, value: float, lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_open: bool = False
+    method: str, name: str, value: float, lo: float, hi: float = float("inf"), *, lo_open: bool = False,
+    hi_open: bool = False,
 ) -> None:
     """Raise ValueError unless lo <= value <= hi (`lo_open`/`hi_open` make a bound strict)."""
     ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)

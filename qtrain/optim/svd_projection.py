@@ -30,7 +30,7 @@ def singular_basis(grad: Tensor) -> tuple[Tensor, Tensor]:
     """All a singular vectors of the short side, and the singular values, by the spec §0 convention.
 
     grad: un-oriented G (m×n), any float dtype; the SVD runs in fp32.
-    Returns (vecs (a×a) fp32, columns = singular vectors of Ĝ's row space side in descending σ order;
+    Returns (vecs (a×a) fp32: column i = the i-th singular vector on the short side (descending σ),
              sigma (a,) fp32, descending).
     """
     m, n = grad.shape

@@ -30,7 +30,7 @@ def num_groups(shape: torch.Size | tuple[int, ...], group_size: int) -> int:
     if group_size <= 0 or numel % group_size != 0:
         raise ValueError(
             f"cannot quantize a weight of shape {tuple(shape)} ({numel} elements) in groups of {group_size}: "
-            f"the element count must be a multiple of the group size; set [model] quant_group_size to a "
+            f"the element count must be a multiple of the group size; set [quant] group_size to a "
             f"divisor of {numel} (e.g. 64 or 128) or leave this layer unquantized"
         )
     return numel // group_size
