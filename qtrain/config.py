@@ -74,6 +74,10 @@ class ModelConfig:
     """false. Share the embedding matrix with lm_head (saves vocab_size × d parameters)."""
     attn_implementation: str = _choice("sdpa", "eager")
     """"sdpa" (fused, less activation memory) or "eager" (plain matmuls, for debugging)."""
+    float_dtype: str = _choice("float32", "bfloat16")
+    """"float32". Storage dtype of the float tensors (embedding, norms, lm_head). "bfloat16" halves them and
+    applies their updates with stochastic rounding (no fp32 master copy); pair it with optimizers whose state
+    is small (embedding_optimizer / lm_head_optimizer = "same_as_matrices") for the leanest 7B."""
 
     @property
     def kv_heads(self) -> int:
@@ -127,7 +131,9 @@ class OptimConfig:
     float_grad_clip: float = _bounded(0.0, ge=0)
     """0.0 = off. Per-tensor gradient-norm clip for the float tensors, which have no norm-growth limiter."""
     lm_head_optimizer: str = _choice("adam", "same_as_matrices")
-    """"adam" (lm_head with the float optimizer, as the papers do) or "same_as_matrices" (int8 + method)."""
+    """"adam" (lm_head with the float optimizer, as the papers do) or "same_as_matrices" (the matrix method, weight stays float)."""
+    embedding_optimizer: str = _choice("adam", "same_as_matrices")
+    """"adam" (float optimizer, as the papers) or "same_as_matrices" (the matrix method: APOLLO-Mini keeps 2 x vocab floats)."""
 
     @property
     def float_lr_value(self) -> float:

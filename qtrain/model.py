@@ -45,12 +45,12 @@ def is_quantized_projection(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS
 
 
-def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: int = 0,
-                param_dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: int = 0) -> LlamaForCausalLM:
     """Build the qtrain model: Llama with int8 projections (if quant_cfg.enabled), float everything else.
 
     Weights are N(0, init_std) (norms 1), each drawn from its own generator seeded by (seed, name):
     the init does not depend on construction order. device="meta" builds shapes only (estimator).
+    Float tensors are stored in model_cfg.float_dtype (drawn in fp32, then rounded to nearest).
     """
     config = llama_config(model_cfg)
     with torch.device("meta"):
@@ -79,6 +79,7 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
                     p.copy_(init_weight(name, p.shape))
             for name, layer in int8_layers(model).items():  # one fp32 weight alive at a time
                 layer.load_float_(init_weight(f"{name}.weight", (layer.out_features, layer.in_features)))
+    param_dtype = META_DTYPES[getattr(model_cfg, "float_dtype", "float32")]
     if param_dtype != torch.float32:
         for p in model.parameters():
             p.data = p.data.to(param_dtype)

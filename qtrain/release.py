@@ -31,10 +31,12 @@ class Updater:
     """
 
     def __init__(self, model: nn.Module, matrix_method: Method, float_optimizer: FloatOptimizerFactory,
-                 *, lm_head_method: Method | None = None, seed: int = 0, rounding: str = "stochastic",
+                 *, lm_head_method: Method | None = None, embedding_method: Method | None = None,
+                 low_precision_adam: Method | None = None, seed: int = 0, rounding: str = "stochastic",
                  float_grad_clip: float = 0.0):
         self.model = model
         self.matrix_method = matrix_method
+        self.low_precision_adam = low_precision_adam
         self.seed = seed
         self.rounding = rounding
         self.float_grad_clip = float_grad_clip
@@ -42,13 +44,19 @@ class Updater:
         self.lr = self.float_lr = 0.0
         self.int8 = int8_layers(model)
         self.floats = float_parameters(model)
-        # Float projections (quantization off) take the matrix method like int8 ones; lm_head optionally.
+        # Float projections (quantization off) take the matrix method like int8 ones; lm_head and the
+        # embedding optionally. bf16 float tensors get `low_precision_adam` when given (fp32 Adam state, SR
+        # on apply); torch's AdamW would keep bf16 moments and round every update to nearest.
         self.method_floats: dict[str, Method] = {}
-        for n in self.floats:
+        for n, p in self.floats.items():
             if is_quantized_projection(n.removesuffix(".weight")):
                 self.method_floats[n] = matrix_method
             elif lm_head_method is not None and n.startswith("lm_head"):
                 self.method_floats[n] = lm_head_method
+            elif embedding_method is not None and n.endswith("embed_tokens.weight"):
+                self.method_floats[n] = embedding_method
+            elif p.dtype != torch.float32 and low_precision_adam is not None:
+                self.method_floats[n] = low_precision_adam
         self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items() if n not in self.method_floats}
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
@@ -68,13 +76,13 @@ class Updater:
         """dequantize -> method update in fp32 -> requantize (SR), chunked; frees the gradient."""
         name = layer.name
         state = self._method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
-        update = self.matrix_method.direction(grad.float(), state)
+        update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state)
         if update.dense is not None:
             grad, scale = update.dense, torch.ones((), device=grad.device)
         else:
             scale = update.grad_scale
         if self.rounding == "stochastic":
-            gen = seeded_generator(grad.device, mix_seed(self.seed, name_uid(name), self.step))
+            gen = self._generator(name, grad.device)
         else:
             gen = None
         int8_scaled_update_(layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale, self.lr,
@@ -89,7 +97,9 @@ class Updater:
         if name in self.method_floats:
             method = self.method_floats[name]
             state = self._method_state(name, method, tuple(p.shape), p.device)
-            apply_update_(p, method.direction(p.grad.float(), state), p.grad, self.lr, method.weight_decay)
+            lr = self.float_lr if method is self.low_precision_adam else self.lr
+            gen = self._generator(name, p.device) if p.dtype == torch.bfloat16 else None
+            apply_update_(p, method.direction(_grad_for(method, p.grad), state), p.grad, lr, method.weight_decay, gen)
         else:
             opt = self.float_opts[name]
             for group in opt.param_groups:
@@ -97,6 +107,10 @@ class Updater:
             opt.step()
         p.grad = None
         self._mark(name)
+
+    def _generator(self, name: str, device: torch.device) -> torch.Generator:
+        """SR generator of one tensor in one step: seeded by (run seed, tensor, step), nothing to save."""
+        return seeded_generator(device, mix_seed(self.seed, name_uid(name), self.step))
 
     def _mark(self, name: str) -> None:
         if name in self.updated:
@@ -164,3 +178,8 @@ class Updater:
         self.state = sd["method_state"]
         for n, opt in self.float_opts.items():
             opt.load_state_dict(sd["float_optimizers"][n])
+
+
+def _grad_for(method: Method, grad: Tensor) -> Tensor:
+    """The gradient as the method wants it: as is if it upcasts chunk-wise itself, else fp32."""
+    return grad if getattr(method, "accepts_low_precision_grad", False) else grad.float()

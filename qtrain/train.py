@@ -26,6 +26,7 @@ from qtrain.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoi
 from qtrain.config import TrainConfig
 from qtrain.data import Dataset, prepare_data
 from qtrain.model import build_model
+from qtrain.optim.adam import Adam
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.optim.registry import build_method
 from qtrain.release import Updater
@@ -59,9 +60,15 @@ def build_updater(model: torch.nn.Module, cfg: TrainConfig) -> Updater:
     o = cfg.optim
     method = build_method(o.method, o.args, weight_decay=o.weight_decay, seed=cfg.train.seed)
     lm_head = method if o.lm_head_optimizer == "same_as_matrices" else None
+    embedding = method if o.embedding_optimizer == "same_as_matrices" else None
     floats = float_optimizer_factory(o.float_optimizer, tuple(o.float_betas), o.float_eps)
-    return Updater(model, method, floats, lm_head_method=lm_head, seed=cfg.train.seed,
-                   rounding=cfg.quant.rounding, float_grad_clip=o.float_grad_clip)
+    # bf16 float tensors: "adamw" becomes qtrain's fp32-state Adam with SR on apply; "adam8bit" stays
+    # bitsandbytes (8-bit state, nearest rounding to bf16: Adam's normalised steps, ~lr, are far above
+    # the bf16 ulp of |w| ~ 0.02, ~1e-4, so rounding loses little; the leanest choice for 7B).
+    bf16_adam = Adam(betas=tuple(o.float_betas), eps=o.float_eps) if o.float_optimizer == "adamw" else None
+    return Updater(model, method, floats, lm_head_method=lm_head, embedding_method=embedding,
+                   low_precision_adam=bf16_adam, seed=cfg.train.seed, rounding=cfg.quant.rounding,
+                   float_grad_clip=o.float_grad_clip)
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

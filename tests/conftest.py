@@ -13,7 +13,7 @@ def tiny_model_cfg(**over):
     """A 2-layer, hidden-64 Llama config (duck-typed [model] section)."""
     base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=0,
                 max_seq_len=32, rope_theta=10000.0, init_std=0.02, rms_norm_eps=1e-6, tie_embeddings=False,
-                attn_implementation="sdpa")
+                attn_implementation="sdpa", float_dtype="float32")
     return SimpleNamespace(**{**base, **over})
 
 

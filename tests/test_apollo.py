@@ -136,3 +136,18 @@ def test_validation_names_the_hyperparameter():
         Apollo(rank=100).validate((16, 32))
     with pytest.raises(ValueError, match="scale_type"):
         Apollo(rank=4, scale_type="row").validate((16, 32))
+
+
+def test_bf16_gradient_is_projected_without_a_full_fp32_copy_and_same_result():
+    from qtrain.optim.apollo import project_with_column_norms
+
+    g = torch.randn(300, 40).bfloat16()
+    proj = torch.randn(300, 4)
+    r, col_sq = project_with_column_norms(proj, g, max_chunk_elems=40 * 7)  # 7 rows at a time
+    torch.testing.assert_close(r, proj.t() @ g.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col_sq, g.float().square().sum(0), rtol=1e-5, atol=1e-6)
+    m32, m16 = Apollo(rank=4), Apollo(rank=4)
+    s32, s16 = m32.init_state((40, 300), "cpu", 1), m16.init_state((40, 300), "cpu", 1)
+    gw = g.t()  # a (40, 300) weight's gradient in bf16
+    torch.testing.assert_close(m16.direction(gw, s16).grad_scale, m32.direction(gw.float(), s32).grad_scale,
+                               rtol=1e-5, atol=0)

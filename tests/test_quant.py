@@ -107,3 +107,32 @@ def test_small_update_moves_mean_under_sr_not_under_nearest():
     assert set(moved_sr.round().unique().tolist()) <= {0.0, 1.0}
     moved_nearest = _interior_update(None)
     assert moved_nearest.abs().max().item() < 1e-3  # every code unchanged: the update is lost
+
+
+def test_sr_to_bf16_is_unbiased_and_picks_a_neighbour():
+    from qtrain.quant.stochastic_round import stochastic_round_to_bf16
+
+    x = torch.randn(64) * 0.02
+    N = 20_000
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([stochastic_round_to_bf16(x, gen) for _ in range(N)]).float()  # (N, 64)
+    down = x.to(torch.bfloat16).float()
+    lo = torch.where(down <= x, down, torch.nextafter(down.bfloat16(), torch.tensor(-1.0, dtype=torch.bfloat16)).float())
+    hi = torch.nextafter(lo.bfloat16(), torch.tensor(1.0, dtype=torch.bfloat16)).float()
+    assert torch.all((draws == lo) | (draws == hi))  # only the two bf16 neighbours of x
+    ulp = hi - lo
+    err = (draws.double().mean(0) - x.double()).abs()
+    assert torch.all(err < 4 * (ulp.double() / 2) / N**0.5), (err / ulp).max()  # E[SR(x)] = x
+
+
+def test_chunked_float_apply_equals_one_shot():
+    from qtrain.optim.base import Update, apply_update_
+
+    w = torch.randn(64, 48)
+    g = torch.randn(64, 48)
+    s = torch.rand(64, 1)  # per-row scale, as channel-wise APOLLO for m >= n
+    a, b = w.clone(), w.clone()
+    apply_update_(a, Update(grad_scale=s), g, 0.1, 0.01)
+    apply_update_(b, Update(grad_scale=s), g, 0.1, 0.01, max_chunk_elems=48 * 5)  # 5 rows per chunk
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, (w - 0.1 * s * g) * (1 - 0.1 * 0.01), rtol=2e-7, atol=1e-7)  # fp32 reassociation

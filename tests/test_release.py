@@ -7,6 +7,7 @@ from conftest import quant_cfg, tiny_model_cfg
 from qtrain.int8_linear import Int8Linear
 from qtrain.model import build_model
 from qtrain.optim import apollo_mini
+from qtrain.optim.adam import Adam
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.release import Updater
 from qtrain.schedule import lr_at
@@ -19,10 +20,12 @@ def _batches(n, vocab=64, B=2, T=16):
     return [torch.randint(0, vocab, (B, T), generator=gen) for _ in range(n)]
 
 
-def _train(release: bool, quant: bool, float_opt="adamw", steps=STEPS, spy=None):
-    model = build_model(tiny_model_cfg(), quant_cfg(enabled=quant), seed=0)
+def _train(release: bool, quant: bool, float_opt="adamw", steps=STEPS, spy=None, float_dtype="float32"):
+    model = build_model(tiny_model_cfg(float_dtype=float_dtype), quant_cfg(enabled=quant), seed=0)
     method = apollo_mini(rank=1, scale=128.0, update_proj_gap=2, bias_correction="inside", eps=1e-8)
-    updater = Updater(model, method, float_optimizer_factory(float_opt), seed=5)
+    bf16_adam = Adam(eps=1e-8) if float_dtype == "bfloat16" else None
+    updater = Updater(model, method, float_optimizer_factory(float_opt), seed=5, low_precision_adam=bf16_adam,
+                      embedding_method=method if float_dtype == "bfloat16" else None)
     if spy is not None:
         spy(updater)
     if release:
@@ -47,6 +50,16 @@ def test_release_equals_ordinary_step(quant):
     m0 = build_model(tiny_model_cfg(), quant_cfg(enabled=quant), seed=0)
     changed = [n for n, t in m_rel.state_dict().items() if not torch.equal(t, m0.state_dict()[n])]
     assert len(changed) > 0.9 * len(m0.state_dict()) - 2  # nearly every tensor moved (rotary buffers don't)
+
+
+def test_release_equals_ordinary_step_with_bf16_float_tensors():
+    # bf16 embedding (APOLLO-Mini) and norms/lm_head (fp32-state Adam), all applied with seeded SR
+    m_rel, l_rel = _train(release=True, quant=True, float_dtype="bfloat16")
+    m_std, l_std = _train(release=False, quant=True, float_dtype="bfloat16")
+    assert l_rel == l_std
+    assert m_rel.lm_head.weight.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(m_rel.state_dict().items(), m_std.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_release_with_bnb_adam8bit_equals_ordinary_step():

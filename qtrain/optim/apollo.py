@@ -28,6 +28,23 @@ BIAS_CORRECTION_MODES = ("outside", "inside")
 SCALE_TYPES = ("channel", "tensor")
 
 
+def project_with_column_norms(proj: Tensor, g_hat: Tensor, max_chunk_elems: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """R = PᵀĜ (r×b) and the squared column norms of Ĝ (b,), in fp32, reading Ĝ in row chunks.
+
+    A bf16 gradient is upcast one chunk at a time, never as a whole fp32 copy (for a 32000×4096
+    embedding gradient that copy alone would be 500 MiB).
+    """
+    a, b = g_hat.shape
+    rows = max(1, max_chunk_elems // b)
+    r = torch.zeros((proj.shape[1], b), device=g_hat.device, dtype=torch.float32)
+    col_sq = torch.zeros(b, device=g_hat.device, dtype=torch.float32)
+    for i in range(0, a, rows):
+        chunk = g_hat[i : i + rows].float()  # (rows, b)
+        r.addmm_(proj[i : i + rows].t(), chunk)
+        col_sq.add_(chunk.square().sum(dim=0))
+    return r, col_sq
+
+
 def apollo_scaling(
     g_hat: Tensor,
     proj: Tensor,
@@ -43,7 +60,7 @@ def apollo_scaling(
     bias_correction: str,
     gamma: float = 1.01,
 ) -> Tensor:
-    """One APOLLO step on the oriented fp32 gradient Ĝ (a×b) with projection P (a×r).
+    """One APOLLO step on the oriented gradient Ĝ (a×b, fp32 or bf16) with projection P (a×r, fp32).
 
     Updates m, v (r×b) and phi (0-dim, NL state) in place. Returns the factor f with D = Ĝ·Diag(f)
     (f of shape (b,), channel) or D = f·Ĝ (f 0-dim, tensor), including NL, α = √scale and, in mode
@@ -51,7 +68,7 @@ def apollo_scaling(
     """
     b1, b2 = betas
     c1, c2 = 1 - b1**step, 1 - b2**step
-    r = proj.t() @ g_hat  # (r, b)                                     step 4
+    r, col_sq = project_with_column_norms(proj, g_hat)  # (r, b), (b,)    step 4
     m.mul_(b1).add_(r, alpha=1 - b1)  #                                step 5
     v.mul_(b2).addcmul_(r, r, value=1 - b2)
     if bias_correction == "outside":  # apollo.py: ε outside, κ_t on the step size    step 6
@@ -62,10 +79,10 @@ def apollo_scaling(
         step_factor = 1.0
     if scale_type == "channel":  # s_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)   step 7
         s = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
-        x_norm = (s * torch.linalg.vector_norm(g_hat, dim=0)).norm()  # ‖Ĝ Diag(s)‖, no a×b temporary
+        x_norm = (s.square() * col_sq).sum().sqrt()  # ‖Ĝ Diag(s)‖ without forming it
     else:  # APOLLO-Mini: one s for the tensor   step 7'
         s = n.norm() / (r.norm() + 1e-8)  # ()
-        x_norm = s * g_hat.norm()
+        x_norm = s * col_sq.sum().sqrt()
     eta, new_phi = norm_growth_factor(x_norm, phi, first=step == 1, gamma=gamma)  # step 9
     phi.copy_(new_phi)
     return s * (eta * (math.sqrt(scale) * step_factor))  # steps 10-11: α = √scale
@@ -74,6 +91,8 @@ def apollo_scaling(
 @dataclass
 class Apollo(Method):
     """APOLLO hyperparameters. `scale` is α² (APOLLO's CLI convention: 128 means ×11.31)."""
+
+    accepts_low_precision_grad = True  # direction() upcasts bf16 gradients chunk by chunk itself
 
     rank: int = 256
     scale: float = 1.0
@@ -123,7 +142,7 @@ class Apollo(Method):
         seed = self.projection_seed(state, t)
         proj = random_projection(tuple(grad.shape), self.rank, seed, grad.device)  # (a, r), discarded after use
         f = apollo_scaling(
-            orient(grad.float()), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
+            orient(grad), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
             bias_correction=self.bias_correction, gamma=self.gamma,
         )

@@ -68,14 +68,31 @@ class Update(NamedTuple):
 
 
 @torch.no_grad()
-def apply_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tensor, weight_decay: float) -> None:
-    """W <- (W - lr*D) * (1 - lr*wd) on a float weight, arithmetic in fp32."""
-    w = weight.float()
-    w.sub_(update.full(grad) * lr)
-    if weight_decay > 0:
-        w.mul_(1 - lr * weight_decay)
-    if w is not weight:
-        weight.copy_(w)  # bf16 weights: one rounding at the end (qtrain's int8 path uses SR instead)
+def apply_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tensor, weight_decay: float,
+                  generator: torch.Generator | None = None, max_chunk_elems: int = 1 << 22) -> None:
+    """W <- (W - lr*D) * (1 - lr*wd) on a float weight, arithmetic in fp32, chunk by chunk over rows.
+
+    A bf16 weight with a generator is rounded stochastically (no fp32 master copy, updates below half a
+    bf16 ulp survive on average); without one it is rounded to nearest. Chunks bound the fp32 transients.
+    """
+    from qtrain.quant.stochastic_round import stochastic_round_to_bf16
+
+    w2 = weight.view(weight.shape[0], -1) if weight.dim() > 1 else weight.view(1, -1)
+    flat = weight.dim() <= 1
+    rows = max(1, max_chunk_elems // max(1, w2.shape[1]))
+    for r0 in range(0, w2.shape[0], rows):
+        r1 = min(w2.shape[0], r0 + rows)
+        if flat:
+            d = update.full(grad).view(1, -1)
+        else:
+            d = update.rows(grad, r0, r1).view(r1 - r0, -1)
+        w = w2[r0:r1].float()  # a copy for bf16 weights, the weight itself for fp32 ones
+        w.sub_(d * lr)
+        if weight_decay > 0:
+            w.mul_(1 - lr * weight_decay)
+        if w.data_ptr() != w2[r0:r1].data_ptr():
+            w2[r0:r1].copy_(stochastic_round_to_bf16(w, generator) if generator is not None and
+                            weight.dtype == torch.bfloat16 else w)
 
 
 @dataclass

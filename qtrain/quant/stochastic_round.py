@@ -86,3 +86,16 @@ def requantize_sr_(
         sc.copy_(new_scale)
         off.copy_(new_offset)
         del w, v, codes_f  # free this chunk's buffers before the next chunk allocates its own
+
+
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
+    """fp32 -> bf16 with stochastic rounding: add 16 random low bits, truncate (E[result] = x).
+
+    The bf16 value is the top half of the fp32 bit pattern; adding U{0..2^16-1} to the dropped half
+    carries into the kept half with probability (dropped bits)/2^16, i.e. proportionally to the
+    distance to the next bf16 value. Finite inputs only (an overflow past the largest bf16 becomes inf).
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    bits = (bits + noise) & -65536  # -65536 = 0xFFFF0000 as int32: clear the low 16 bits
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
