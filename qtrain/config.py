@@ -102,6 +102,10 @@ class QuantConfig:
     """"float32" or "bfloat16": dtype of the per-group scale and offset (2 × 4 or 2 × 2 bytes per group)."""
     rounding: str = _choice("stochastic", "nearest")
     """"stochastic" (unbiased: small updates survive in expectation) or "nearest" (updates < half a step are lost)."""
+    kernels: str = _choice("auto", "torch", "triton")
+    """"auto". Kernels for int8 dequantize and update: "auto" = fused Triton kernels on CUDA (when triton is
+    installed and the layout is supported: fp32 metadata, power-of-two group size), the plain-torch reference
+    otherwise; "torch" forces the reference; "triton" forces the kernels (error where they cannot run)."""
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qtrain.quant.groupwise import dequantize_groupwise, num_groups, quantize_groupwise
+from qtrain.quant import dispatch
+from qtrain.quant.groupwise import num_groups, quantize_groupwise
 
 GradSink = Callable[["Int8Linear", Tensor], None]
 
@@ -59,6 +60,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("offset", torch.zeros(G, dtype=meta_dtype, device=device))
         self.weight_grad: Tensor | None = None  # accumulated dW when no sink is attached
         self.grad_sink: GradSink | None = None
+        self.kernels = "auto"  # dequantize backend ("auto" | "torch" | "triton"), set from [quant] kernels
         # Autograd calls backward only if some input requires grad; without this anchor the first
         # layer (input from a frozen embedding, or raw features) would never see its dW.
         self._anchor = torch.empty(0, requires_grad=True)
@@ -79,7 +81,8 @@ class Int8Linear(nn.Module):
         self.offset.copy_(offset)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize_groupwise(self.codes, self.scale, self.offset, self.group_size, dtype)
+        """Ŵ (out, in) in dtype: one Triton kernel on CUDA, bit-identical to the torch reference."""
+        return dispatch.dequantize(self.codes, self.scale, self.offset, self.group_size, dtype, self.kernels)
 
     def receive_grad(self, dw: Tensor) -> None:
         if self.grad_sink is not None:

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from qtrain.int8_linear import Int8Linear
 from qtrain.model import float_parameters, int8_layers, is_quantized_projection
 from qtrain.optim.base import Method, apply_update_, mix_seed, name_uid, seeded_generator
+from qtrain.quant import dispatch
+from qtrain.quant.dispatch import update_seed
 from qtrain.quant.int8_update import int8_scaled_update_
 
 FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
@@ -28,17 +30,19 @@ class Updater:
     matrix_method: the method for the seven projections, int8 or float (and lm_head if `lm_head_method`).
     float_optimizer: builds one torch optimizer per other float tensor (embedding, norms, lm_head).
     rounding: "stochastic" (SR, seeded by (seed, tensor, step)) or "nearest" (for comparison only).
+    kernels: int8 update backend, "auto" (Triton on CUDA), "torch" (reference) or "triton".
     """
 
     def __init__(self, model: nn.Module, matrix_method: Method, float_optimizer: FloatOptimizerFactory,
                  *, lm_head_method: Method | None = None, embedding_method: Method | None = None,
                  low_precision_adam: Method | None = None, seed: int = 0, rounding: str = "stochastic",
-                 float_grad_clip: float = 0.0):
+                 float_grad_clip: float = 0.0, kernels: str = "auto"):
         self.model = model
         self.matrix_method = matrix_method
         self.low_precision_adam = low_precision_adam
         self.seed = seed
         self.rounding = rounding
+        self.kernels = kernels  # "auto" | "torch" | "triton": see qtrain.quant.dispatch
         self.float_grad_clip = float_grad_clip
         self.step = 0  # optimizer updates completed; the update in flight is number step + 1
         self.lr = self.float_lr = 0.0
@@ -81,12 +85,12 @@ class Updater:
             grad, scale = update.dense, torch.ones((), device=grad.device)
         else:
             scale = update.grad_scale
-        if self.rounding == "stochastic":
-            gen = self._generator(name, grad.device)
-        else:
-            gen = None
-        int8_scaled_update_(layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale, self.lr,
-                            self.matrix_method.weight_decay, gen)
+        args = (layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale, self.lr,
+                self.matrix_method.weight_decay)
+        if self.rounding == "stochastic":  # fused Triton kernel on CUDA, chunked torch reference elsewhere
+            dispatch.int8_scaled_update_(*args, update_seed(self.seed, name_uid(name), self.step), self.kernels)
+        else:  # nearest rounding: comparison mode, reference path only
+            int8_scaled_update_(*args, None)
         layer.weight_grad = None
         self._mark(name)
 

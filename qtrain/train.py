@@ -68,7 +68,7 @@ def build_updater(model: torch.nn.Module, cfg: TrainConfig) -> Updater:
     bf16_adam = Adam(betas=tuple(o.float_betas), eps=o.float_eps) if o.float_optimizer == "adamw" else None
     return Updater(model, method, floats, lm_head_method=lm_head, embedding_method=embedding,
                    low_precision_adam=bf16_adam, seed=cfg.train.seed, rounding=cfg.quant.rounding,
-                   float_grad_clip=o.float_grad_clip)
+                   float_grad_clip=o.float_grad_clip, kernels=cfg.quant.kernels)
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

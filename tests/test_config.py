@@ -81,7 +81,7 @@ def test_unknown_section_suggests():
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     (msg,) = problems_of({"quant": {"zzz": 1}})
-    assert msg == "[quant] unknown key 'zzz'; valid: 'enabled', 'group_size', 'meta_dtype', 'rounding'"
+    assert msg == "[quant] unknown key 'zzz'; valid: 'enabled', 'group_size', 'meta_dtype', 'rounding', 'kernels'"
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_recipe_loads_with_expected_values(path):
                           "bias_correction": "inside", "eps": 1e-8}
         assert (t.batch_size, t.seq_len, t.steps, cfg.quant.group_size) == (1, 256, 150000, 128)
     elif path.stem == "tiny":
-        assert (t.batch_size, t.seq_len, t.steps, t.eval_every, m.max_seq_len) == (8, 128, 200, 50, 128)
+        assert (t.batch_size, t.seq_len, t.steps, t.eval_every, m.max_seq_len) == (8, 128, 600, 200, 128)
         assert (cfg.quant.group_size, o.method, o.args["scale"], o.float_optimizer) == (64, "apollo_mini", 128, "adamw")
     else:
         rank = {"60m": 128, "130m": 192, "350m": 256, "1b": 256}[path.stem]

@@ -1,40 +1,66 @@
 """Triton twins of the int8 kernels against their torch references (quant/triton_kernels.py, quant/dispatch.py).
 
-On CPU the kernels run in Triton's interpreter: the `device` fixture sets TRITON_INTERPRET=1 for the test
-only (the kernels are wrapped per mode at launch, so the flag need not be set before triton is imported,
-and a GPU process can run the compiled "cuda" cases in the same session). The "cuda" cases skip without
-a GPU. Deterministic steps are compared bitwise; SR with in-kernel Philox is checked in distribution.
+Every kernel test runs on device "cpu" (Triton's interpreter) and "cuda" (compiled; skips without a GPU).
+Deterministic steps are compared bitwise; SR with in-kernel Philox is checked in distribution.
+
+Interpreter or compiler is decided once per process, when triton is imported (TRITON_INTERPRET is read
+then, also for Triton's own tl.rand4x). On a machine without CUDA this module sets it before importing
+triton, so the "cpu" cases run here. If triton was already imported compiled (a GPU machine, or an earlier
+module imported it), the "cpu" cases are skipped here and run in a fresh process by
+test_cpu_cases_in_an_interpreter_process.
 """
 
+import importlib
 import importlib.util
+import json
 import math
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` of the process
 triton = pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
 tl = triton.language
 
-from qtrain.quant import dispatch, stochastic_round, triton_kernels  # noqa: E402
+from qtrain.quant import dispatch, triton_kernels  # noqa: E402
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from qtrain.quant.int8_update import int8_scaled_update_  # noqa: E402
 
+sr_module = importlib.import_module("qtrain.quant.stochastic_round")  # the module (quant/__init__ exports a function)
+INTERPRETED = triton_kernels.interpret_mode()
 SHAPES = [(16, 64, 32), (12, 40, 32)]  # (m, n, g); 12x40 in groups of 32 straddles rows
 ONE_MINUS_ULP = 1 - 2**-24  # the largest fp32 below 1
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU"))])
-def device(request, monkeypatch):
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.fixture(params=[
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not INTERPRETED, reason="triton was imported compiled: test_cpu_cases_in_an_interpreter_process runs these")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        INTERPRETED or not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")),
+])
+def device(request):
     return torch.device(request.param)
 
 
-def quantized(m, n, g, device, seed=0):
+@pytest.mark.skipif(INTERPRETED, reason="the cpu cases ran in this process")
+def test_cpu_cases_in_an_interpreter_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+           "-k", "cpu and not interpreter_process"]
+    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    summary = run.stdout.strip().splitlines()[-1]  # "<n> passed, <k> deselected in <t>s"
+    assert re.match(r"\d+ passed, \d+ deselected in", summary), summary
+
+
+def quantized(m, n, g, device, seed=1234):  # not 0: the autouse fixture seeds torch with 0, and a
+    # gradient equal to the weight would scale the grid instead of moving points off it
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=gen) * 0.05
     return tuple(t.to(device) for t in quantize_groupwise(w, g))
@@ -54,10 +80,10 @@ def reference_update(codes, scale, offset, g, grad, s, lr, wd, uniform, monkeypa
         k = math.prod(shape)
         out = flat[used[0]:used[0] + k].reshape(shape)
         used[0] += k
-        return out.to(device, dtype)
+        return out.to(device, dtype, copy=True)  # a fresh tensor, as torch.rand's: the reference writes into it
 
     with monkeypatch.context() as mp:
-        mp.setattr(stochastic_round.torch, "rand", rand)
+        mp.setattr(sr_module.torch, "rand", rand)
         int8_scaled_update_(codes, scale, offset, g, grad, s, lr, wd, torch.Generator(), max_chunk_elems)
     assert used[0] == flat.numel()
 
@@ -141,7 +167,8 @@ def test_zero_update_keeps_the_weight(device):
 # fused update, in-kernel Philox
 
 
-def _philox_uniforms_fn(out_ptr, seed, n_quads, BLOCK: tl.constexpr):
+@triton.jit
+def _philox_uniforms_kernel(out_ptr, seed, n_quads, BLOCK: tl.constexpr):
     q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = q < n_quads
     u0, u1, u2, u3 = tl.rand4x(seed, q)
@@ -155,7 +182,7 @@ def philox_uniforms(seed, shape, device):
     """The documented stream, written out: element i gets output i % 4 of tl.rand4x(seed, i // 4)."""
     out = torch.empty(shape, device=device)
     n_quads = out.numel() // 4
-    triton.jit(_philox_uniforms_fn)[(triton.cdiv(n_quads, 256),)](out, seed, n_quads, BLOCK=256)
+    _philox_uniforms_kernel[(triton.cdiv(n_quads, 256),)](out, seed, n_quads, BLOCK=256)
     return out
 
 
@@ -249,6 +276,60 @@ def test_philox_sr_is_unbiased(device, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
+# compiled code, without a GPU: Triton compiles for sm_90 on any machine (ptxas ships with the wheel)
+
+AOT_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from qtrain.quant import triton_kernels as tk
+
+def ptx(fn, signature, constexprs):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": tk.NUM_WARPS, "enable_fp_fusion": False}  # what the launchers pass
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+g = 128
+out = {"dequantize_bf16": ptx(
+    tk._dequantize_kernel,
+    {"codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "num_groups": "i32",
+     "GROUP": "constexpr", "BLOCK_G": "constexpr", "OUT_BF16": "constexpr"},
+    {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "OUT_BF16": True})}
+for name, mode, lr_ptr, wd, uniform in [("update_scalar_philox", 0, False, False, False),
+                                        ("update_row_tensor_lr_uniform", 2, True, True, True)]:
+    out[name] = ptx(tk._update_kernel, {
+        "codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "grad_ptr": "*bf16", "s_ptr": "*fp32",
+        "lr": "*fp32" if lr_ptr else "fp32", "decay": "fp32", "weight_decay": "fp32",
+        "uniform_ptr": "*fp32" if uniform else "constexpr", "seed": "i32", "num_groups": "i32", "n_cols": "i32",
+        "GROUP": "constexpr", "BLOCK_G": "constexpr", "SCALE_MODE": "constexpr", "LR_IS_PTR": "constexpr",
+        "HAS_WD": "constexpr", "USE_UNIFORM": "constexpr"},
+        {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "SCALE_MODE": mode, "LR_IS_PTR": lr_ptr, "HAS_WD": wd,
+         "USE_UNIFORM": uniform, **({} if uniform else {"uniform_ptr": None})})
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90_with_the_reference_roundings(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled mode: a fresh process
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ptx = json.loads(run.stdout)
+    per_thread = triton_kernels.TILE_ELEMS // (32 * triton_kernels.NUM_WARPS)  # 16 elements
+    for name, code in ptx.items():
+        assert "ld.global.v4.b32" in code, f"{name}: codes are not loaded 16 bytes at a time"
+        assert "div.approx" not in code and "div.full" not in code, f"{name}: approximate division"
+        fmas = code.count("fma.rn.f32")
+        if name.startswith("dequantize"):
+            assert fmas == 0, f"{name}: {fmas} fused multiply-adds; torch rounds codes*scale and +offset apart"
+        else:  # exactly the explicit tl.fma of W + G*(s*-lr) per element, nothing contracted
+            assert fmas == per_thread, f"{name}: {fmas} fma.rn.f32, expected {per_thread}"
+            assert code.count("div.rn.f32") >= per_thread  # v = (w - lo) / scale, correctly rounded
+
+
+# ---------------------------------------------------------------------------------------------------
 # dispatcher
 
 
@@ -281,10 +362,11 @@ def test_dispatch_triton_backend_runs_the_kernel(device):
 
 
 def test_dispatch_errors_name_the_fix(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = step_inputs(12, 40, 32, "cpu")
+    monkeypatch.setattr(triton_kernels, "interpret_mode", lambda: False)  # as in a compiled-mode process
     with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors.*TRITON_INTERPRET=1"):
         dispatch.int8_scaled_update_(*args, generator_seed=1, backend="triton")
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=r"backend = 'cuda'; allowed: \('auto', 'torch', 'triton'\)"):
         dispatch.dequantize(*args[:4], backend="cuda")
     codes, scale, offset = quantize_groupwise(torch.randn(12, 40), 32, meta_dtype=torch.bfloat16)
@@ -294,5 +376,4 @@ def test_dispatch_errors_name_the_fix(monkeypatch):
     with pytest.raises(ValueError, match=r"group size 24 must be a power of two"):
         dispatch.dequantize(codes, scale, offset, 24, backend="triton")
     with pytest.raises(ValueError, match=r"seed = 2147483648 must be in \[0, 2\^31\)"):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        dispatch.int8_scaled_update_(*args, generator_seed=2**31, backend="triton")
+        triton_kernels.int8_scaled_update_triton_(*args, seed=2**31)

@@ -2,12 +2,15 @@
 
 Each kernel matches a plain-torch reference of the same signature (groupwise.dequantize_groupwise and
 int8_update.int8_scaled_update_) bit for bit, given the same uniforms: the same fp32 operations in the
-same order. Three things make that hold on a GPU:
+same order and with the same roundings. Three things make that hold on a GPU:
   - launches pass enable_fp_fusion=False: `c * scale + offset` compiled to one FMA rounds once where
-    torch rounds twice (torch runs each op as its own kernel, so it never contracts);
+    torch rounds twice (torch runs each op as its own kernel, so it never contracts); where the
+    reference does fuse (addcmul_), the kernel calls tl.fma explicitly;
   - divisions use tl.math.div_rn (IEEE round-to-nearest), as torch's `/` does;
   - fp32 -> bf16 is rounded to nearest-even by integer arithmetic on the bits; Triton's interpreter
     (TRITON_INTERPRET=1, which the CPU tests use) truncates in its native cast, GPUs round to nearest.
+The interpreter reproduces the references exactly from Triton 3.9 on; earlier interpreters emulate
+tl.fma as a multiply and an add (two roundings), so the same-uniform tests then miss by one ulp.
 
 Layout (groupwise.py): codes uint8 (m, n), groups of g consecutive elements of the row-major flattening
 (they straddle rows when n % g != 0), scale/offset (G,) fp32, w = codes * scale + offset.
@@ -19,8 +22,6 @@ Importable without Triton (HAVE_TRITON = False); the dispatcher in dispatch.py t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -29,6 +30,7 @@ from qtrain.quant.groupwise import CODE_MAX, MIN_RANGE, num_groups
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
     HAVE_TRITON = True
     # kernels may only read globals that are constexpr
@@ -42,21 +44,19 @@ NUM_WARPS = 4
 SCALE_SCALAR, SCALE_PER_COL, SCALE_PER_ROW = 0, 1, 2  # grad_scale of shape (), (1, n), (m, 1)
 
 
+def _jit(**options):
+    """triton.jit(**options); without Triton the kernels stay plain functions that are never launched."""
+    return (lambda fn: triton.jit(fn, **options)) if HAVE_TRITON else (lambda fn: fn)
+
+
 def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return HAVE_TRITON and bool(triton.knobs.runtime.interpret)
+    """True when the kernels run in Triton's CPU interpreter.
 
-
-@functools.cache
-def _jitted(fn, interpret: bool, do_not_specialize: tuple[str, ...]):
-    return triton.jit(fn, do_not_specialize=do_not_specialize)
-
-
-def _kernel(fn, do_not_specialize: tuple[str, ...] = ()):
-    # triton.jit reads TRITON_INTERPRET when it wraps a function, so wrapping at import would freeze the
-    # mode of whichever module imported this one first; wrapping per mode at launch lets one process run
-    # both the compiled kernels (CUDA tensors) and the interpreted ones (CPU tests).
-    return _jitted(fn, interpret_mode(), do_not_specialize)
+    Decided once per process: triton.jit reads TRITON_INTERPRET when it wraps a function, and Triton's own
+    library kernels (tl.rand4x) are wrapped when triton is imported, so the variable must be set before
+    the first `import triton`; setting it later has no effect.
+    """
+    return HAVE_TRITON and isinstance(_update_kernel, InterpretedFunction)
 
 
 def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
@@ -68,7 +68,7 @@ def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: in
     if codes.dtype != torch.uint8 or codes.dim() != 2 or not codes.is_contiguous():
         problems.append(f"codes must be contiguous uint8 (m, n), got {codes.dtype} {tuple(codes.shape)}")
     if group_size < 4 or group_size & (group_size - 1):
-        problems.append(f"group size {group_size} must be a power of two >= 4 (Triton tiles; 4 uniforms per Philox draw)")
+        problems.append(f"group size {group_size} must be a power of two >= 4 (tiles; 4 uniforms per Philox draw)")
     for name, t in (("scale", scale), ("offset", offset)):
         if t.dtype != torch.float32 or t.shape != (G,) or not t.is_contiguous():
             problems.append(f"{name} must be contiguous fp32 of shape ({G},), got {t.dtype} {tuple(t.shape)}")
@@ -85,6 +85,7 @@ def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: in
 # dequantize
 
 
+@_jit()
 def _dequantize_kernel(
     codes_ptr, scale_ptr, offset_ptr, out_ptr, num_groups,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, OUT_BF16: tl.constexpr,
@@ -117,7 +118,7 @@ def dequantize_triton(
     G = scale.numel()
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     block_g = max(1, TILE_ELEMS // group_size)
-    _kernel(_dequantize_kernel)[(triton.cdiv(G, block_g),)](
+    _dequantize_kernel[(triton.cdiv(G, block_g),)](
         codes, scale, offset, out, G,
         GROUP=group_size, BLOCK_G=block_g, OUT_BF16=dtype == torch.bfloat16,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
@@ -129,6 +130,7 @@ def dequantize_triton(
 # fused update: dequantize -> W - lr*s*G -> decay -> fresh group ranges -> SR -> codes, scale, offset
 
 
+@_jit(do_not_specialize=["seed"])  # a new seed every step must not trigger a recompilation
 def _update_kernel(
     codes_ptr, scale_ptr, offset_ptr, grad_ptr, s_ptr, lr, decay, weight_decay, uniform_ptr, seed,
     num_groups, n_cols,
@@ -146,9 +148,10 @@ def _update_kernel(
     off = tl.load(offset_ptr + gid, mask=gmask, other=0.0)
     w = c * sc[:, None] + off[:, None]
 
-    # W <- W - (G * s) * lr, in the reference's order; s per tensor, column or row (flat -> row, col)
+    # W <- W + G * (s * -lr) with one rounding, as the reference's addcmul_ (torch >= 2.x computes it with
+    # std::fma on CPU and CUDA); s per tensor, column or row (flat -> row, col)
     g = tl.load(grad_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    if SCALE_MODE == 0:
+    if SCALE_MODE == 0:  # SCALE_SCALAR, SCALE_PER_COL, SCALE_PER_ROW (kernels read no plain globals)
         s = tl.load(s_ptr).to(tl.float32)
     elif SCALE_MODE == 1:
         s = tl.load(s_ptr + flat % n_cols, mask=mask, other=0.0).to(tl.float32)
@@ -158,7 +161,7 @@ def _update_kernel(
         lr_val = tl.load(lr).to(tl.float32)
     else:
         lr_val = lr
-    w = w - (g * s) * lr_val
+    w = tl.fma(g, s * -lr_val, w)  # explicit fma: emitted whatever enable_fp_fusion says
     if HAS_WD:  # decoupled decay after the step; with a tensor lr, 1 - lr*wd is formed in fp32 like torch
         if LR_IS_PTR:
             decay = 1.0 - lr_val * weight_decay
@@ -216,14 +219,18 @@ def int8_scaled_update_triton_(
     grad (m, n) fp32/bf16/fp16; grad_scale fp32 of shape (), (1, n) or (m, 1); lr a float or a 0-dim
     tensor on the weight's device (read in the kernel: no host sync). seed in [0, 2^31): Philox key; the
     uniform of flat element i is output i % 4 of tl.rand4x(seed, i // 4), so a (seed, shape) pair
-    reproduces bitwise and nothing of size m*n is materialised. uniform (m, n) fp32 in [0, 1): use these numbers instead (tests).
-    Same uniforms as the reference => identical codes, scale and offset.
+    reproduces bitwise and nothing of size m*n is materialised. uniform: (m, n) fp32 in [0, 1) to use
+    instead (tests). Same uniforms as the reference => identical codes, scale and offset.
     """
     check_supported(codes, scale, offset, group_size)
     m, n = codes.shape
     G = scale.numel()
     if grad.shape != codes.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} != weight shape {(m, n)}")
+    others = [grad, grad_scale, scale, offset] + [t for t in (lr, uniform) if isinstance(t, Tensor)]
+    if any(t.device != codes.device for t in others):  # a kernel cannot read another device's memory
+        devices = sorted({str(t.device) for t in others})
+        raise ValueError(f"all tensors must be on the weight's device {codes.device}, got {devices}")
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with dispatch.update_seed")
     mode = _scale_mode(grad_scale, (m, n))
@@ -235,8 +242,7 @@ def int8_scaled_update_triton_(
     if uniform is not None and uniform.shape != codes.shape:
         raise ValueError(f"uniform shape {tuple(uniform.shape)} != weight shape {(m, n)}")
     block_g = max(1, TILE_ELEMS // group_size)
-    # seed is not specialized: a new value every step must not trigger a recompilation
-    _kernel(_update_kernel, ("seed",))[(triton.cdiv(G, block_g),)](
+    _update_kernel[(triton.cdiv(G, block_g),)](
         codes, scale, offset, grad.contiguous(), grad_scale.contiguous(),  # no-ops for autograd's grads
         lr if lr_is_ptr else float(lr), float(decay), float(weight_decay),
         None if uniform is None else uniform.float().contiguous(), seed, G, n,
