@@ -16,7 +16,7 @@ from torch import Tensor
 
 from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, apollo_scaling
 from qtrain.optim.base import Method, MethodOptimizer, Update
-from qtrain.optim.galore import check_low_rank
+from qtrain.optim.galore import check_low_rank, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.projection import channel_shape, orient
 from qtrain.optim.svd_projection import refresh_due, refresh_projection_
@@ -44,16 +44,7 @@ class ApolloSVDMethod(Method):
         check_choice("APOLLO-SVD", "bias_correction", self.bias_correction, BIAS_CORRECTION_MODES)
 
     def init_state(self, shape, device, uid) -> dict[str, Any]:
-        a, b = min(shape), max(shape)
-        zeros = torch.zeros((self.rank, b), device=device, dtype=torch.float32)  # (r, b)
-        return {
-            "step": 0,
-            "uid": uid,
-            "proj": torch.zeros((a, self.rank), device=device, dtype=torch.float32),  # P (a, r), set at t = 1
-            "exp_avg": zeros,
-            "exp_avg_sq": zeros.clone(),
-            "limiter_norm": torch.zeros((), device=device, dtype=torch.float32),  # φ
-        }
+        return stored_projection_state(shape, self.rank, device, uid, limiter=True)
 
     def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
         state["step"] = t = state["step"] + 1

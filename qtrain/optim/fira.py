@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from qtrain.optim.base import Method, MethodOptimizer, Update
-from qtrain.optim.galore import check_low_rank, projected_adam_
+from qtrain.optim.galore import check_low_rank, projected_adam_, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.projection import orient
@@ -77,16 +77,7 @@ class FiraMethod(Method):
         check_choice("Fira", "fira_residual", self.fira_residual, FIRA_RESIDUALS)
 
     def init_state(self, shape, device, uid) -> dict[str, Any]:
-        a, b = min(shape), max(shape)
-        zeros = torch.zeros((self.rank, b), device=device, dtype=torch.float32)  # (r, b)
-        return {
-            "step": 0,
-            "uid": uid,
-            "proj": torch.zeros((a, self.rank), device=device, dtype=torch.float32),  # P (a, r), set at t = 1
-            "exp_avg": zeros,
-            "exp_avg_sq": zeros.clone(),
-            "limiter_norm": torch.zeros((), device=device, dtype=torch.float32),  # φ
-        }
+        return stored_projection_state(shape, self.rank, device, uid, limiter=True)
 
     def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
         state["step"] = t = state["step"] + 1

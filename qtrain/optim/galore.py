@@ -58,6 +58,22 @@ def check_low_rank(method: str, shape: tuple[int, ...], rank: int, gap: int, bet
     check_range(method, "eps", eps, 0.0)
 
 
+def stored_projection_state(shape: tuple[int, ...], rank: int, device, uid: int, limiter: bool) -> dict[str, Any]:
+    """State of a method with a stored projection: P (a, r), moments M, V (r, b), optionally φ (NL)."""
+    a, b = min(shape), max(shape)
+    zeros = torch.zeros((rank, b), device=device, dtype=torch.float32)  # (r, b)
+    state = {
+        "step": 0,
+        "uid": uid,
+        "proj": torch.zeros((a, rank), device=device, dtype=torch.float32),  # P (a, r), set at t = 1
+        "exp_avg": zeros,
+        "exp_avg_sq": zeros.clone(),
+    }
+    if limiter:
+        state["limiter_norm"] = torch.zeros((), device=device, dtype=torch.float32)  # φ
+    return state
+
+
 @dataclass
 class GaLoreMethod(Method):
     """GaLore-Adam hyperparameters (spec §7 defaults: lr 0.01, α 0.25, T 200; rank 128 at 60M, 256 at 130M/350M).
@@ -79,15 +95,7 @@ class GaLoreMethod(Method):
         check_range("GaLore", "galore_scale", self.galore_scale, 0.0, lo_open=True)
 
     def init_state(self, shape, device, uid) -> dict[str, Any]:
-        a, b = min(shape), max(shape)
-        zeros = torch.zeros((self.rank, b), device=device, dtype=torch.float32)  # (r, b)
-        return {
-            "step": 0,
-            "uid": uid,
-            "proj": torch.zeros((a, self.rank), device=device, dtype=torch.float32),  # P (a, r), set at t = 1
-            "exp_avg": zeros,
-            "exp_avg_sq": zeros.clone(),
-        }
+        return stored_projection_state(shape, self.rank, device, uid, limiter=False)
 
     def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
         state["step"] = t = state["step"] + 1
