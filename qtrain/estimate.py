@@ -284,7 +284,7 @@ def direction_peak(method, shape: tuple[int, int], grad_dtype: torch.dtype) -> t
     a, b = min(m, n), max(m, n)
     if isinstance(method, Apollo) and not isinstance(method, ApolloSVDMethod):
         r = method.rank
-        rows = max(1, APOLLO_CHUNK // b)
+        rows = min(a, max(1, APOLLO_CHUNK // b))
         chunk = rows * b * (2 if grad_dtype != torch.float32 else 1) * F32
         moments = (3 if method.bias_correction == "inside" else 2) * F32 * r * b
         held = F32 * a * r + F32 * r * b
@@ -306,7 +306,7 @@ def _grad_copy(method, grad_dtype: torch.dtype, numel: int) -> int:
     return F32 * numel
 
 
-def int8_update_peak(shape, method, grad_dtype: torch.dtype, triton: bool, rounding: str) -> int:
+def int8_update_peak(shape, group_size: int, method, grad_dtype: torch.dtype, triton: bool, rounding: str) -> int:
     """Updater.update_int8 beyond the gradient itself.
 
     1. direction(_grad_for(grad)): the fp32 gradient copy (if any) plus the direction's own transients.
@@ -317,7 +317,7 @@ def int8_update_peak(shape, method, grad_dtype: torch.dtype, triton: bool, round
     m, n = shape
     dir_peak, dense, _ = direction_peak(method, shape, grad_dtype)
     step1 = _grad_copy(method, grad_dtype, m * n) + dir_peak
-    chunk = rows_per_chunk((m, n), 1, INT8_CHUNK) * n  # group boundaries only round to whole rows here
+    chunk = min(m, rows_per_chunk((m, n), group_size, INT8_CHUNK)) * n
     buffers = 0 if triton and rounding == "stochastic" else (3 if rounding == "stochastic" else 1)
     return max(step1, dense + buffers * F32 * chunk)
 
@@ -416,7 +416,7 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
         mn = out_f * in_f
         dx = s * N * in_f
         during = max(dequantize_peak((out_f, in_f), compute, triton), s * mn + dx)
-        after = dx + s * mn + (int8_update_peak((out_f, in_f), updater.matrix_method, compute, triton,
+        after = dx + s * mn + (int8_update_peak((out_f, in_f), layer.group_size, updater.matrix_method, compute, triton,
                                                 cfg.quant.rounding) if release else 0)
         if max(during, after) > bwd:
             bwd, bwd_name = max(during, after), name.split(".")[-1]
@@ -476,7 +476,7 @@ def _finish_step_phase(cfg, updater, device_type, compute, triton, constant) -> 
     grads.update({n: p.numel() * p.element_size() for n, p in updater.floats.items()})
     live, peak, at = sum(grads.values()), 0, ""
     for name, layer in updater.int8.items():
-        extra = int8_update_peak(tuple(layer.codes.shape), updater.matrix_method, compute, triton, cfg.quant.rounding)
+        extra = int8_update_peak(tuple(layer.codes.shape), layer.group_size, updater.matrix_method, compute, triton, cfg.quant.rounding)
         if live + extra > peak:
             peak, at = live + extra, name
         live -= grads[name]

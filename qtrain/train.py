@@ -71,6 +71,11 @@ def build_updater(model: torch.nn.Module, cfg: TrainConfig) -> Updater:
                    float_grad_clip=o.float_grad_clip, kernels=cfg.quant.kernels)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> device; on CUDA through pinned memory so the copy is asynchronous (no host sync)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean next-token cross-entropy; logits upcast to fp32 for the softmax."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -312,8 +317,8 @@ def fit(cfg, run_dir, model, updater: Updater, data: Dataset, sampler, progress:
                 updater.begin_step(lr, float_lr)
                 step_loss = torch.zeros((), device=device)
                 for _ in range(t.grad_accum_steps):
-                    x, y = sampler.next_batch()
-                    loss = lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), dtype)
+                    x, y = (to_device(t, device) for t in sampler.next_batch())
+                    loss = lm_loss(model, x, y, dtype)
                     (loss / t.grad_accum_steps).backward()  # release mode: every tensor is updated in here
                     step_loss += loss.detach() / t.grad_accum_steps
                 updater.finish_step()

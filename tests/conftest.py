@@ -1,6 +1,14 @@
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
-from types import SimpleNamespace
+
+# Triton fixes interpreted vs compiled mode when it is first imported, and qtrain imports it with the
+# package: without a GPU, set interpreter mode before any test module imports qtrain, so the kernels'
+# CPU tests run in this process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
