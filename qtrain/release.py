@@ -3,7 +3,7 @@
 `Updater` owns the optimizer state of every trainable tensor, keyed by qualified name, and one global
 step counter and learning rate read by all tensors. `update_int8` / `update_float` apply one update to
 one tensor and free its gradient. Release mode calls them from hooks the moment a gradient is final,
-so at most one weight's gradient is alive; non-release mode (`step()`) calls the same functions after
+so at most one weight's gradient is alive; non-release mode (`finish_step()`) calls the same functions after
 backward: both modes run identical arithmetic, which the tests check bit for bit.
 """
 
