@@ -107,3 +107,13 @@ def dequantized_copy(model: LlamaForCausalLM, dtype: torch.dtype = torch.float32
         state[f"{name}.weight"] = layer.dequantize(torch.float32)
     plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return plain
+
+
+def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:
+    """Recompute each decoder block in backward (non-reentrant): only block inputs stay alive."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from qtrain.checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, save_checkpoint
 from qtrain.config import TrainConfig
 from qtrain.data import Dataset, prepare_data
-from qtrain.model import build_model
+from qtrain.model import build_model, enable_activation_checkpointing
 from qtrain.optim.adam import Adam
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.optim.registry import build_method
@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.quant, device, seed=cfg.train.seed)
     if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     updater = build_updater(model, cfg)
     sampler = data.sampler(cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)

@@ -46,7 +46,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qtrain.cli import find_recipe
 from qtrain.config import TrainConfig
-from qtrain.model import build_model, is_quantized_projection, llama_config
+from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
 from qtrain.quant import triton_kernels
 from qtrain.train import build_updater, lm_loss
 
@@ -249,7 +249,7 @@ def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, dev
 
     def checkpointed(model):
         if args.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()
         return model
 

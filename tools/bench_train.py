@@ -31,7 +31,7 @@ from transformers import LlamaForCausalLM
 from qtrain.cli import find_recipe
 from qtrain.config import TrainConfig
 from qtrain.data import prepare_data
-from qtrain.model import build_model, llama_config
+from qtrain.model import build_model, enable_activation_checkpointing, llama_config
 from qtrain.train import autocast_dtype, build_updater, lm_loss, resolve_device
 
 
@@ -86,7 +86,7 @@ def main() -> None:
                               weight_decay=o.weight_decay)
     for m in (model, plain):
         if t.activation_checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(m)
         m.train()
 
     def qtrain_step(x, y):

@@ -39,7 +39,7 @@ from transformers import LlamaForCausalLM
 from qtrain.cli import find_recipe
 from qtrain.config import TrainConfig
 from qtrain.data import Dataset, prepare_data
-from qtrain.model import build_model, is_quantized_projection, llama_config
+from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
 from qtrain.optim.adam import Adam
 from qtrain.optim.base import Method
 from qtrain.optim.float_adam import float_optimizer_factory
@@ -115,7 +115,7 @@ def train_one(cfg: TrainConfig, data: Dataset, device: torch.device) -> dict:
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.quant, device, seed=t.seed)
     if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     updater = build_adam_updater(model, cfg) if o.method == BASELINE else build_updater(model, cfg)
     sampler = data.sampler(t.batch_size, t.seq_len, t.seed)
