@@ -1,18 +1,18 @@
 """Peak memory of one training step of a recipe, predicted before it runs (`qtrain estimate`).
 
-Persistent bytes are not computed from formulas: the model is built with `build_model` on the meta
+Persistent bytes are never computed from formulas: the model is built with `build_model` on the meta
 device, the updater with `build_updater`, every method state is created by the method's own
-`init_state` (through `Updater._method_state`) and every float optimizer takes one real step on meta
-tensors so bitsandbytes / torch allocate their lazy state there; the estimator sums the `nbytes`.
-Only what exists during a step is modelled: saved activations (one function, `activation_bytes`, with
-its derivation) and the transients of the update code paths (`*_peak` functions, each naming the
-lines it models). A step is a sequence of phases (forward, loss, lm_head update, block backward,
-embedding update, and for release = false the updates after backward); the peak is the persistent
-bytes plus the largest phase.
+`init_state` (through `Updater._method_state`, the trainer's own path) and every float optimizer takes
+one real step on meta tensors so bitsandbytes / torch create their lazy state there; the estimator sums
+the `nbytes`. Only what lives during a step is modelled: saved activations (one function,
+`activation_bytes`, with its derivation) and the transients of the update code paths (the `*_peak`
+functions, each naming the lines it models). A step is a sequence of phases (forward, loss, lm_head
+update, block backward, embedding update; for release = false the updates after backward); the
+predicted peak is the persistent bytes plus the largest phase.
 
     from qtrain.estimate import estimate
-    b = estimate("recipes/7b.toml")              # or a TrainConfig; device_type="cpu" for CPU runs
-    print(b.peak_allocated / 2**30, b.peak_component)
+    b = estimate("recipes/7b.toml")              # or a TrainConfig; device_type="cpu" for a CPU run
+    print(b.peak_allocated / 2**30, b.peak_phase, b.peak_component)
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import dataclasses
 import inspect
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from qtrain.config import TrainConfig
-from qtrain.model import META_DTYPES, build_model
+from qtrain.model import META_DTYPES, build_model, is_quantized_projection
+from qtrain.optim.adam import Adam
 from qtrain.optim.alice import AliceMethod
 from qtrain.optim.apollo import Apollo, project_with_column_norms
 from qtrain.optim.apollo_svd import ApolloSVDMethod
@@ -37,8 +37,7 @@ from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.stochastic_round import rows_per_chunk
 from qtrain.train import autocast_dtype, build_updater
 
-GiB = 2**30
-MiB = 2**20
+GiB, MiB = 2**30, 2**20
 F32 = torch.float32.itemsize
 META = torch.device("meta")
 
@@ -47,10 +46,14 @@ INT8_CHUNK = inspect.signature(int8_scaled_update_).parameters["max_chunk_elems"
 APPLY_CHUNK = inspect.signature(apply_update_).parameters["max_chunk_elems"].default
 APOLLO_CHUNK = inspect.signature(project_with_column_norms).parameters["max_chunk_elems"].default
 
-# Outside torch.cuda.max_memory_allocated, not measurable here: assumptions to calibrate with
-# tools/validate_estimator.py on a GPU (it prints the measured context and reserved/allocated ratio).
+# Outside what this machine can measure: assumptions for CUDA, to calibrate with
+# tools/validate_estimator.py on a GPU (it prints the measured context and reserved - allocated).
 CUDA_CONTEXT_BYTES = 600 * MiB  # CUDA context + cuBLAS/cuDNN handles of a torch 2.x process (nvidia-smi)
-ALLOCATOR_SLACK = 0.05  # caching-allocator blocks freed by transients but not reusable for the next size
+ALLOCATOR_SLACK = 0.05  # share of the step's transients held in cached blocks too small for the next request
+# CUDACachingAllocator (c10/cuda/CUDACachingAllocator.cpp): blocks are multiples of 512 B; a request of
+# 10 MiB or more gets its own segment rounded up to 2 MiB, and a tail of at most 1 MiB is not split off,
+# so it counts as allocated.
+CUDA_BLOCK, CUDA_LARGE_ALLOC, CUDA_ROUND_LARGE, CUDA_SMALL_SIZE = 512, 10 * MiB, 2 * MiB, 1 * MiB
 
 
 @dataclass
@@ -77,7 +80,7 @@ class Phase:
 
 @dataclass
 class Breakdown:
-    """Predicted memory of one training step of `recipe` on `device_type`."""
+    """Predicted memory of one training step of `recipe` on `device_type` (bytes)."""
 
     recipe: str
     device_type: str
@@ -96,9 +99,6 @@ class Breakdown:
     def component(self, name_prefix: str) -> Component:
         return next(c for c in self.components if c.name.startswith(name_prefix))
 
-    def bytes_of(self, kind: str) -> int:
-        return sum(c.bytes for c in self.components if c.kind == kind)
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for p, phase in zip(d["phases"], self.phases):
@@ -106,7 +106,7 @@ class Breakdown:
         return d
 
 
-# ---- persistent bytes: real constructors on the meta device ------------------------------------------
+# ---- persistent bytes: the real constructors on the meta device ----------------------------------------
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -117,19 +117,22 @@ def _tensors(obj) -> list[torch.Tensor]:
     return []
 
 
-def _nbytes(tensors, device_type: str) -> int:
-    """Bytes of distinct tensors that live on the training device.
+def _on_device(tensors, device_type: str) -> list[torch.Tensor]:
+    """Distinct tensors that live on the training device.
 
-    Meta tensors stand for device tensors. A CPU tensor created next to them (AdamW's `step` counter)
-    lives in host memory: it counts for a CPU run only.
+    Meta tensors stand for device tensors. A CPU tensor created beside them (AdamW's `step` counter) lives
+    in host memory: it counts for a CPU run only.
     """
-    seen, total = set(), 0
+    seen, out = set(), []
     for t in tensors:
-        if id(t) in seen or (t.device.type != "meta" and device_type != "cpu"):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
+        if id(t) not in seen and (t.device.type == "meta" or device_type == "cpu"):
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.no_grad()
@@ -143,15 +146,16 @@ def _step_float_optimizers_on_meta(updater) -> None:
 
 
 def _persistent(cfg: TrainConfig, device_type: str):
+    """(updater on meta, persistent components, the persistent tensors) from the trainer's constructors."""
     model = build_model(cfg.model, cfg.quant, META)
     want = META_DTYPES[cfg.model.float_dtype]
     assert all(p.dtype == want for p in model.parameters()), (
-        f"build_model left float parameters in {sorted({str(p.dtype) for p in model.parameters()})}, "
-        f"[model] float_dtype is {cfg.model.float_dtype}")
+        f"build_model stored float parameters in {sorted({str(p.dtype) for p in model.parameters()})}; "
+        f"[model] float_dtype = {cfg.model.float_dtype!r}")
     updater = build_updater(model, cfg)
-    for name, layer in updater.int8.items():
+    for name, layer in updater.int8.items():  # what update_int8 creates at the first step
         updater._method_state(name, updater.matrix_method, tuple(layer.codes.shape), META)
-    for name, method in updater.method_floats.items():
+    for name, method in updater.method_floats.items():  # what update_float creates at the first step
         updater._method_state(name, method, tuple(updater.floats[name].shape), META)
     _step_float_optimizers_on_meta(updater)
 
@@ -160,468 +164,568 @@ def _persistent(cfg: TrainConfig, device_type: str):
     groups = [t for l in layers for t in (l.scale, l.offset)]
     quantized = {id(t) for t in codes + groups}
     floats = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in quantized]
-    meta_name = cfg.quant.meta_dtype
-    method = cfg.optim.method
-    comps = [
-        Component("int8 codes", _nbytes(codes, device_type), "persistent", "Int8Linear.codes (build_model on meta)"),
-        Component(f"group scale/offset ({meta_name})", _nbytes(groups, device_type), "persistent",
-                  "Int8Linear.scale/offset (build_model on meta)"),
-        Component(f"float parameters ({cfg.model.float_dtype}: embedding, norms, lm_head) + RoPE buffers",
-                  _nbytes(floats, device_type), "persistent", "build_model on meta"),
-        Component(f"{method} states", _nbytes(_tensors(updater.state), device_type), "persistent",
-                  f"{type(updater.matrix_method).__name__}.init_state via Updater._method_state"),
+    groups_of = [
+        (Component("int8 codes", 0, "persistent", "Int8Linear.codes (build_model on meta)"), codes),
+        (Component(f"group scale/offset ({cfg.quant.meta_dtype})", 0, "persistent",
+                   "Int8Linear.scale/offset (build_model on meta)"), groups),
+        (Component(f"float parameters ({cfg.model.float_dtype}: embedding, norms, lm_head) + RoPE buffers", 0,
+                   "persistent", "build_model on meta"), floats),
     ]
-    by_kind: dict[str, list[torch.Tensor]] = {}
+    by_method: dict[str, list] = {}
+    for name, state in updater.state.items():
+        method = updater.method_floats.get(name, updater.matrix_method)
+        label = cfg.optim.method if method is updater.matrix_method else f"{type(method).__name__} (bf16 floats)"
+        by_method.setdefault(label, [type(method).__name__, []])[1].extend(_tensors(state))
+    for label, (cls, tensors) in by_method.items():
+        groups_of.append((Component(f"{label} states", 0, "persistent",
+                                    f"{cls}.init_state via Updater._method_state on meta"), tensors))
+    by_opt: dict[str, list] = {}
     for opt in updater.float_opts.values():
-        by_kind.setdefault(type(opt).__name__, []).extend(_tensors(list(opt.state.values())))
-    for kind, tensors in sorted(by_kind.items()):
-        comps.append(Component(f"{kind} states", _nbytes(tensors, device_type), "persistent",
-                               f"{type(next(iter(updater.float_opts.values()))).__module__}.{kind}.step on meta"))
-    return model, updater, comps
+        kind = type(opt)
+        by_opt.setdefault(kind.__name__, [f"{kind.__module__}.{kind.__name__}", []])[1].extend(
+            _tensors(list(opt.state.values())))
+    for label, (path, tensors) in sorted(by_opt.items()):
+        groups_of.append((Component(f"{label} states", 0, "persistent", f"{path}.step on meta"), tensors))
+    comps, everything = [], []
+    for comp, tensors in groups_of:
+        tensors = _on_device(tensors, device_type)
+        comp.bytes = _nbytes(tensors)
+        comps.append(comp)
+        everything += tensors
+    return updater, comps, everything
 
 
-# ---- activations: the one formula ---------------------------------------------------------------------
+def _cuda_block_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator accounts as allocated for one tensor of nbytes."""
+    block = -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
+    if block >= CUDA_LARGE_ALLOC:
+        segment = -(-block // CUDA_ROUND_LARGE) * CUDA_ROUND_LARGE
+        if segment - block <= CUDA_SMALL_SIZE:  # remainder too small to split off
+            block = segment
+    return block
+
+
+# ---- activations: the one formula -------------------------------------------------------------------------
 @dataclass
 class Activations:
-    """Bytes saved for backward, by where they are saved (B x T tokens)."""
+    """Bytes saved for backward (and the head's transients) of one micro-batch of B x T tokens."""
 
-    block: int  # one decoder block, everything autograd keeps from its forward
-    block_input: int  # the block's input hidden state (all a checkpointed block keeps)
-    recomputed_block: int  # what the recompute of one checkpointed block allocates again
-    final_norm: int  # final RMSNorm's saved tensors
+    norm: int  # one LlamaRMSNorm's saved tensors (a block has two, the head one)
+    qkv_inputs: int  # what q/k/v_proj save of their input
+    attention: int  # attention's saved tensors (sdpa or eager), o_proj's input included
+    mlp_inputs: int  # what gate/up_proj save of their input
+    mlp_unit: int  # one (B, T, ff) tensor in the compute dtype; the MLP saves four
+    block_input: int  # the block's input hidden state: all a checkpointed block keeps
+    x32_is_input: bool  # the norms' fp32 input is the block input itself (residual stream in fp32)
     lm_head_input: int  # lm_head's saved input in the compute dtype
-    lm_head_weight_copy: int  # autocast's cached cast of a float lm_head weight to the compute dtype
+    lm_head_weight_copy: int  # autocast's cached compute-dtype copy of a float lm_head weight
     log_softmax: int  # log-softmax output (fp32) saved by cross_entropy
-    logits: int  # logits in the compute dtype (B, T, V)
-    constant: int  # RoPE cos/sin tables and the token ids x, y
-    attn_scores: int  # eager only: one (B, h, T, T) score tensor in the residual dtype (a forward transient)
+    logits: int  # logits in the compute dtype (B, T, V): a transient
+    constant: int  # RoPE cos/sin tables, the token ids x, y and nll_loss's total_weight
+    attn_scores: int  # eager only: the masked (B, h, T, T) scores in the residual dtype, a forward transient
+    causal_mask: int  # eager only: the (B, 1, T, T) mask in F, alive through the forward (and with
+    # checkpointing until the last block's backward: the checkpoints keep their arguments)
+    weight_copies: int = 0  # quant.enabled = false: autocast's c copies of a block's F projection weights
+
+    @property
+    def block(self) -> int:
+        """Everything autograd keeps from one decoder block's forward."""
+        return (2 * self.norm + self.qkv_inputs + self.attention + self.mlp_inputs + 4 * self.mlp_unit
+                + self.weight_copies)
+
+    @property
+    def recomputed_block(self) -> int:
+        """What the recompute of a checkpointed block allocates again (its input is kept already)."""
+        return self.block - (self.block_input if self.x32_is_input else 0)
+
+    @property
+    def final_norm(self) -> int:
+        return self.norm
+
+    def alive_at(self, projection: str, recomputed: bool = False) -> int:
+        """A block's saved bytes still alive when backward reaches `projection` (e.g. "up_proj").
+
+        Backward frees each op's saved tensors once it ran: down_proj sees the whole block; up_proj (run
+        before silu's backward) still sees gate's output; gate_proj the attention half plus norm2 and the
+        MLP inputs; o_proj the attention half; v/k/q_proj only norm1 and their inputs.
+        """
+        first = self.norm - (self.block_input if recomputed and self.x32_is_input else 0)
+        attention_half = first + self.qkv_inputs
+        mlp_half = attention_half + self.attention + self.norm + self.mlp_inputs
+        alive = {"down_proj": mlp_half + 4 * self.mlp_unit, "up_proj": mlp_half + self.mlp_unit,
+                 "gate_proj": mlp_half, "o_proj": attention_half + self.attention}.get(projection, attention_half)
+        return alive + self.weight_copies  # (float projections only; freed one by one, counted whole)
 
 
 def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int, attn: str,
-                     compute: torch.dtype, float_dtype: torch.dtype) -> Activations:
+                     compute: torch.dtype, float_dtype: torch.dtype, quantized: bool = True) -> Activations:
     """Saved-tensor bytes of transformers' LlamaDecoderLayer with qtrain's Int8Linear, in train mode.
 
-    Derivation (N = B·T tokens, hd = d/h, s / r / f = bytes per element of the compute dtype c, the
-    residual dtype R and the float-parameter dtype F; checked on CPU tensor by tensor, tests/test_estimate.py):
+    Derivation (N = B·T tokens, hd = d/h; s, r, f = bytes per element of the compute dtype c, the
+    residual dtype R and the float-parameter dtype F; tests/test_estimate.py checks it on CPU in fp32,
+    bf16 autocast and bf16 parameters, sdpa and eager, with and without checkpointing):
     - dtypes. c is the autocast dtype, or F without autocast (Int8Linear computes in its input's dtype).
-      The embedding output is F, each branch output is c, so the residual stream is R = promote(F, c).
-      RoPE's cos/sin take the embedding's dtype, so q, k after RoPE are R as well.
+      The embedding outputs F and each branch outputs c, so the residual stream is R = promote(F, c).
+      RoPE's cos/sin take the embedding's dtype, so q and k after RoPE are R as well.
     - LlamaRMSNorm(x): `x.to(fp32)` is saved by pow and mul (4Nd: x itself when R is fp32, else a copy),
-      rsqrt(var) (4N), the normalised x in R saved by `weight * x` (rNd). Its output y is R.
+      rsqrt(var) (4N), and the normalised x in R saved by `weight * x` (rNd). Its output y is R.
     - Int8Linear saves `x.to(c)`: y itself when R == c (q, k, v share one tensor, gate and up another),
-      else one c copy per projection (3 for attention, 2 for the MLP, 1 for lm_head). No weight is saved.
-    - sdpa: autocast casts q, k to c; the kernel saves q (sNd), k and v (s·N·kv·hd each, GQA runs with
-      enable_gqa, no repeat), out (sNd) and logsumexp (4·N·h). The flash/efficient kernels return out in
-      (B, T, h, hd) layout, so `transpose(1, 2).contiguous()` is a no-op and o_proj saves that same tensor.
-    - eager: q, k, v after repeat_kv (sNd each, the matmuls save their contiguous c inputs), softmax's fp32
-      probabilities (4·B·h·T²) and their c copy for the second matmul when c is not fp32 (s·B·h·T²), and
-      o_proj's contiguous input (sNd). The masked scores (r·B·h·T²) exist only during the forward.
-    - MLP: gate out (saved by silu), silu out and up out (saved by their product), the product (down_proj
-      input): 4·s·N·ff. Residual additions save nothing; rope multiplies by constants and saves only cos/sin.
-    - Head: final norm as above, lm_head input (sNd), autocast's cached c copy of an F lm_head weight
-      (s·V·d, F != c), logits (s·N·V, a transient), log-softmax output (4·N·V): `lm_loss` upcasts
-      logits to fp32 and cross_entropy saves only the log-softmax result.
-    - Checkpointing (non-reentrant): a block keeps only its input (rNd); its recompute allocates the block's
-      saved tensors again, except x.to(fp32) when R is fp32 (that is the kept input itself).
+      else one c copy per projection (3 in attention, 2 in the MLP, 1 for lm_head). No weight is saved.
+    - sdpa: autocast casts q, k to c; the kernel saves q (sNd), k and v (s·N·kv·hd each: GQA runs with
+      enable_gqa, no repeat_kv), out (sNd) and logsumexp (4·N·h). The flash/efficient kernels return out
+      in (B, T, h, hd) layout, so `transpose(1, 2).contiguous()` is a no-op: o_proj saves that same tensor.
+    - eager: q, k, v after repeat_kv (sNd each: the matmuls save their contiguous c inputs), softmax's fp32
+      probabilities (4·B·h·T²) plus their c copy for the second matmul when c is not fp32 (s·B·h·T²), and
+      o_proj's contiguous input (sNd). The masked scores (r·B·h·T²) live only during the forward, the
+      causal mask (f·B·T², shared by the blocks) as long as the forward, or the checkpoints, hold it.
+    - MLP: gate out (saved by silu), silu out and up out (saved by their product), the product (down_proj's
+      input): 4·s·N·ff. Residual additions save nothing; RoPE multiplies by constants, saving only cos/sin.
+    - Head: final norm as above; lm_head's input (sNd) and, under autocast, its cached c copy of an F
+      weight (s·V·d when F != c); logits (s·N·V, transient); `lm_loss` upcasts them to fp32 and
+      cross_entropy saves only the log-softmax output (4·N·V), the targets and a 0-dim total_weight.
+    - quant.enabled = false: the projections are nn.Linear with F weights; under autocast each saves its
+      cached c copy of the weight (s·d·(2d + 2·kv·hd + 3·ff) per block when F != c).
+    - Checkpointing (non-reentrant): a block keeps only its input (rNd); its recompute in backward allocates
+      the block's saved tensors again, except `x.to(fp32)` when R is fp32 (that is the kept input).
     """
     N, hd = B * T, d // h
     s, f = compute.itemsize, float_dtype.itemsize
     R = torch.promote_types(float_dtype, compute)
     r = R.itemsize
     norm = F32 * N * d + F32 * N + r * N * d
-    shared = R == compute  # projections save y itself, else one compute-dtype copy each
+    shared = R == compute
     qkv_inputs = s * N * d * (1 if shared else 3)
     mlp_inputs = s * N * d * (1 if shared else 2)
     if attn == "sdpa":
         attention = s * N * d + 2 * s * N * kv * hd + s * N * d + F32 * N * h
-        scores = 0
+        scores = mask = 0
     else:
         probs = B * h * T * T
         attention = 3 * s * N * d + F32 * probs + (s * probs if compute != torch.float32 else 0) + s * N * d
         scores = r * probs
-    mlp = 4 * s * N * ff
-    block = 2 * norm + qkv_inputs + attention + mlp_inputs + mlp
-    block_input = r * N * d
-    recomputed = block - (F32 * N * d if R == torch.float32 else 0)
+        mask = f * B * T * T
     return Activations(
-        block=block,
-        block_input=block_input,
-        recomputed_block=recomputed,
-        final_norm=norm,
+        norm=norm,
+        qkv_inputs=qkv_inputs,
+        attention=attention,
+        mlp_inputs=mlp_inputs,
+        mlp_unit=s * N * ff,
+        block_input=r * N * d,
+        x32_is_input=R == torch.float32,
         lm_head_input=s * N * d,
         lm_head_weight_copy=s * V * d if float_dtype != compute else 0,
         log_softmax=F32 * N * V,
         logits=s * N * V,
-        constant=2 * T * hd * f + 2 * N * torch.int64.itemsize,
+        constant=2 * T * hd * f + 2 * N * torch.int64.itemsize + F32,
         attn_scores=scores,
+        causal_mask=mask,
+        weight_copies=0 if quantized or float_dtype == compute else s * d * (2 * d + 2 * kv * hd + 3 * ff),
     )
 
 
 # ---- transients of the update code paths --------------------------------------------------------------
 def dequantize_peak(shape: tuple[int, int], compute: torch.dtype, triton: bool) -> int:
-    """Int8Linear.dequantize -> dispatch.dequantize, in forward and again in backward.
+    """Int8Linear.dequantize -> dispatch.dequantize (forward, and again in backward).
 
-    Triton writes Ŵ in the compute dtype directly (s·mn). The reference `dequantize_groupwise` holds two
-    fp32 (m, n) tensors at once (`codes.float() * scale`, then `+ offset`), then casts: max(8mn, (4+s)mn).
+    Triton writes Ŵ in the compute dtype directly (s·mn). The reference `dequantize_groupwise` fills one
+    fp32 (m, n) buffer in place; the final cast to a narrower compute dtype holds it and the s·mn result.
     """
     mn = shape[0] * shape[1]
     if triton:
         return compute.itemsize * mn
-    return max(2 * F32 * mn, (F32 + compute.itemsize) * mn if compute != torch.float32 else 0)
+    return F32 * mn + (0 if compute == torch.float32 else compute.itemsize * mn)
 
 
 def direction_peak(method, shape: tuple[int, int], grad_dtype: torch.dtype) -> tuple[int, int, bool]:
-    """(peak bytes while `method.direction` runs, bytes of the direction it returns, exact?).
+    """(peak bytes while `method.direction` runs, bytes of the dense direction it returns, exact?).
 
-    APOLLO / APOLLO-Mini (`Apollo.direction`, exact): P (a×r) is regenerated (`randn / √r`: 2 a·r fp32
-    at once), `project_with_column_norms` holds R (r×b) and reads Ĝ in row chunks of at most
-    APOLLO_CHUNK elements (a bf16 chunk is upcast: copy + square; fp32: square only), then
-    `m / (v.sqrt() + eps)` holds two (r×b) temporaries (three with bias_correction = "inside").
-    The other methods are approximated (notes say so): a dense fp32 direction (m×n) and, for the SVD
-    methods, the thin SVD's U and Vᵀ plus one fp32 copy of G for the LAPACK/cuSOLVER workspace.
+    APOLLO / APOLLO-Mini (`Apollo.direction`, exact): P (a×r) is regenerated (`randn / √r`: 2·a·r fp32
+    at once); `project_with_column_norms` holds R (r×b) and reads Ĝ in row chunks of at most APOLLO_CHUNK
+    elements (a bf16 chunk is upcast, then squared; an fp32 one only squared); `m / (v.sqrt() + eps)`
+    holds two (r×b) temporaries, three with bias_correction = "inside".
+    The other methods are approximated (a note says so): a dense fp32 direction (m×n) plus, for the SVD
+    methods, U and Vᵀ of the thin SVD and one fp32 copy of G for the LAPACK/cuSOLVER workspace.
     """
     m, n = shape
     a, b = min(m, n), max(m, n)
-    if isinstance(method, Apollo) and not isinstance(method, ApolloSVDMethod):
+    if isinstance(method, Apollo):
         r = method.rank
         rows = min(a, max(1, APOLLO_CHUNK // b))
-        chunk = rows * b * (2 if grad_dtype != torch.float32 else 1) * F32
+        chunk = (2 if grad_dtype != torch.float32 else 1) * F32 * rows * b
         moments = (3 if method.bias_correction == "inside" else 2) * F32 * r * b
         held = F32 * a * r + F32 * r * b
         return max(2 * F32 * a * r, held + chunk, held + moments), 0, True
     full = F32 * m * n
     svd = F32 * (m * a + a * n) + full
     if isinstance(method, ApolloSVDMethod):
-        return svd + F32 * 3 * method.rank * b, 0, False
-    dense = full
+        return svd + 3 * F32 * method.rank * b, 0, False
     if isinstance(method, AliceMethod):
-        return dense + 2 * full, dense, False
-    return dense + (svd if hasattr(method, "update_proj_gap") else full), dense, False
+        return 3 * full, full, False
+    return full + (svd if hasattr(method, "update_proj_gap") else full), full, False
 
 
 def _grad_copy(method, grad_dtype: torch.dtype, numel: int) -> int:
-    """release._grad_for: an fp32 copy of a low-precision gradient unless the method upcasts chunk-wise."""
+    """release._grad_for: an fp32 copy of a low-precision gradient, unless the method upcasts chunk-wise."""
     if getattr(method, "accepts_low_precision_grad", False) or grad_dtype == torch.float32:
         return 0
     return F32 * numel
 
 
-def int8_update_peak(shape, group_size: int, method, grad_dtype: torch.dtype, triton: bool, rounding: str) -> int:
-    """Updater.update_int8 beyond the gradient itself.
+def int8_update_peak(shape: tuple[int, int], group_size: int, method, grad_dtype: torch.dtype, triton: bool,
+                     rounding: str) -> int:
+    """Updater.update_int8, beyond the gradient itself.
 
-    1. direction(_grad_for(grad)): the fp32 gradient copy (if any) plus the direction's own transients.
-    2. dispatch.int8_scaled_update_: Triton updates codes in place; the reference (`requantize_sr_`) holds
-       three fp32 buffers of one chunk (weights/grid positions, uniforms, floor), one for nearest rounding;
-       a dense direction stays alive meanwhile.
+    1. `direction(_grad_for(grad))`: the fp32 gradient copy (if any) plus the direction's own transients.
+    2. `dispatch.int8_scaled_update_`: Triton updates the codes in place; the reference (`requantize_sr_`)
+       holds three fp32 buffers of one chunk of rows (weights/grid positions, uniforms, floor), one for
+       nearest rounding; a dense direction stays alive meanwhile.
     """
     m, n = shape
     dir_peak, dense, _ = direction_peak(method, shape, grad_dtype)
-    step1 = _grad_copy(method, grad_dtype, m * n) + dir_peak
+    direction = _grad_copy(method, grad_dtype, m * n) + dir_peak
     chunk = min(m, rows_per_chunk((m, n), group_size, INT8_CHUNK)) * n
-    buffers = 0 if triton and rounding == "stochastic" else (3 if rounding == "stochastic" else 1)
-    return max(step1, dense + buffers * F32 * chunk)
-
-
-def apply_update_peak(shape, param_dtype: torch.dtype, grad_dtype: torch.dtype, dense: bool) -> int:
-    """optim.base.apply_update_, per chunk of at most APPLY_CHUNK elements (whole tensor if 1-D).
-
-    d = update.rows(): grad.float() (a copy for bf16) * scale -> 4 B (dense fp32: a view); w = rows.float()
-    (a copy for bf16 weights); `d * lr` (4 B). bf16 weights are written back with stochastic_round_to_bf16:
-    int32 noise, bits + noise, & mask (4 B each) while w and d are alive.
-    """
-    if len(shape) > 1:
-        cols = math.prod(shape[1:])
-        ce = max(1, APPLY_CHUNK // cols) * cols
-        ce = min(ce, math.prod(shape))
+    if rounding == "stochastic":
+        buffers = 0 if triton else 3
     else:
-        ce = math.prod(shape)
+        buffers = 1
+    return max(direction, dense + buffers * F32 * chunk)
+
+
+def apply_update_peak(shape: tuple[int, ...], param_dtype: torch.dtype, grad_dtype: torch.dtype,
+                      dense: bool) -> int:
+    """optim.base.apply_update_, chunk by chunk of at most APPLY_CHUNK elements (a 1-D tensor at once).
+
+    `update.rows()`: grad.float() (a copy when bf16) * scale -> 4 B per element (a dense fp32 direction
+    is sliced as a view); `w = rows.float()` (a copy for bf16 weights); `d * lr` (4 B); a bf16 weight is
+    written back by stochastic_round_to_bf16: int32 noise, bits + noise and `& mask` (4 B each) while w
+    and d are still alive.
+    """
+    numel = math.prod(shape)
+    if len(shape) > 1:
+        cols = numel // shape[0]
+        ce = min(numel, max(1, APPLY_CHUNK // cols) * cols)
+    else:
+        ce = numel
     low = param_dtype != torch.float32
     d = 0 if dense else F32 * ce
-    d_build = 0 if dense else (2 if grad_dtype != torch.float32 else 1) * F32 * ce
+    build_d = 0 if dense else (2 if grad_dtype != torch.float32 else 1) * F32 * ce
     w = F32 * ce if low else 0
-    step = w + d + F32 * ce
-    sr = w + d + 3 * F32 * ce if low else 0
-    return max(d_build, step, sr)
+    return max(build_d, w + d + F32 * ce, w + d + 3 * F32 * ce if low else 0)
 
 
-def float_update_peak(name: str, updater, cfg: TrainConfig, device_type: str) -> int:
-    """Updater.update_float beyond the gradient itself (float_grad_clip's norms are not modelled)."""
+def float_update_peak(name: str, updater, device_type: str) -> int:
+    """Updater.update_float, beyond the gradient itself (float_grad_clip's norms are not modelled)."""
     p = updater.floats[name]
     shape, numel, dtype = tuple(p.shape), p.numel(), p.dtype
     if name in updater.method_floats:
         method = updater.method_floats[name]
-        dir_peak, dense, _ = direction_peak(method, shape, dtype) if len(shape) == 2 else (0, F32 * numel, True)
-        if len(shape) != 2 or not isinstance(method, Apollo):  # Adam (qtrain's, for bf16 tensors) and others
-            if not isinstance(method, Apollo):
-                # optim.adam.adam_direction: v.sqrt(), + eps, m / (...) -> two fp32 temporaries, one returned
-                dir_peak, dense = max(dir_peak, 2 * F32 * numel), F32 * numel
-        step1 = _grad_copy(method, dtype, numel) + dir_peak
-        return max(step1, dense + apply_update_peak(shape, dtype, dtype, dense > 0))
+        if isinstance(method, Adam):
+            # optim.adam.adam_direction (qtrain's Adam for bf16 float tensors): `m / (v.sqrt() + eps)` holds
+            # two fp32 temporaries; the result is the dense direction.
+            dir_peak, dense = 2 * F32 * numel, F32 * numel
+        else:
+            dir_peak, dense, _ = direction_peak(method, shape, dtype)
+        direction = _grad_copy(method, dtype, numel) + dir_peak
+        return max(direction, dense + apply_update_peak(shape, dtype, dtype, dense > 0))
     opt = updater.float_opts[name]
-    if type(opt).__name__ == "AdamW":
-        # torch _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): 2 temporaries
+    if isinstance(opt, torch.optim.AdamW):
+        # torch _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         return 2 * numel * dtype.itemsize
-    # bitsandbytes Adam8bit: the CUDA kernel updates p and the 8-bit states in place. Its CPU fallback
-    # (_optimizer_update_8bit_blockwise_cpu) dequantizes both states to fp32, copies g (and p if not fp32)
-    # to fp32 and builds denom from two temporaries: 5 (6 for bf16) fp32 tensors of p's size.
+    # bitsandbytes Adam8bit: the CUDA kernels update p and the states in place. The CPU fallbacks
+    # (backends/cpu/ops.py) copy g (and a non-fp32 p) to fp32 and build the denominator from two
+    # temporaries; the 8-bit one also dequantizes both states to fp32 (tensors >= min_8bit_size).
     if device_type == "cuda":
         return 0
-    return (5 + (dtype != torch.float32)) * F32 * numel
+    states = 2 if numel >= opt.args.min_8bit_size else 0
+    return (3 + states + (dtype != torch.float32)) * F32 * numel
 
 
-# ---- phases of one step -------------------------------------------------------------------------------
+# ---- the phases of one step ----------------------------------------------------------------------------
 def _triton_int8(cfg: TrainConfig, device_type: str) -> bool:
-    """dispatch._use_triton for this recipe on `device_type` (Triton assumed installed on CUDA machines).
+    """dispatch._use_triton for this recipe (Triton assumed installed on a CUDA machine: torch ships it).
 
-    The layout rules are those of triton_kernels.check_supported: fp32 metadata, power-of-two group >= 4.
+    The layout rules are triton_kernels.check_supported's: fp32 metadata, power-of-two group >= 4.
     """
-    kernels = getattr(cfg.quant, "kernels", "torch")
     g = cfg.quant.group_size
     layout_ok = cfg.quant.meta_dtype == "float32" and g >= 4 and not g & (g - 1)
-    return device_type == "cuda" and kernels != "torch" and layout_ok
+    return device_type == "cuda" and cfg.quant.kernels != "torch" and layout_ok
 
 
-def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -> list[Phase]:
+class _Timeline:
+    """Collects the phases and, for every non-persistent component, its kind and code path."""
+
+    def __init__(self):
+        self.phases: list[Phase] = []
+        self.kinds: dict[str, tuple[str, str]] = {}
+
+    def part(self, name: str, kind: str, code_path: str) -> str:
+        self.kinds[name] = (kind, code_path)
+        return name
+
+    def add(self, name: str, parts: dict[str, int]) -> None:
+        self.phases.append(Phase(name, {k: v for k, v in parts.items() if v}))
+
+
+def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -> _Timeline:
     m, t = cfg.model, cfg.train
     F = META_DTYPES[m.float_dtype]
     R = torch.promote_types(F, compute)
     s = compute.itemsize
-    B, T, d = t.batch_size, t.seq_len, m.hidden_size
+    B, T, d, V, L = t.batch_size, t.seq_len, m.hidden_size, m.vocab_size, m.num_layers
     N = B * T
-    act = activation_bytes(B=B, T=T, d=d, ff=m.intermediate_size, h=m.num_heads, kv=m.kv_heads,
-                           V=m.vocab_size, attn=m.attn_implementation, compute=compute, float_dtype=F)
+    act = activation_bytes(B=B, T=T, d=d, ff=m.intermediate_size, h=m.num_heads, kv=m.kv_heads, V=V,
+                           attn=m.attn_implementation, compute=compute, float_dtype=F,
+                           quantized=cfg.quant.enabled)
     triton = _triton_int8(cfg, device_type)
-    L = m.num_layers
-    ckpt = t.activation_checkpointing
-    blocks = L * act.block_input if ckpt else L * act.block
-    blocks_name = (f"checkpointed block inputs ({L} x B x T x d)" if ckpt
-                   else f"saved activations ({L} blocks, {m.attn_implementation}, {B} x {T})")
-    recompute_name = "one block recomputed (checkpointing)"
-    recompute = act.recomputed_block if ckpt else 0
+    release, ckpt = t.release, t.activation_checkpointing
+    tl = _Timeline()
+    ACT, TR = "activation", "transient"
 
-    def with_blocks(parts: dict[str, int], recomputing: bool = False) -> dict[str, int]:
-        out = {blocks_name: blocks, "RoPE tables and token ids": act.constant}
-        if recomputing and ckpt:
-            out[recompute_name] = recompute
-        out.update(parts)
-        return out
+    if ckpt:
+        blocks = tl.part(f"checkpointed block inputs ({L} blocks, {B} x {T})", ACT,
+                         "activation_bytes: non-reentrant checkpoint keeps each block's input")
+        blocks_bytes = L * act.block_input
+    else:
+        blocks = tl.part(f"saved activations ({L} blocks, {m.attn_implementation}, {B} x {T})", ACT,
+                         "activation_bytes: LlamaDecoderLayer + Int8Linear saved tensors")
+        blocks_bytes = L * act.block
+    const = tl.part("RoPE tables and token ids", ACT, "LlamaRotaryEmbedding cos/sin, batch x and y")
+    mask = tl.part("causal mask (eager)", ACT, "transformers create_causal_mask for eager attention")
+    base = {blocks: blocks_bytes, const: act.constant, **({mask: act.causal_mask} if ckpt else {})}
+    final_norm = tl.part("final norm saved", ACT, "activation_bytes: final LlamaRMSNorm")
+    lm_in = tl.part("lm_head saved input" + (" + autocast weight copy" if act.lm_head_weight_copy else ""),
+                    ACT, "activation_bytes: lm_head (nn.Linear) under autocast")
+    lsm = tl.part("log-softmax output (fp32)", ACT, "train.lm_loss -> F.cross_entropy saves log_softmax")
+    head = {final_norm: act.final_norm, lm_in: act.lm_head_input + act.lm_head_weight_copy}
 
-    # Per int8 layer of one block: forward dequantize, backward dequantize + dX, then dW + its update.
-    block_layers = [(n, l) for n, l in updater.int8.items() if ".layers.0." in n] or list(updater.int8.items())
-    release = t.release
-    fwd_deq = max((dequantize_peak(tuple(l.codes.shape), compute, triton) for _, l in block_layers), default=0)
-    bwd, bwd_name = 0, ""
-    for name, layer in block_layers:
-        out_f, in_f = layer.codes.shape
-        mn = out_f * in_f
-        dx = s * N * in_f
-        during = max(dequantize_peak((out_f, in_f), compute, triton), s * mn + dx)
-        after = dx + s * mn + (int8_update_peak((out_f, in_f), layer.group_size, updater.matrix_method, compute, triton,
-                                                cfg.quant.rounding) if release else 0)
-        if max(during, after) > bwd:
-            bwd, bwd_name = max(during, after), name.split(".")[-1]
-    grads_in_flight = r_bytes = R.itemsize * N * d + (s * N * d if R != compute else 0)
+    # The projections of one block (all blocks are alike), in backward order (reverse forward order):
+    # int8 layers dequantize in forward and again in backward, then dW and, with release, its update inside
+    # the hook; float projections (quant.enabled = false) get dW in c, autocast's cast to F, update_float.
+    block_layers = [l for n, l in updater.int8.items() if ".layers.0." in n][::-1]
+    block_floats = [n for n in updater.floats
+                    if ".layers.0." in n and is_quantized_projection(n.removesuffix(".weight"))][::-1]
+    fwd = max((dequantize_peak(tuple(l.codes.shape), compute, triton) for l in block_layers), default=0)
 
-    head_saved = {
-        "final norm saved": act.final_norm,
-        "lm_head saved input" + (" + compute-dtype weight copy" if act.lm_head_weight_copy else ""):
-            act.lm_head_input + act.lm_head_weight_copy,
-    }
-    lsm = "log-softmax output (fp32)"
-    phases = []
-    # Forward, inside the last block: the block's saved tensors plus the dequantized weight.
-    phases.append(Phase("forward (last block)", with_blocks({
-        "dequantized weight (forward)": fwd_deq + act.attn_scores,
-        **({recompute_name: act.block} if ckpt else {}),
-    })))
-    # lm_loss: logits (c) -> .float() (fp32 copy unless c is fp32) -> log_softmax (fp32, saved).
-    logits_fwd = act.logits + (F32 * N * m.vocab_size if compute != torch.float32 else 0)
-    phases.append(Phase("loss forward (logits, fp32 upcast in lm_loss)", with_blocks({
-        **head_saved, lsm: act.log_softmax, "logits and loss (fp32 upcast in lm_loss)": logits_fwd})))
-    # loss.backward: nll_loss_backward's dense fp32 grad and _log_softmax_backward_data's output (2 x 4NV).
-    phases.append(Phase("loss backward (log-softmax grad)", with_blocks({
-        **head_saved, lsm: act.log_softmax, "logits and loss (fp32 upcast in lm_loss)": 2 * F32 * N * m.vocab_size})))
-    # lm_head backward: dlogits (c), dX (sNd), dW (c), autocast's cast of dW to F, then the release hook.
+    def weight_backward(name: str) -> tuple[int, int]:
+        """(peak bytes beyond the activations while this projection back-propagates, gradient it leaves)."""
+        if name in updater.int8:
+            layer = updater.int8[name]
+            shape = tuple(layer.codes.shape)
+            mn, dx = shape[0] * shape[1], s * N * shape[1]
+            during = max(dequantize_peak(shape, compute, triton), s * mn + dx)
+            upd = int8_update_peak(shape, layer.group_size, updater.matrix_method, compute, triton,
+                                   cfg.quant.rounding) if release else 0
+            return max(during, dx + s * mn + upd), s * mn
+        p = updater.floats[name]
+        grad, dx = p.numel() * p.element_size(), s * N * p.shape[1]
+        cast = s * p.numel() + grad if p.dtype != compute else grad
+        return dx + max(cast, grad + (float_update_peak(name, updater, device_type) if release else 0)), grad
+
+    weights = [l.name for l in block_layers] + block_floats
+
+    # Forward, last block: at down_proj's dequantize (the MLP weights are the largest) everything saved so
+    # far is alive; eager attention peaks earlier, at softmax, with the masked scores beside the block's
+    # first half. A checkpointed block saves nothing in forward: its input, the norm and the MLP product.
+    deq = tl.part("dequantized weight / attention scores (forward)", TR, "dequantize_peak; eager softmax")
+    if ckpt:
+        tl.add("forward (last block)", {**base, tl.part("checkpointed block's forward (norm out, MLP product)", TR,
+                                                        "LlamaDecoderLayer.forward under checkpoint"):
+                                        act.norm + act.mlp_unit, deq: max(fwd, 2 * act.attn_scores)})
+    else:
+        at_softmax = act.alive_at("o_proj") - act.block + act.attn_scores  # relative to all blocks saved
+        tl.add("forward (last block)", {blocks: blocks_bytes, const: act.constant, mask: act.causal_mask,
+                                        deq: max(fwd, at_softmax)})
+    logits = tl.part("logits and loss (fp32 upcast in lm_loss)", TR,
+                     "train.lm_loss: logits, logits.float(), log_softmax and its backward")
+    # lm_loss forward: logits (c) and their fp32 copy (unless c is fp32) while log_softmax runs.
+    tl.add("loss forward", {**base, **head, lsm: act.log_softmax,
+                            logits: act.logits + (F32 * N * V if compute != torch.float32 else 0)})
+    # loss.backward: nll_loss_backward's dense fp32 gradient and _log_softmax_backward_data's output.
+    tl.add("loss backward", {**base, **head, lsm: act.log_softmax, logits: 2 * F32 * N * V})
+
     lm = next((n for n in updater.floats if n.startswith("lm_head")), None)
-    emb = next((n for n in updater.floats if n.endswith("embed_tokens.weight")), None)
-    V = m.vocab_size
     if lm is not None:
-        f_grad = updater.floats[lm].numel() * F.itemsize
-        c_grad = updater.floats[lm].numel() * s
-        mm = act.logits + s * N * d + c_grad
-        cast = s * N * d + c_grad + f_grad if F != compute else 0
-        upd = float_update_peak(lm, updater, cfg, device_type) if release else 0
-        hook = s * N * d + f_grad + upd
-        phases.append(Phase("lm_head backward + update", with_blocks({
-            "final norm saved": act.final_norm,
-            "lm_head gradient + update": max(mm + (act.lm_head_input + act.lm_head_weight_copy), cast, hook)})))
-    phases.append(Phase(f"block backward (last block, {bwd_name})", with_blocks({
-        "activation gradients in flight": grads_in_flight,
-        f"int8 layer backward ({bwd_name}: dequantized weight, dX, dW{' + update' if release else ''})": bwd,
-    }, recomputing=True)))
+        numel = updater.floats[lm].numel()
+        dW_c, grad = s * numel, F.itemsize * numel
+        # lm_head backward: dlogits (c) -> dX (sNd) and dW (c); autocast's cast of dW to F (both alive);
+        # AccumulateGrad, then the release hook updates lm_head while dX waits for the final norm.
+        mm = act.logits + s * N * d + dW_c + act.lm_head_input + act.lm_head_weight_copy
+        cast = s * N * d + dW_c + grad if F != compute else 0
+        hook = s * N * d + grad + (float_update_peak(lm, updater, device_type) if release else 0)
+        tl.add("lm_head backward" + (" + update" if release else ""), {
+            **base, final_norm: act.final_norm,
+            tl.part("lm_head gradient" + (" + update" if release else ""), TR,
+                    "lm_head backward; Updater.update_float (float_update_peak)"): max(mm, cast, hook)})
+
+    # Block backward, from the last block down. With release every gradient is freed in its hook, so the
+    # last block (all activations still alive) is the worst; without release the gradients pile up while
+    # the activations are freed, so every block is a candidate.
+    grads_in_flight = R.itemsize * N * d + (s * N * d if R != compute else 0)
+    head_grads = sum(p.numel() * p.element_size() for n, p in updater.floats.items()
+                     if ".layers." not in n and not n.endswith("embed_tokens.weight"))
+    block_grads = sum(p.numel() * p.element_size() for n, p in updater.floats.items() if ".layers.0." in n
+                      and n not in block_floats) + sum(weight_backward(n)[1] for n in weights)
+    best = (0, "none", L - 1, 0, 0, 0)  # (phase bytes, projection, block, activations, held gradients, peak)
+    for block in reversed(range(L)):
+        before = block * (act.block_input if ckpt else act.block)  # blocks not reached yet
+        held = 0 if release else head_grads + (L - 1 - block) * block_grads
+        for name in weights:
+            projection = name.removesuffix(".weight").rsplit(".", 1)[-1]
+            acts = before + (act.block_input if ckpt else 0) + act.alive_at(projection, recomputed=ckpt)
+            peak, grad = weight_backward(name)
+            if acts + held + peak > best[0]:
+                best = (acts + held + peak, projection, block, acts, held, peak)
+            held += 0 if release else grad
+            if projection == "down_proj":  # then silu(gate) * up's backward: dX and two (B, T, ff) gradients
+                acts = before + (act.block_input if ckpt else 0) + act.alive_at("down_proj", recomputed=ckpt)
+                acts -= act.mlp_unit  # the product, down_proj's saved input, is freed
+                peak = 3 * act.mlp_unit
+                if acts + held + peak > best[0]:
+                    best = (acts + held + peak, "silu(gate) * up", block, acts, held, peak)
+        if release:
+            break
+    _, bwd_name, bwd_block, acts, held, bwd = best
+    tl.add(f"block backward (block {bwd_block}, {bwd_name})", {
+        tl.part(f"activations alive in backward (blocks 0-{bwd_block}{', checkpointed' if ckpt else ''})", ACT,
+                "activation_bytes + Activations.alive_at: saved tensors not yet consumed"): acts,
+        const: act.constant,
+        **({mask: act.causal_mask} if ckpt else {}),
+        tl.part("gradients held (release = false)", TR, "Int8Linear.weight_grad and .grad, kept to the step"): held,
+        tl.part("activation gradients in flight", TR, "residual-stream gradient (+ its compute-dtype copy)"):
+            grads_in_flight,
+        tl.part(f"projection backward ({bwd_name}: dequantized weight, dX, dW{' + update' if release else ''})",
+                TR, "_Int8LinearFn.backward; Updater.update_int8 (int8_update_peak)"): bwd,
+    })
+    emb = next((n for n in updater.floats if n.endswith("embed_tokens.weight")), None)
     if release and emb is not None:
         p = updater.floats[emb]
-        phases.append(Phase("embedding backward + update", {
-            "RoPE tables and token ids": act.constant,
-            "embedding gradient + update": p.numel() * p.element_size() + float_update_peak(emb, updater, cfg, device_type)}))
+        tl.add("embedding backward + update", {
+            const: act.constant,
+            tl.part("embedding gradient + update", TR, "embedding backward; Updater.update_float (float_update_peak)"):
+                p.numel() * p.element_size() + float_update_peak(emb, updater, device_type)})
     if not release:
-        phases.append(_finish_step_phase(cfg, updater, device_type, compute, triton, act.constant))
-    del r_bytes, V
-    return phases
+        # Updater.finish_step: every gradient is alive after backward and is freed after its own update.
+        grads = {n: l.codes.numel() * s for n, l in updater.int8.items()}
+        grads.update({n: p.numel() * p.element_size() for n, p in updater.floats.items()})
+        updates = [(n, int8_update_peak(tuple(l.codes.shape), l.group_size, updater.matrix_method, compute,
+                                        triton, cfg.quant.rounding)) for n, l in updater.int8.items()]
+        updates += [(n, float_update_peak(n, updater, device_type)) for n in updater.floats]
+        total = live = peak = sum(grads.values())
+        at = ""
+        for name, upd in updates:  # finish_step's order: int8 layers, then float tensors
+            if live + upd > peak:
+                peak, at = live + upd, name
+            live -= grads[name]
+        tl.add("updates after backward (release = false)", {
+            const: act.constant,
+            tl.part("all gradients (release = false)", TR, "Int8Linear.weight_grad and .grad of every float tensor"):
+                total,
+            tl.part(f"update transient ({at})", TR, "Updater.finish_step -> update_int8 / update_float"): peak - total,
+        })
+    return tl
 
 
-def _finish_step_phase(cfg, updater, device_type, compute, triton, constant) -> Phase:
-    """release = false: every gradient is alive after backward; Updater.finish_step frees them one by one."""
-    grads = {n: l.codes.numel() * compute.itemsize for n, l in updater.int8.items()}
-    grads.update({n: p.numel() * p.element_size() for n, p in updater.floats.items()})
-    live, peak, at = sum(grads.values()), 0, ""
-    for name, layer in updater.int8.items():
-        extra = int8_update_peak(tuple(layer.codes.shape), layer.group_size, updater.matrix_method, compute, triton, cfg.quant.rounding)
-        if live + extra > peak:
-            peak, at = live + extra, name
-        live -= grads[name]
-    for name in updater.floats:
-        extra = float_update_peak(name, updater, cfg, device_type)
-        if live + extra > peak:
-            peak, at = live + extra, name
-        live -= grads[name]
-    total = sum(grads.values())
-    return Phase("updates after backward (release = false)", {
-        "RoPE tables and token ids": constant,
-        "all gradients (release = false)": total,
-        f"update transient ({at})": peak - total,
-    })
-
-
-# ---- the estimate ---------------------------------------------------------------------------------------
-NOT_MODELLED = {
-    ("train", "compile"): lambda v: v, 
-}
-
-
+# ---- the estimate ----------------------------------------------------------------------------------------
 def _notes(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -> list[str]:
+    m, t = cfg.model, cfg.train
     notes = []
-    if cfg.train.compile:
+    if t.compile:
         notes.append("train.compile = true is not modelled: torch.compile fuses ops and changes which tensors "
                      "are saved; the estimate is for eager mode")
     if cfg.optim.float_grad_clip > 0:
         notes.append("optim.float_grad_clip > 0: the per-tensor clip's norm temporaries are not modelled (small)")
-    if cfg.model.tie_embeddings:
-        notes.append("model.tie_embeddings = true: the shared weight is counted once; its two gradient "
-                     "contributions are modelled as one")
+    if m.tie_embeddings:
+        notes.append("model.tie_embeddings = true: the shared weight is one tensor, modelled at the embedding's "
+                     "update; its lm_head-side gradient and autocast copy are not modelled separately")
     if not cfg.quant.enabled:
-        notes.append("quant.enabled = false: float projections are not modelled beyond their parameters, "
-                     "optimizer states and gradients (autocast weight copies are missing)")
-    if cfg.train.grad_accum_steps > 1:
-        notes.append(f"train.grad_accum_steps = {cfg.train.grad_accum_steps}: one micro-batch's activations; "
+        notes.append("quant.enabled = false: the float projections' saved autocast weight copies are counted "
+                     "whole until their block's backward ends (an upper bound)")
+    if t.grad_accum_steps > 1:
+        notes.append(f"train.grad_accum_steps = {t.grad_accum_steps}: activations are one micro-batch's; "
                      "gradients accumulate in place")
-    _, _, exact = direction_peak(updater.matrix_method, (8, 16), compute)
-    if not exact:
+    if not direction_peak(updater.matrix_method, (8, 16), compute)[2]:
         notes.append(f"optim.method = {cfg.optim.method!r}: its direction transients (dense update, SVD at a "
                      "projection refresh) are approximated; APOLLO / APOLLO-Mini are exact")
+    a = activation_bytes(B=t.batch_size, T=t.seq_len, d=m.hidden_size, ff=m.intermediate_size, h=m.num_heads,
+                         kv=m.kv_heads, V=m.vocab_size, attn=m.attn_implementation, compute=compute,
+                         float_dtype=META_DTYPES[m.float_dtype])
+    notes.append(f"block activations for {t.batch_size} x {t.seq_len}: {m.num_layers * a.block / GiB:.3f} GiB without "
+                 f"checkpointing, {(m.num_layers * a.block_input + a.recomputed_block) / GiB:.3f} GiB with "
+                 f"(block inputs + one recomputed block)")
     if device_type == "cuda":
-        kernels = "Triton (fused, no fp32 transients; assumes triton is installed)" if _triton_int8(cfg, device_type) \
-            else "torch reference (chunked)"
+        kernels = ("Triton (fused, no fp32 transients; assumes triton is installed)" if _triton_int8(cfg, device_type)
+                   else "torch reference (chunked fp32 transients)")
         notes.append(f"int8 dequantize/update kernels: {kernels}")
-        notes.append(f"CUDA context ({CUDA_CONTEXT_BYTES / MiB:.0f} MiB) and allocator slack "
-                     f"({ALLOCATOR_SLACK:.0%} of the step's transients) are assumptions, not measured here")
+        notes.append(f"CUDA context ({CUDA_CONTEXT_BYTES / MiB:.0f} MiB) and allocator fragmentation "
+                     f"({ALLOCATOR_SLACK:.0%} of the step's transients) are assumptions, not measured yet")
     notes.append("evaluation and text sampling run under no_grad and stay below a training step (not modelled)")
     return notes
 
 
 def _load(recipe_or_cfg) -> tuple[TrainConfig, str]:
     if isinstance(recipe_or_cfg, TrainConfig):
-        return recipe_or_cfg, "<config>"
+        return recipe_or_cfg, "<TrainConfig>"
     path = Path(recipe_or_cfg)
     if not path.is_file():
-        from qtrain.cli import find_recipe
+        from qtrain.cli import find_recipe  # shipped names: "7b", "60m", ...
 
         path = find_recipe(str(recipe_or_cfg))
     return TrainConfig.from_toml(path), str(path)
 
 
 def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda") -> Breakdown:
-    """Predicted peak memory of one training step; `recipe_or_cfg` is a TrainConfig or a recipe path/name.
+    """Predicted peak memory of one training step; `recipe_or_cfg` is a TrainConfig, a recipe path or name.
 
-    device_type "cuda" (bf16 autocast for dtype = "auto", Triton int8 kernels, bitsandbytes' CUDA kernel)
-    or "cpu" (fp32 for "auto", torch references; what tests/test_estimate.py measures).
+    device_type "cuda": bf16 compute for dtype = "auto", Triton int8 kernels, bitsandbytes' CUDA kernels,
+    allocator rounding and CUDA context. "cpu": fp32 for "auto", the torch references, no allocator
+    overhead (what tests/test_estimate.py measures with the profiler).
     """
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type = {device_type!r}; use 'cuda' or 'cpu'")
     cfg, source = _load(recipe_or_cfg)
     autocast = autocast_dtype(cfg, torch.device(device_type))
     compute = autocast if autocast != torch.float32 else META_DTYPES[cfg.model.float_dtype]
-    model, updater, comps = _persistent(cfg, device_type)
-    phases = _phases(cfg, updater, device_type, compute)
-    persistent = sum(c.bytes for c in comps)
-    peak_phase = max(phases, key=lambda p: p.bytes)
-    peak_allocated = persistent + peak_phase.bytes
-
-    # Non-persistent components: each at its largest over the phases.
-    seen: dict[str, int] = {}
-    for p in phases:
-        for name, nbytes in p.parts.items():
-            seen[name] = max(seen.get(name, 0), nbytes)
-    for name, nbytes in seen.items():
-        kind = "activation" if any(k in name for k in ("saved", "activations", "block", "RoPE")) \
-            and "backward" not in name else "transient"
-        comps.append(Component(name, nbytes, kind, _CODE_PATHS.get(name.split(" (")[0], "see estimate._phases")))
-
+    updater, comps, persistent_tensors = _persistent(cfg, device_type)
+    tl = _phases(cfg, updater, device_type, compute)
+    for name, (kind, code_path) in tl.kinds.items():
+        biggest = max((p.parts.get(name, 0) for p in tl.phases), default=0)
+        if biggest:
+            comps.append(Component(name, biggest, kind, code_path))
+    peak_phase = max(tl.phases, key=lambda p: p.bytes)
     if device_type == "cuda":
-        slack = int(ALLOCATOR_SLACK * peak_phase.bytes) + _rounding_waste(comps)
-        context = CUDA_CONTEXT_BYTES
+        rounding = sum(_cuda_block_bytes(t.numel() * t.element_size()) - t.numel() * t.element_size()
+                       for t in persistent_tensors)
+        slack, context = int(ALLOCATOR_SLACK * peak_phase.bytes), CUDA_CONTEXT_BYTES
     else:
-        slack = context = 0
-    comps.append(Component("allocator slack (reserved - allocated)", slack, "overhead",
-                           "CUDA caching allocator: 2 MiB rounding of large blocks + fragmentation"))
-    comps.append(Component("CUDA context (outside max_memory_allocated)", context, "overhead",
-                           "cuda init, cuBLAS/cuDNN handles"))
-    peak_part = max(peak_phase.parts.items(), key=lambda kv: kv[1])[0]
-    largest = max((c for c in comps if c.kind != "overhead"), key=lambda c: c.bytes).name
+        rounding = slack = context = 0
+    comps += [
+        Component("allocator rounding of persistent blocks (in allocated)", rounding, "overhead",
+                  "CUDACachingAllocator: 512 B blocks, unsplit < 1 MiB tails of large segments"),
+        Component("allocator fragmentation (reserved - allocated)", slack, "overhead",
+                  "CUDACachingAllocator: cached blocks not reusable for later sizes (assumed share)"),
+        Component("CUDA context (outside max_memory_allocated)", context, "overhead", "cuda init, cuBLAS/cuDNN"),
+    ]
+    persistent = sum(c.bytes for c in comps if c.kind == "persistent")
+    peak_allocated = persistent + rounding + peak_phase.bytes
     return Breakdown(
         recipe=source, device_type=device_type, compute_dtype=str(compute).removeprefix("torch."),
-        components=comps, phases=phases, persistent_bytes=persistent, peak_allocated=peak_allocated,
+        components=comps, phases=tl.phases, persistent_bytes=persistent, peak_allocated=peak_allocated,
         peak_reserved=peak_allocated + slack, total_on_gpu=peak_allocated + slack + context,
-        peak_phase=peak_phase.name, peak_component=peak_part, largest_component=largest,
+        peak_phase=peak_phase.name, peak_component=max(peak_phase.parts.items(), key=lambda kv: kv[1])[0],
+        largest_component=max((c for c in comps if c.kind != "overhead"), key=lambda c: c.bytes).name,
         notes=_notes(cfg, updater, device_type, compute),
     )
 
 
-_CODE_PATHS = {
-    "saved activations": "estimate.activation_bytes (LlamaDecoderLayer + Int8Linear saved tensors)",
-    "checkpointed block inputs": "estimate.activation_bytes (non-reentrant checkpoint keeps block inputs)",
-    "one block recomputed": "estimate.activation_bytes (recompute of one block in backward)",
-    "RoPE tables and token ids": "LlamaRotaryEmbedding cos/sin, batch x/y",
-    "final norm saved": "estimate.activation_bytes (final LlamaRMSNorm)",
-    "lm_head saved input": "estimate.activation_bytes (lm_head under autocast)",
-    "lm_head saved input + compute-dtype weight copy": "estimate.activation_bytes (lm_head under autocast)",
-    "log-softmax output": "train.lm_loss -> F.cross_entropy",
-    "logits and loss": "train.lm_loss: logits.float(), log_softmax and its backward",
-    "dequantized weight": "estimate.dequantize_peak (Int8Linear forward)",
-    "lm_head gradient + update": "lm_head backward, Updater.update_float (estimate.float_update_peak)",
-    "activation gradients in flight": "residual-stream gradient (+ its compute-dtype copy)",
-    "int8 layer backward": "_Int8LinearFn.backward + Updater.update_int8 (estimate.int8_update_peak)",
-    "embedding gradient + update": "embedding backward, Updater.update_float (estimate.float_update_peak)",
-    "all gradients": "Int8Linear.weight_grad + .grad of every float tensor (release = false)",
-    "update transient": "Updater.finish_step -> update_int8 / update_float",
-}
-
-
-def _rounding_waste(comps: list[Component]) -> int:
-    return 0
-
-
 # ---- command line ---------------------------------------------------------------------------------------
 def main(args) -> int:
+    """`qtrain estimate RECIPE [--set k=v] [--gpu-gib N] [--json]`."""
     from qtrain.cli import find_recipe, load_config
 
     cfg = load_config(args.recipe, args.set)
-    source = str(find_recipe(args.recipe))
-    b = estimate(cfg)
-    b.recipe = source
-    fit = None
-    if args.gpu_gib is not None:
-        fit = _fit(cfg, args.gpu_gib, b)
+    b = estimate(cfg, "cpu" if cfg.train.device == "cpu" else "cuda")
+    b.recipe = str(find_recipe(args.recipe)) + "".join(f" --set {s}" for s in args.set)
+    fit = fit_gpu(cfg, args.gpu_gib, b) if args.gpu_gib is not None else None
     if args.json:
         out = b.to_dict()
         if fit is not None:
@@ -634,28 +738,27 @@ def main(args) -> int:
     return 0
 
 
-def _gib(n: int) -> str:
-    return f"{n / GiB:8.3f} GiB"
+def _size(n: int) -> str:
+    return f"{n / GiB:7.3f} GiB" if n >= GiB else f"{n / MiB:7.1f} MiB"
 
 
 def format_breakdown(b: Breakdown) -> str:
-    lines = [f"qtrain estimate: {b.recipe} on {b.device_type} (compute dtype {b.compute_dtype})", ""]
-    width = max(len(c.name) for c in b.components) + 2
+    lines = [f"qtrain estimate: {b.recipe}", f"device {b.device_type}, compute dtype {b.compute_dtype}", ""]
+    width = max(len(c.name) for c in b.components + [Component(p.name, 0, "", "") for p in b.phases]) + 2
+    lines.append(f"  {'component':<{width}}{'bytes':>11}  {'kind':<11} models")
     for kind in ("persistent", "activation", "transient", "overhead"):
-        for c in b.components:
-            if c.kind == kind:
-                lines.append(f"  {c.name:<{width}}{_gib(c.bytes)}  {kind:<10}  {c.code_path}")
-    lines += ["", "phases (non-persistent bytes alive):"]
-    for p in b.phases:
-        mark = "  <- peak" if p.name == b.peak_phase else ""
-        lines.append(f"  {p.name:<{width}}{_gib(p.bytes)}{mark}")
+        lines += [f"  {c.name:<{width}}{_size(c.bytes)}  {kind:<11} {c.code_path}" for c in b.components
+                  if c.kind == kind]
+    lines += ["", "  phases of one step (non-persistent bytes alive):"]
+    lines += [f"  {p.name:<{width}}{_size(p.bytes)}" + ("  <- peak" if p.name == b.peak_phase else "")
+              for p in b.phases]
     lines += [
         "",
-        f"  persistent                    {_gib(b.persistent_bytes)}",
-        f"  peak allocated                {_gib(b.peak_allocated)}   (torch.cuda.max_memory_allocated)",
-        f"  peak reserved                 {_gib(b.peak_reserved)}   (torch.cuda.max_memory_reserved)",
-        f"  total on the GPU              {_gib(b.total_on_gpu)}   (reserved + CUDA context)",
-        f"  peak set by: {b.peak_component} during {b.peak_phase}",
+        f"  {'persistent':<{width}}{_size(b.persistent_bytes)}",
+        f"  {'peak allocated':<{width}}{_size(b.peak_allocated)}  torch.cuda.max_memory_allocated",
+        f"  {'peak reserved':<{width}}{_size(b.peak_reserved)}  torch.cuda.max_memory_reserved",
+        f"  {'total on the GPU':<{width}}{_size(b.total_on_gpu)}  reserved + CUDA context (nvidia-smi)",
+        f"  peak phase: {b.peak_phase}; its largest component: {b.peak_component}",
         f"  largest component: {b.largest_component}",
     ]
     if b.notes:
@@ -663,15 +766,15 @@ def format_breakdown(b: Breakdown) -> str:
     return "\n".join(lines)
 
 
-# --gpu-gib: recipe changes tried in order, cumulatively, until the predicted total fits.
-def _candidate_changes(cfg: TrainConfig) -> list[list[str]]:
+def _changes_to_try(cfg: TrainConfig) -> list[list[str]]:
+    """Recipe changes for --gpu-gib, in the order they are tried (each added to the ones before)."""
     steps: list[list[str]] = []
     if not cfg.train.activation_checkpointing:
         steps.append(["train.activation_checkpointing=true"])
-    b = cfg.train.batch_size
-    while b > 1:
-        b //= 2
-        steps.append([f"train.batch_size={b}"])
+    B = cfg.train.batch_size
+    while B > 1:
+        B //= 2
+        steps.append([f"train.batch_size={B}"])
     T = cfg.train.seq_len
     while T > 64:
         T //= 2
@@ -680,35 +783,45 @@ def _candidate_changes(cfg: TrainConfig) -> list[list[str]]:
         steps.append(["quant.meta_dtype=bfloat16"])
     if cfg.model.float_dtype != "bfloat16":
         steps.append(["model.float_dtype=bfloat16"])
-    if cfg.optim.embedding_optimizer != "same_as_matrices" or cfg.optim.lm_head_optimizer != "same_as_matrices":
+    if "same_as_matrices" != cfg.optim.embedding_optimizer or "same_as_matrices" != cfg.optim.lm_head_optimizer:
         steps.append(["optim.embedding_optimizer=same_as_matrices", "optim.lm_head_optimizer=same_as_matrices"])
     return steps
 
 
-def _fit(cfg: TrainConfig, gpu_gib: float, b: Breakdown) -> dict:
+def fit_gpu(cfg: TrainConfig, gpu_gib: float, b: Breakdown) -> dict:
+    """Does the recipe fit in gpu_gib (total on the GPU)? If not, the first change list that fits."""
     budget = int(gpu_gib * GiB)
-    result = {"gpu_gib": gpu_gib, "fits": b.total_on_gpu <= budget, "total_on_gpu": b.total_on_gpu, "set": []}
-    if result["fits"]:
-        return result
+    fit = {"gpu_gib": gpu_gib, "fits": b.total_on_gpu <= budget, "total_on_gpu": b.total_on_gpu,
+           "set": [], "total_after": b.total_on_gpu}
+    if fit["fits"]:
+        return fit
     changes: list[str] = []
-    for step in _candidate_changes(cfg):
-        changes = [c for c in changes if c.split("=")[0] not in {s.split("=")[0] for s in step}] + step
-        trial = estimate(cfg.apply_overrides(changes))
+    for step in _changes_to_try(cfg):
+        keys = {c.split("=")[0] for c in step}
+        changes = [c for c in changes if c.split("=")[0] not in keys] + step
+        trial = estimate(cfg.apply_overrides(changes), b.device_type)
+        fit["total_after"] = trial.total_on_gpu
         if trial.total_on_gpu <= budget:
-            result.update(set=changes, total_after=trial.total_on_gpu)
-            return result
-    result["total_after"] = trial.total_on_gpu if changes else b.total_on_gpu
-    result["set"] = None
-    return result
+            break
+    else:
+        fit["set"] = None  # nothing tried fits
+        return fit
+    for change in list(changes[:-1]):  # drop the earlier changes the fit does not need (the last one it does)
+        fewer = [c for c in changes if c != change]
+        trial = estimate(cfg.apply_overrides(fewer), b.device_type)
+        if trial.total_on_gpu <= budget:
+            changes, fit["total_after"] = fewer, trial.total_on_gpu
+    fit["set"] = changes
+    return fit
 
 
 def format_fit(fit: dict) -> str:
     head = f"\n--gpu-gib {fit['gpu_gib']:g}: "
     if fit["fits"]:
-        return head + f"fits ({fit['total_on_gpu'] / GiB:.2f} GiB total on the GPU)"
+        return head + f"fits ({fit['total_on_gpu'] / GiB:.2f} GiB on the GPU)"
     if fit["set"] is None:
-        return head + (f"does not fit ({fit['total_on_gpu'] / GiB:.2f} GiB), and no tried change makes it fit "
-                       f"(leanest: {fit['total_after'] / GiB:.2f} GiB)")
+        return head + (f"does not fit ({fit['total_on_gpu'] / GiB:.2f} GiB on the GPU) and no tried change fits; "
+                       f"the leanest tried needs {fit['total_after'] / GiB:.2f} GiB")
     flags = " ".join(f"--set {c}" for c in fit["set"])
-    return head + (f"does not fit ({fit['total_on_gpu'] / GiB:.2f} GiB); this fits "
-                   f"({fit['total_after'] / GiB:.2f} GiB):\n  {flags}")
+    return head + (f"does not fit ({fit['total_on_gpu'] / GiB:.2f} GiB on the GPU); with these changes it "
+                   f"needs {fit['total_after'] / GiB:.2f} GiB:\n  {flags}")

@@ -85,5 +85,6 @@ def dequantize_groupwise(
 ) -> Tensor:
     """codes (any shape, numel = G*g) -> weights of the same shape in `dtype`, computed in fp32."""
     G = scale.numel()
-    w = codes.reshape(G, group_size).float() * scale.float()[:, None] + offset.float()[:, None]  # (G, g)
+    # one fp32 buffer, updated in place (same two roundings as `codes * scale + offset`, no FMA)
+    w = codes.reshape(G, group_size).float().mul_(scale.float()[:, None]).add_(offset.float()[:, None])  # (G, g)
     return w.reshape(codes.shape).to(dtype)

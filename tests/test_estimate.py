@@ -1,0 +1,320 @@
+"""`qtrain estimate` against a real trainer on CPU.
+
+Persistent bytes equal the tensors of a real, stepped trainer exactly; the activation formula equals the
+bytes autograd saves exactly; the predicted peak of one training step lands within 10 % of the peak the
+profiler measures (tests/test_update_memory.py style), across batch, sequence, checkpointing, attention
+and dtypes. On CPU the compute dtype is fp32 for dtype = "auto"; the bf16 points use train.dtype =
+"bfloat16" (CPU autocast) so the bf16 code paths are measured too. The 60M peak points shrink the
+vocabulary to 2048 (SMALL_60M) to keep them fast; the persistent checks use the full recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qtrain.cli import main as cli_main
+from qtrain.config import TrainConfig
+from qtrain.estimate import GiB, _step_float_optimizers_on_meta, activation_bytes, estimate
+from qtrain.memory_probe import cpu_peak_bytes
+from qtrain.model import META_DTYPES, build_model
+from qtrain.optim import MATRIX_METHODS
+from qtrain.train import autocast_dtype, build_updater, lm_loss
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PEAK_TOLERANCE = 0.10  # the issue's contract; the points below land within 0.5 % (docs/estimator.md)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These CPU workloads are small: two intra-op threads mostly spin against each other (and against other
+    processes on a 2-core machine, 10x slower); one thread measures the same bytes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recipe(name: str, overrides=()) -> TrainConfig:
+    return TrainConfig.from_toml(RECIPES / f"{name}.toml", list(overrides))
+
+
+def real_trainer(cfg: TrainConfig):
+    """The trainer's own pieces on CPU, in train.train's order: model, then updater (step_fn attaches it)."""
+    model = build_model(cfg.model, cfg.quant, "cpu", seed=cfg.train.seed)
+    model.train()
+    updater = build_updater(model, cfg)
+    return model, updater
+
+
+def step_fn(model, updater, cfg: TrainConfig):
+    """One training step as fit() runs it, for cfg's batch, sequence, checkpointing and release settings."""
+    if cfg.train.activation_checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers renames it; train.py uses this name
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_disable()
+    if cfg.train.release and not updater.attached:
+        updater.attach()
+    elif not cfg.train.release and updater.attached:
+        updater.detach()
+    dtype = autocast_dtype(cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
+            for _ in range(2))
+
+    def step():
+        updater.begin_step(1e-3)
+        lm_loss(model, x, y, dtype).backward()
+        updater.finish_step()
+
+    return step
+
+
+def distinct_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def state_tensors(states) -> list[torch.Tensor]:
+    return [v for s in states for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+# ---- persistent bytes ---------------------------------------------------------------------------------
+SMALL_60M = ["model.vocab_size=2048"]  # the 60M points' vocabulary: 32000 makes a CPU step ~10x slower
+
+
+@pytest.fixture(scope="module")
+def trainer_60m():
+    """The 60M recipe with SMALL_60M on CPU, shared by the 60M peak points."""
+    return real_trainer(recipe("60m", SMALL_60M))
+
+
+@torch.no_grad()
+def update_every_tensor_once(updater) -> None:
+    """One real update of every tensor through the Updater (zero gradients, no forward/backward): the
+    lazy method and float-optimizer states are created exactly as at a run's first step."""
+    updater.begin_step(1e-3)
+    for layer in updater.int8.values():
+        updater.update_int8(layer, torch.zeros(layer.codes.shape))
+    for name, p in updater.floats.items():
+        p.grad = torch.zeros_like(p)
+        updater.update_float(name, p)
+    updater.finish_step()
+
+
+def persistent_bytes(model, updater) -> dict[str, int]:
+    codes = [l.codes for l in updater.int8.values()]
+    groups = [t for l in updater.int8.values() for t in (l.scale, l.offset)]
+    quantized = {id(t) for t in codes + groups}
+    floats = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in quantized]
+    return {
+        "int8 codes": distinct_bytes(codes),
+        "group scale/offset": distinct_bytes(groups),
+        "float parameters": distinct_bytes(floats),
+        "method states": distinct_bytes(state_tensors(updater.state.values())),
+        "optimizer states": distinct_bytes(state_tensors(s for o in updater.float_opts.values()
+                                                         for s in o.state.values())),
+    }
+
+
+def predicted_persistent(b) -> dict[str, int]:
+    out = {k: b.component(k).bytes for k in ("int8 codes", "group scale/offset", "float parameters")}
+    states = [c for c in b.components if c.kind == "persistent" and c.name.endswith(" states")]
+    out["method states"] = sum(c.bytes for c in states if not c.name.startswith(("Adam8bit", "AdamW")))
+    out["optimizer states"] = sum(c.bytes for c in states if c.name.startswith(("Adam8bit", "AdamW")))
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny", "60m"])
+def test_persistent_bytes_equal_a_real_stepped_trainer(name):
+    cfg = recipe(name)  # the full recipes
+    model, updater = real_trainer(cfg)
+    update_every_tensor_once(updater)
+    real = persistent_bytes(model, updater)
+    b = estimate(cfg, "cpu")
+    print(f"\n{name}: " + ", ".join(f"{k} {v}" for k, v in real.items()))
+    assert predicted_persistent(b) == real
+    assert b.persistent_bytes == sum(real.values())
+
+
+@pytest.mark.parametrize("n", [100, 4095, 4096, 5000, 70_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adam8bit_state_on_meta_equals_a_real_cpu_step(n, dtype):
+    """bitsandbytes Adam8bit: uint8 state1/state2 plus fp32 absmax per block of 256 and two 256-entry
+    qmaps from min_8bit_size = 4096 elements on; two fp32 states below. The estimator's meta step must
+    allocate exactly what a real step does."""
+    p = torch.nn.Parameter(torch.randn(n).to(dtype))
+    opt = bnb.optim.Adam8bit([p], lr=1e-3)
+    p.grad = torch.randn(n).to(dtype)
+    opt.step()
+    real = distinct_bytes(state_tensors(opt.state.values()))
+    blocks = -(-n // 256)
+    layout = 2 * n + 2 * 4 * blocks + 2 * 256 * 4 if n >= 4096 else 2 * 4 * n
+    assert real == layout
+
+    class Fake:  # the two attributes _step_float_optimizers_on_meta reads from an Updater
+        floats = {"w": torch.nn.Parameter(torch.empty(n, dtype=dtype, device="meta"))}
+        float_opts = {"w": bnb.optim.Adam8bit([floats["w"]], lr=1e-3)}
+
+    _step_float_optimizers_on_meta(Fake)
+    assert distinct_bytes(state_tensors(Fake.float_opts["w"].state.values())) == real
+
+
+# ---- activations: the formula equals what autograd saves ------------------------------------------------
+MID = ["model.hidden_size=256", "model.intermediate_size=688", "model.num_heads=4", "model.vocab_size=512",
+       "model.num_layers=2", "quant.group_size=64", "train.batch_size=2", "train.seq_len=64"]
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["train.dtype=bfloat16"], ["model.float_dtype=bfloat16"],
+    ["train.dtype=bfloat16", "model.float_dtype=bfloat16"],
+    ["model.attn_implementation=eager"], ["model.attn_implementation=eager", "train.dtype=bfloat16"],
+    ["model.num_kv_heads=2"], ["model.num_kv_heads=2", "model.attn_implementation=eager", "train.dtype=bfloat16"],
+], ids=lambda o: "-".join(s.split(".")[1] for s in o) or "fp32")
+def test_activation_formula_equals_the_saved_tensors(overrides):
+    cfg = recipe("tiny", MID + overrides)
+    model = build_model(cfg.model, cfg.quant, "cpu")
+    model.train()
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    dtype = autocast_dtype(cfg, torch.device("cpu"))
+    x = torch.randint(0, cfg.model.vocab_size, (2, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm_loss(model, x, x, dtype)
+    m, F = cfg.model, META_DTYPES[cfg.model.float_dtype]
+    a = activation_bytes(B=2, T=64, d=m.hidden_size, ff=m.intermediate_size, h=m.num_heads, kv=m.kv_heads,
+                         V=m.vocab_size, attn=m.attn_implementation, compute=dtype if dtype != torch.float32 else F,
+                         float_dtype=F)
+    predicted = (m.num_layers * a.block + a.final_norm + a.lm_head_input + a.lm_head_weight_copy + a.log_softmax
+                 + a.constant - 2 * 64 * torch.int64.itemsize)  # x is passed as both inputs and targets here
+    assert sum(saved.values()) == predicted
+
+
+# ---- the peak of one step ----------------------------------------------------------------------------------
+WIDE = ["model.hidden_size=256", "model.intermediate_size=688", "model.num_heads=4", "model.vocab_size=512",
+        "quant.group_size=64"]  # tiny, 4x wider, small vocabulary: the block backward sets the peak
+PEAK_POINTS = [
+    ("tiny", ["train.batch_size=2", "train.seq_len=32"]),
+    ("tiny", WIDE + ["train.batch_size=2", "train.seq_len=64"]),
+    ("tiny", WIDE + ["train.batch_size=4", "train.seq_len=64", "train.release=false"]),
+    ("tiny", WIDE + ["train.batch_size=2", "train.seq_len=128", "train.activation_checkpointing=true"]),
+    ("tiny", WIDE + ["train.batch_size=4", "train.seq_len=32", "train.dtype=bfloat16"]),
+    ("tiny", ["model.vocab_size=256", "train.batch_size=2", "train.seq_len=64", "model.attn_implementation=eager"]),
+    ("tiny", WIDE + ["model.max_seq_len=512", "train.batch_size=2", "train.seq_len=512",
+                     "model.attn_implementation=eager", "train.activation_checkpointing=true"]),
+    ("tiny", ["train.batch_size=1", "train.seq_len=16", "model.vocab_size=8192", "train.dtype=bfloat16",
+              "model.float_dtype=bfloat16", "optim.embedding_optimizer=same_as_matrices",
+              "optim.lm_head_optimizer=same_as_matrices"]),
+    ("60m", SMALL_60M + ["train.batch_size=1", "train.seq_len=64"]),
+    ("60m", SMALL_60M + ["train.batch_size=2", "train.seq_len=32", "train.activation_checkpointing=true"]),
+]
+
+
+@pytest.mark.parametrize("name, overrides", PEAK_POINTS,
+                         ids=[f"{n}{'-wide' if WIDE[0] in ov else ''}-" + "-".join(
+                             o.split(".")[1] for o in ov if o not in WIDE) for n, ov in PEAK_POINTS])
+def test_step_peak_within_10_percent_of_the_measured_peak(name, overrides, request):
+    cfg = recipe(name, overrides)
+    model, updater = request.getfixturevalue("trainer_60m") if name == "60m" else real_trainer(cfg)
+    step = step_fn(model, updater, cfg)
+    step()  # the steady state, as from a run's second step on: lazy states exist, allocator caches are warm
+    real = persistent_bytes(model, updater)
+    peak, net = cpu_peak_bytes(step)
+    assert net == 0  # a step keeps nothing: the peak is the step's own
+    measured = sum(real.values()) + peak
+    b = estimate(cfg, "cpu")
+    error = b.peak_allocated / measured - 1
+    print(f"\n{name} {' '.join(overrides)}: measured {measured} predicted {b.peak_allocated} ({error:+.2%}), "
+          f"peak phase {b.peak_phase}")
+    assert predicted_persistent(b) == real
+    assert abs(error) <= PEAK_TOLERANCE
+
+
+# ---- every recipe, every method, notes, the 7B recipes -------------------------------------------------------
+@lru_cache(maxsize=None)
+def estimate_recipe(path: Path):
+    return estimate(path)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_recipe_estimates(path):
+    b = estimate_recipe(path)
+    assert b.persistent_bytes == sum(c.bytes for c in b.components if c.kind == "persistent") > 0
+    assert b.peak_phase in [p.name for p in b.phases]
+    assert b.peak_allocated == b.persistent_bytes + b.component("allocator rounding").bytes + max(
+        p.bytes for p in b.phases)
+    assert b.persistent_bytes < b.peak_allocated <= b.peak_reserved < b.total_on_gpu
+    assert "7b-8gb" in {p.stem for p in RECIPES.glob("*.toml")}
+
+
+@pytest.mark.parametrize("method", sorted(MATRIX_METHODS))
+def test_every_matrix_method_estimates(method):
+    d = recipe("tiny").to_dict()
+    d["optim"]["method"] = method
+    d["optim"]["args"] = {"rank": 4, "leading": 2} if "alice" in method else (
+        {} if method in ("racs", "apollo_mini") else {"rank": 4})
+    b = estimate(TrainConfig.from_dict(d), "cpu")
+    assert b.component(f"{method} states").bytes > 0
+    assert b.peak_allocated > b.persistent_bytes
+    exact = method in ("apollo", "apollo_mini")
+    assert exact != any(f"optim.method = {method!r}" in n and "approximated" in n for n in b.notes)
+
+
+def test_options_not_modelled_are_reported():
+    b = estimate(recipe("tiny", ["train.compile=true", "optim.float_grad_clip=1.0"]), "cpu")
+    assert any(n.startswith("train.compile = true is not modelled") for n in b.notes)
+    assert any(n.startswith("optim.float_grad_clip") for n in b.notes)
+    assert not any("train.compile" in n for n in estimate(recipe("tiny"), "cpu").notes)
+
+
+def test_7b_recipe_is_predicted_under_12_gib():
+    b = estimate_recipe(RECIPES / "7b.toml")
+    print(f"\n7b: peak allocated {b.peak_allocated / GiB:.2f} GiB, reserved {b.peak_reserved / GiB:.2f} GiB, "
+          f"on the GPU {b.total_on_gpu / GiB:.2f} GiB; persistent {b.persistent_bytes / GiB:.2f} GiB "
+          f"(largest: {b.largest_component}); peak in {b.peak_phase!r}, largest there: {b.peak_component}")
+    assert b.total_on_gpu < 12 * GiB
+    assert b.largest_component == "int8 codes"
+    assert b.component("int8 codes").bytes == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # spec §12: 6.48 GB
+
+
+def test_7b_8gb_recipe_is_predicted_at_most_8_gib():
+    b = estimate_recipe(RECIPES / "7b-8gb.toml")
+    print(f"\n7b-8gb: peak allocated {b.peak_allocated / GiB:.2f} GiB, on the GPU {b.total_on_gpu / GiB:.2f} GiB; "
+          f"peak in {b.peak_phase!r}, largest there: {b.peak_component}")
+    assert b.compute_dtype == "bfloat16"
+    assert b.peak_allocated <= 8 * GiB
+
+
+def test_cli_json_and_gpu_fit(capsys):
+    assert cli_main(["estimate", "tiny", "--set", "train.device=cpu", "--json", "--gpu-gib", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device_type"] == "cpu" and out["fit"]["fits"] is True
+    assert out["peak_allocated"] == estimate(recipe("tiny", ["train.device=cpu"]), "cpu").peak_allocated
+
+    assert cli_main(["estimate", "7b", "--gpu-gib", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "peak allocated" in text and "does not fit" in text
+    flags = text.strip().splitlines()[-1].split("--set")[1:]
+    fixed = estimate(recipe("7b", [f.strip() for f in flags]))
+    assert "train.activation_checkpointing=true" in text
+    assert fixed.total_on_gpu <= 10 * GiB
