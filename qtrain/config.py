@@ -181,8 +181,6 @@ class LoopConfig:
     """48. Tokens generated as a text sample at each evaluation; 0 = no sample."""
     legacy_eval_divisor: bool = False
     """false. true divides the summed eval loss by n + 1 as the official code does (biased low)."""
-    compile: bool = False
-    """false. torch.compile the model: slower start, faster steps."""
 
 
 @dataclass

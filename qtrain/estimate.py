@@ -629,9 +629,6 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
 def _notes(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -> list[str]:
     m, t = cfg.model, cfg.train
     notes = []
-    if t.compile:
-        notes.append("train.compile = true is not modelled: torch.compile fuses ops and changes which tensors "
-                     "are saved; the estimate is for eager mode")
     if cfg.optim.float_grad_clip > 0:
         notes.append("optim.float_grad_clip > 0: the per-tensor clip's norm temporaries are not modelled (small)")
     if m.tie_embeddings:

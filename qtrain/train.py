@@ -247,11 +247,32 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         print(f"resumed from {latest} at step {progress.step}")
     if cfg.train.release:
         updater.attach()
-    return fit(cfg, run_dir, model, updater, data, sampler, progress, device, dtype, quiet)
+    predicted = None
+    if device.type == "cuda":  # the estimate before the first step, the measurement after a few (fit)
+        from qtrain.estimate import estimate
+
+        predicted = estimate(cfg, "cuda")
+        print(f"qtrain estimate: peak allocated {predicted.peak_allocated / 2**30:.2f} GiB, reserved "
+              f"{predicted.peak_reserved / 2**30:.2f} GiB (persistent {predicted.persistent_bytes / 2**30:.2f} GiB)")
+        torch.cuda.reset_peak_memory_stats(device)
+    return fit(cfg, run_dir, model, updater, data, sampler, progress, device, dtype, quiet, predicted)
+
+
+MEASURE_AFTER_STEPS = 3  # steps after which the measured CUDA peak is printed beside the estimate
+
+
+def memory_report(predicted, allocated: int, reserved: int) -> str:
+    """One line: measured vs predicted peak allocated and reserved, with the error in percent."""
+    def pct(measured: int, pred: int) -> str:
+        return f"{100 * (pred - measured) / measured:+.1f} %"
+
+    return (f"measured peak allocated {allocated / 2**30:.2f} GiB (estimate {predicted.peak_allocated / 2**30:.2f}, "
+            f"{pct(allocated, predicted.peak_allocated)}), reserved {reserved / 2**30:.2f} GiB (estimate "
+            f"{predicted.peak_reserved / 2**30:.2f}, {pct(reserved, predicted.peak_reserved)})")
 
 
 def fit(cfg, run_dir, model, updater: Updater, data: Dataset, sampler, progress: TrainingProgress,
-        device, dtype, quiet: bool) -> RunResult:
+        device, dtype, quiet: bool, predicted=None) -> RunResult:
     t = cfg.train
     result = RunResult(run_dir, progress.step)
     writer = _log_writer(run_dir)
@@ -262,6 +283,7 @@ def fit(cfg, run_dir, model, updater: Updater, data: Dataset, sampler, progress:
     last_saved = latest_checkpoint(run_dir)
     bar = tqdm(total=t.steps, initial=progress.step, disable=quiet, dynamic_ncols=True, unit="step")
     t0, tokens0 = time.perf_counter(), progress.tokens_seen
+    start_step = progress.step
 
     def flush() -> None:  # one host sync for log_every steps of losses
         nonlocal t0, tokens0
@@ -327,6 +349,9 @@ def fit(cfg, run_dir, model, updater: Updater, data: Dataset, sampler, progress:
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), progress.step, first_bad)
                 pending.append((progress.step, step_loss, lr, progress.tokens_seen))
                 bar.update(1)
+                if predicted is not None and progress.step == start_step + MEASURE_AFTER_STEPS:
+                    tqdm.write(memory_report(predicted, torch.cuda.max_memory_allocated(device),
+                                             torch.cuda.max_memory_reserved(device)))
                 if progress.step % t.log_every == 0:
                     flush()
                 if progress.step % t.eval_every == 0 or progress.step == t.steps:

@@ -218,6 +218,7 @@ EXPECTED_ARCH = {  # hidden, intermediate, heads, layers, vocab (spec §14)
     "350m": (1024, 2736, 16, 24, 32000),
     "1b": (2048, 5461, 32, 24, 32000),
     "7b": (4096, 11008, 32, 32, 32000),
+    "7b-8gb": (4096, 11008, 32, 32, 32000),
 }
 
 
@@ -238,6 +239,10 @@ def test_recipe_loads_with_expected_values(path):
         assert o.args == {"rank": 1, "scale": 128, "scale_type": "tensor", "update_proj_gap": 200,
                           "bias_correction": "inside", "eps": 1e-8}
         assert (t.batch_size, t.seq_len, t.steps, cfg.quant.group_size) == (1, 256, 150000, 128)
+    elif path.stem == "7b-8gb":  # the official recipe plus the estimator's memory savings
+        assert o.method == "apollo_mini" and o.args["scale"] == 128 and (t.batch_size, t.seq_len) == (1, 256)
+        assert (cfg.model.float_dtype, cfg.quant.meta_dtype, t.activation_checkpointing) == ("bfloat16", "bfloat16", True)
+        assert o.embedding_optimizer == o.lm_head_optimizer == "same_as_matrices"
     elif path.stem == "tiny":
         assert (t.batch_size, t.seq_len, t.steps, t.eval_every, m.max_seq_len) == (8, 128, 600, 200, 128)
         assert (cfg.quant.group_size, o.method, o.args["scale"], o.float_optimizer) == (64, "apollo_mini", 128, "adamw")

@@ -281,10 +281,9 @@ def test_every_matrix_method_estimates(method):
 
 
 def test_options_not_modelled_are_reported():
-    b = estimate(recipe("tiny", ["train.compile=true", "optim.float_grad_clip=1.0"]), "cpu")
-    assert any(n.startswith("train.compile = true is not modelled") for n in b.notes)
+    b = estimate(recipe("tiny", ["optim.float_grad_clip=1.0"]), "cpu")
     assert any(n.startswith("optim.float_grad_clip") for n in b.notes)
-    assert not any("train.compile" in n for n in estimate(recipe("tiny"), "cpu").notes)
+    assert not any("float_grad_clip" in n for n in estimate(recipe("tiny"), "cpu").notes)
 
 
 def test_7b_recipe_is_predicted_under_12_gib():
@@ -318,3 +317,12 @@ def test_cli_json_and_gpu_fit(capsys):
     fixed = estimate(recipe("7b", [f.strip() for f in flags]))
     assert "train.activation_checkpointing=true" in text
     assert fixed.total_on_gpu <= 10 * GiB
+
+
+def test_trainer_memory_report_line():
+    # On CUDA `qtrain train` prints this after a few steps; the numbers here stand in for a measurement.
+    from qtrain.train import memory_report
+
+    b = estimate(recipe("tiny"), "cuda")
+    line = memory_report(b, allocated=b.peak_allocated // 2, reserved=b.peak_reserved)
+    assert "(estimate" in line and "+100.0 %" in line and "+0.0 %" in line
