@@ -7,13 +7,25 @@ never exists in float, each projection is drawn in fp32, quantized to int8 and f
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qtrain.int8_linear import Int8Linear
 from qtrain.optim.base import mix_seed, name_uid, seeded_generator
+
+# Causal SDPA without a mask object. transformers builds the causal mask for "sdpa" itself, and on the
+# way checks whether position ids encode packed sequences with `(...).all()`: a host-device sync in every
+# forward. qtrain's batches are unpadded and never packed-with-restarts, so attention is plain causal:
+# registered under its own name (absent from the mask registry), the mask step returns None at once and
+# transformers' own SDPA forward runs with is_causal=True (the fused flash/cuDNN path).
+CAUSAL_SDPA = "qtrain_causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+ATTENTION = {"sdpa": CAUSAL_SDPA, "eager": "eager"}
 
 # The seven projections the papers train with the method under test and store in int8 (spec §1).
 QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,7 +46,7 @@ def llama_config(model_cfg) -> LlamaConfig:
         initializer_range=model_cfg.init_std,
         rms_norm_eps=model_cfg.rms_norm_eps,
         tie_word_embeddings=model_cfg.tie_embeddings,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=ATTENTION[model_cfg.attn_implementation],
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
@@ -99,7 +111,9 @@ def float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 @torch.no_grad()
 def dequantized_copy(model: LlamaForCausalLM, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A plain float LlamaForCausalLM with the same weights (int8 layers dequantized), for export."""
-    plain = LlamaForCausalLM(model.config).to(dtype)
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "sdpa" if model.config._attn_implementation == CAUSAL_SDPA else "eager"  # plain HF
+    plain = LlamaForCausalLM(config).to(dtype)
     state = {k: v for k, v in model.state_dict().items()}
     for name, layer in int8_layers(model).items():
         for key in ("codes", "scale", "offset"):
