@@ -67,11 +67,13 @@ class Updater:
         self._handles: list = []
         for name, layer in self.int8.items():
             layer.name = name
+            matrix_method.validate(tuple(layer.codes.shape))  # fail before step 1, not inside backward
+        for name, method in self.method_floats.items():
+            method.validate(tuple(self.floats[name].shape))
 
     # ---- one tensor -------------------------------------------------------------------------------
     def _method_state(self, name: str, method: Method, shape: tuple[int, ...], device) -> dict[str, Any]:
         if name not in self.state:
-            method.validate(shape)
             self.state[name] = method.init_state(shape, device, name_uid(name))
         return self.state[name]
 

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,3 +200,44 @@ def test_default_recipe_learns(tmp_path):
     (_, first), (_, last) = result.eval_losses[0], result.eval_losses[-1]
     print(f"tiny, 60 steps, vocab 512: val loss {first:.3f} -> {last:.3f}")
     assert first - last > 1.0  # measured: 6.23 -> 5.00 on this slice
+
+
+@pytest.mark.parametrize("method_args", [
+    ["optim.method=galore", "optim.args={rank = 8, update_proj_gap = 2, i3s = true}"],
+    ["optim.method=alice", "optim.args={rank = 8, leading = 2, update_interval = 2}"],
+    ["optim.method=fira", "optim.args={rank = 8, update_proj_gap = 2}", "model.float_dtype=bfloat16"],
+], ids=["galore_i3s", "alice", "fira_bf16_floats"])
+def test_other_methods_resume_bit_exactly(tmp_path, method_args):
+    # Their random draws (I3S sampling, Alice's complement indices) come from (seed, tensor, step) alone.
+    common = method_args + ["train.steps=6", "train.save_every=3", "train.eval_every=100"]
+    train(cfg(*common), tmp_path / "straight", quiet=True)
+    # resume a fresh run directory from the straight run's step-3 checkpoint (same schedule, same recipe)
+    (tmp_path / "split" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000003",
+                    tmp_path / "split" / "checkpoints" / "step-00000003")
+    train(cfg(*common), tmp_path / "split", resume=True, quiet=True)
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "tensors.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "step-00000006" / "tensors.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(tmp_path / "split") == {k: v for k, v in step_losses(tmp_path / "straight").items() if k > 3}
+
+
+def test_method_hyperparameters_are_validated(tmp_path, capsys):
+    assert cli(["train", "--out", str(tmp_path / "a"), "--set", "optim.method=galor"]) == 2
+    assert "'galor' is unknown (did you mean 'galore'?)" in capsys.readouterr().err
+    assert cli(["train", "--out", str(tmp_path / "b"), "--set", "optim.method=galore"]) == 2  # APOLLO's args left
+    assert "'scale' is not a galore hyperparameter" in capsys.readouterr().err
+    assert cli(["train", "--out", str(tmp_path / "b"), "--set", "optim.method=galore", "--set", "optim.args={rnak = 4}"]) == 2
+    assert "'rnak' is not a galore hyperparameter (did you mean 'rank'?)" in capsys.readouterr().err
+    assert cli(["train", "--out", str(tmp_path / "c"), *[f"--set={o}" for o in FAST],
+                "--set", "optim.method=galore", "--set", "optim.args={rank = 100}"]) == 2
+    assert "rank" in capsys.readouterr().err
+
+
+def test_out_of_memory_points_to_the_estimator(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, "lm_loss", oom)
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 1.*qtrain estimate.*--gpu-gib"):
+        train(cfg("train.steps=3"), tmp_path / "run", quiet=True)
