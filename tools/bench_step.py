@@ -35,7 +35,6 @@ import gc
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,6 +45,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qtrain.cli import find_recipe
 from qtrain.config import TrainConfig
+from qtrain.sync_probe import count_syncs
 from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
 from qtrain.quant import triton_kernels
 from qtrain.train import build_updater, lm_loss
@@ -124,28 +124,6 @@ def tensor_bytes(*objects) -> int:
 
 def model_bytes(model: torch.nn.Module) -> int:
     return tensor_bytes(list(model.parameters()) + list(model.buffers()))
-
-
-def count_syncs(step: Callable[[], object]) -> str:
-    """Host syncs torch reports in one step (sync debug mode "warn"), plus explicit synchronize() calls."""
-    calls = [0]
-    real = torch.cuda.synchronize
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    torch.cuda.synchronize = counting
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize = real
-    implicit = sum("synchroniz" in str(w.message) for w in caught)
-    return f"{implicit} + {calls[0]} explicit"
 
 
 def sync_free(step: Callable[[], object]) -> str:

@@ -23,13 +23,13 @@ import argparse
 import math
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from qtrain.optim.apollo import apollo_mini
+from qtrain.sync_probe import count_syncs
 from qtrain.quant import dispatch, triton_kernels
 from qtrain.quant.groupwise import CODE_MAX, quantize_groupwise
 
@@ -168,27 +168,8 @@ def peak_transient_bytes(step, device: torch.device) -> int:
 
 
 def implicit_syncs(step, device: torch.device) -> str:
-    """Host syncs torch reports (bool()/item() on device tensors), plus explicit synchronize() calls."""
-    if device.type != "cuda":
-        return "n/a"
-    calls = [0]
-    real = torch.cuda.synchronize
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    torch.cuda.synchronize = counting
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize = real
-    implicit = sum("synchroniz" in str(w.message) for w in caught)
-    return f"{implicit} + {calls[0]} explicit"
+    """Host syncs in one step (CUDA only): see qtrain.sync_probe."""
+    return count_syncs(step) if device.type == "cuda" else "n/a"
 
 
 def main() -> None:
