@@ -251,9 +251,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     if device.type == "cuda":  # the estimate before the first step, the measurement after a few (fit)
         from qtrain.estimate import estimate
 
-        predicted = estimate(cfg, "cuda")
-        print(f"qtrain estimate: peak allocated {predicted.peak_allocated / 2**30:.2f} GiB, reserved "
-              f"{predicted.peak_reserved / 2**30:.2f} GiB (persistent {predicted.persistent_bytes / 2**30:.2f} GiB)")
+        try:
+            predicted = estimate(cfg, "cuda")
+            print(f"qtrain estimate: peak allocated {predicted.peak_allocated / 2**30:.2f} GiB, reserved "
+                  f"{predicted.peak_reserved / 2**30:.2f} GiB (persistent {predicted.persistent_bytes / 2**30:.2f} GiB)")
+        except Exception as e:  # the estimate is a report: never let it stop a run
+            print(f"note: memory estimate unavailable ({type(e).__name__}: {e}); training continues")
         torch.cuda.reset_peak_memory_stats(device)
     return fit(cfg, run_dir, model, updater, data, sampler, progress, device, dtype, quiet, predicted)
 
