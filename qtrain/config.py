@@ -104,7 +104,7 @@ class QuantConfig:
     """"stochastic" (unbiased: small updates survive in expectation) or "nearest" (updates < half a step are lost)."""
     kernels: str = _choice("auto", "torch", "triton")
     """"auto". Kernels for int8 dequantize and update: "auto" = fused Triton kernels on CUDA (when triton is
-    installed and the layout is supported: fp32 metadata, power-of-two group size), the plain-torch reference
+    installed and the group size is a power of two), the plain-torch reference
     otherwise; "torch" forces the reference; "triton" forces the kernels (error where they cannot run)."""
 
 

@@ -444,10 +444,10 @@ def float_update_peak(name: str, updater, device_type: str) -> int:
 def _triton_int8(cfg: TrainConfig, device_type: str) -> bool:
     """dispatch._use_triton for this recipe (Triton assumed installed on a CUDA machine: torch ships it).
 
-    The layout rules are triton_kernels.check_supported's: fp32 metadata, power-of-two group >= 4.
+    The layout rule is triton_kernels.check_supported's: a power-of-two group >= 4 (fp32 or bf16 metadata).
     """
     g = cfg.quant.group_size
-    layout_ok = cfg.quant.meta_dtype == "float32" and g >= 4 and not g & (g - 1)
+    layout_ok = g >= 4 and not g & (g - 1)
     return device_type == "cuda" and cfg.quant.kernels != "torch" and layout_ok
 
 

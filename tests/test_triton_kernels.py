@@ -59,11 +59,11 @@ def test_cpu_cases_in_an_interpreter_process():
     assert re.match(r"\d+ passed, \d+ deselected in", summary), summary
 
 
-def quantized(m, n, g, device, seed=1234):  # not 0: the autouse fixture seeds torch with 0, and a
-    # gradient equal to the weight would scale the grid instead of moving points off it
+def quantized(m, n, g, device, seed=1234, meta_dtype=torch.float32):  # seed not 0: the autouse fixture
+    # seeds torch with 0, and a gradient equal to the weight would scale the grid instead of moving it
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=gen) * 0.05
-    return tuple(t.to(device) for t in quantize_groupwise(w, g))
+    return tuple(t.to(device) for t in quantize_groupwise(w, g, meta_dtype))
 
 
 def grad_scale_of(kind, m, n, device):
@@ -110,10 +110,11 @@ def test_module_imports_without_triton(monkeypatch):
 # dequantize
 
 
+@pytest.mark.parametrize("meta", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,g", SHAPES)
-def test_dequantize_bit_exact(device, m, n, g, dtype):
-    codes, scale, offset = quantized(m, n, g, device)
+def test_dequantize_bit_exact(device, m, n, g, dtype, meta):
+    codes, scale, offset = quantized(m, n, g, device, meta_dtype=meta)
     codes = torch.randint(0, 256, (m, n), dtype=torch.uint8).to(device)  # every code value, not only a grid
     got = triton_kernels.dequantize_triton(codes, scale, offset, g, dtype)
     assert_bitwise_equal(got, dequantize_groupwise(codes, scale, offset, g, dtype), f"dequantize to {dtype}")
@@ -134,12 +135,13 @@ def test_dequantize_bf16_rounds_ties_to_even(device):
 # fused update, same uniforms as the reference: bitwise equal
 
 
+@pytest.mark.parametrize("meta", [torch.float32, torch.bfloat16], ids=["meta32", "meta16"])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
 @pytest.mark.parametrize("scale_kind", ["scalar", "col", "row"])
 @pytest.mark.parametrize("m,n,g", SHAPES)
-def test_update_with_same_uniforms_matches_reference(device, monkeypatch, m, n, g, scale_kind, lr_kind, wd):
-    codes, scale, offset = quantized(m, n, g, device)
+def test_update_with_same_uniforms_matches_reference(device, monkeypatch, m, n, g, scale_kind, lr_kind, wd, meta):
+    codes, scale, offset = quantized(m, n, g, device, meta_dtype=meta)
     grad = torch.randn(m, n, dtype=torch.bfloat16).to(device)  # bf16, as autograd hands it over
     s = grad_scale_of(scale_kind, m, n, device)
     lr = 0.01 if lr_kind == "float" else torch.tensor(0.01, device=device)
@@ -150,7 +152,7 @@ def test_update_with_same_uniforms_matches_reference(device, monkeypatch, m, n, 
     triton_kernels.int8_scaled_update_triton_(codes, scale, offset, g, grad, s, lr, wd, seed=7, uniform=u)
     for name, got, want in zip(("codes", "scale", "offset"), (codes, scale, offset), ref):
         assert_bitwise_equal(got, want, name)
-    assert (codes != quantized(m, n, g, device)[0]).any()  # the step moved codes
+    assert (codes != quantized(m, n, g, device, meta_dtype=meta)[0]).any()  # the step moved codes
 
 
 def test_zero_update_keeps_the_weight(device):
@@ -296,16 +298,17 @@ out = {"dequantize_bf16": ptx(
     {"codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "num_groups": "i32",
      "GROUP": "constexpr", "BLOCK_G": "constexpr", "OUT_BF16": "constexpr"},
     {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "OUT_BF16": True})}
-for name, mode, lr_ptr, wd, uniform in [("update_scalar_philox", 0, False, False, False),
-                                        ("update_row_tensor_lr_uniform", 2, True, True, True)]:
+for name, mode, lr_ptr, wd, uniform, meta in [("update_scalar_philox", 0, False, False, False, "fp32"),
+                                              ("update_row_tensor_lr_uniform", 2, True, True, True, "fp32"),
+                                              ("update_scalar_philox_bf16_meta", 0, False, False, False, "bf16")]:
     out[name] = ptx(tk._update_kernel, {
-        "codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "grad_ptr": "*bf16", "s_ptr": "*fp32",
+        "codes_ptr": "*u8", "scale_ptr": f"*{meta}", "offset_ptr": f"*{meta}", "grad_ptr": "*bf16", "s_ptr": "*fp32",
         "lr": "*fp32" if lr_ptr else "fp32", "decay": "fp32", "weight_decay": "fp32",
         "uniform_ptr": "*fp32" if uniform else "constexpr", "seed": "i32", "num_groups": "i32", "n_cols": "i32",
         "GROUP": "constexpr", "BLOCK_G": "constexpr", "SCALE_MODE": "constexpr", "LR_IS_PTR": "constexpr",
-        "HAS_WD": "constexpr", "USE_UNIFORM": "constexpr"},
+        "HAS_WD": "constexpr", "USE_UNIFORM": "constexpr", "META_BF16": "constexpr"},
         {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "SCALE_MODE": mode, "LR_IS_PTR": lr_ptr, "HAS_WD": wd,
-         "USE_UNIFORM": uniform, **({} if uniform else {"uniform_ptr": None})})
+         "USE_UNIFORM": uniform, "META_BF16": meta == "bf16", **({} if uniform else {"uniform_ptr": None})})
 print(json.dumps(out))
 """
 
@@ -369,9 +372,9 @@ def test_dispatch_errors_name_the_fix(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"backend = 'cuda'; allowed: \('auto', 'torch', 'triton'\)"):
         dispatch.dequantize(*args[:4], backend="cuda")
-    codes, scale, offset = quantize_groupwise(torch.randn(12, 40), 32, meta_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"scale must be contiguous fp32.*backend='torch'"):
-        dispatch.dequantize(codes, scale, offset, 32, backend="triton")
+    codes, scale, offset = quantize_groupwise(torch.randn(12, 40), 32)
+    with pytest.raises(ValueError, match=r"scale must be contiguous fp32 or bf16.*backend='torch'"):
+        dispatch.dequantize(codes, scale.half(), offset.half(), 32, backend="triton")
     codes, scale, offset = quantize_groupwise(torch.randn(12, 40), 24)
     with pytest.raises(ValueError, match=r"group size 24 must be a power of two"):
         dispatch.dequantize(codes, scale, offset, 24, backend="triton")

@@ -1,7 +1,7 @@
 """Choose between the Triton kernels and their plain-torch references for int8 weights.
 
 backend="auto": Triton when every tensor is on CUDA and Triton is installed and supports the layout
-(fp32 scales, power-of-two group size), else the torch reference. "torch" and "triton" force one;
+(power-of-two group size, fp32 or bf16 scales), else the torch reference. "torch" and "triton" force one;
 "triton" on CPU tensors runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests).
 Both backends draw the SR uniforms from one integer seed per (run, tensor, step), see update_seed, but
 from different generators (torch's Philox/mt19937 vs Triton's tl.rand): their codes agree in
@@ -38,7 +38,7 @@ def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale:
             return False
         try:
             triton_kernels.check_supported(codes, scale, offset, group_size)
-        except ValueError:  # e.g. bf16 scales: the reference handles every layout, only slower
+        except ValueError:  # e.g. a group size that is not a power of two: the reference handles every layout
             return False
         return True
     triton_kernels.check_supported(codes, scale, offset, group_size)  # explicit "triton": say why not

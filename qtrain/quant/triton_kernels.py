@@ -13,7 +13,7 @@ The interpreter reproduces the references exactly from Triton 3.9 on; earlier in
 tl.fma as a multiply and an add (two roundings), so the same-uniform tests then miss by one ulp.
 
 Layout (groupwise.py): codes uint8 (m, n), groups of g consecutive elements of the row-major flattening
-(they straddle rows when n % g != 0), scale/offset (G,) fp32, w = codes * scale + offset.
+(they straddle rows when n % g != 0), scale/offset (G,) fp32 or bf16, w = codes * scale + offset.
 Each program handles BLOCK_G whole groups as a (BLOCK_G, g) tile, so the per-group min/max of the update
 kernel is a register reduction: one read and one write of the codes, no atomics, no second pass.
 
@@ -36,12 +36,14 @@ try:
     # kernels may only read globals that are constexpr
     _CODE_MAX = tl.constexpr(float(CODE_MAX))
     _MIN_RANGE = tl.constexpr(MIN_RANGE)
+    _BF16_TINY = tl.constexpr(2.0**-133)  # smallest positive bf16 (subnormal)
 except ImportError:  # the torch references serve CPU-only installs
     HAVE_TRITON = False
 
 TILE_ELEMS = 2048  # elements per program: 16 groups of 128, 16 per thread at 4 warps (16-byte code loads)
 NUM_WARPS = 4
 SCALE_SCALAR, SCALE_PER_COL, SCALE_PER_ROW = 0, 1, 2  # grad_scale of shape (), (1, n), (m, 1)
+META_DTYPES = (torch.float32, torch.bfloat16)  # group scale/offset storage (groupwise._round_meta)
 
 
 def _jit(**options):
@@ -70,14 +72,16 @@ def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: in
     if group_size < 4 or group_size & (group_size - 1):
         problems.append(f"group size {group_size} must be a power of two >= 4 (tiles; 4 uniforms per Philox draw)")
     for name, t in (("scale", scale), ("offset", offset)):
-        if t.dtype != torch.float32 or t.shape != (G,) or not t.is_contiguous():
-            problems.append(f"{name} must be contiguous fp32 of shape ({G},), got {t.dtype} {tuple(t.shape)}")
+        if t.dtype not in META_DTYPES or t.shape != (G,) or not t.is_contiguous():
+            problems.append(f"{name} must be contiguous fp32 or bf16 of shape ({G},), got {t.dtype} {tuple(t.shape)}")
+    if scale.dtype != offset.dtype:
+        problems.append(f"scale and offset dtypes differ ({scale.dtype}, {offset.dtype})")
     if codes.numel() >= 2**31:
         problems.append(f"{codes.numel()} elements >= 2^31 (the kernels index with int32)")
     if problems:
         raise ValueError(
             "the Triton int8 kernels cannot handle this weight: " + "; ".join(problems)
-            + ". Use backend='torch' (bf16 scales: set the quantization meta dtype to fp32)."
+            + ". Use backend='torch'."
         )
 
 
@@ -95,8 +99,8 @@ def _dequantize_kernel(
     flat = gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (BLOCK_G, GROUP) row-major element index
     mask = gmask[:, None]
     c = tl.load(codes_ptr + flat, mask=mask, other=0).to(tl.float32)
-    sc = tl.load(scale_ptr + gid, mask=gmask, other=0.0)
-    off = tl.load(offset_ptr + gid, mask=gmask, other=0.0)
+    sc = tl.load(scale_ptr + gid, mask=gmask, other=0.0).to(tl.float32)  # bf16 metadata widens exactly
+    off = tl.load(offset_ptr + gid, mask=gmask, other=0.0).to(tl.float32)
     w = c * sc[:, None] + off[:, None]  # fp32, rounded after * and after + (no FMA: see module docstring)
     if OUT_BF16:  # fp32 -> bf16 round to nearest even on the bits (the interpreter's cast truncates)
         bits = w.to(tl.uint32, bitcast=True)
@@ -130,12 +134,33 @@ def dequantize_triton(
 # fused update: dequantize -> W - lr*s*G -> decay -> fresh group ranges -> SR -> codes, scale, offset
 
 
+@_jit()
+def _bf16_rne(x):
+    """fp32 -> the nearest bf16 value (ties to even), returned as fp32 with the low 16 bits zero."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@_jit()
+def _bf16_next_down(x):
+    """torch.nextafter(x, -inf) for a bf16 value x held in fp32 (one bf16 ulp toward -inf)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    step = tl.where(x > 0, bits - 0x10000, bits + 0x10000)  # negative: a larger magnitude
+    return tl.where(x == 0, -_BF16_TINY, step.to(tl.float32, bitcast=True))  # ±0 -> -(smallest subnormal)
+
+
+@_jit()
+def _bf16_next_up(x):
+    """torch.nextafter(x, +inf) for a positive bf16 value x held in fp32."""
+    return (x.to(tl.uint32, bitcast=True) + 0x10000).to(tl.float32, bitcast=True)
+
+
 @_jit(do_not_specialize=["seed"])  # a new seed every step must not trigger a recompilation
 def _update_kernel(
     codes_ptr, scale_ptr, offset_ptr, grad_ptr, s_ptr, lr, decay, weight_decay, uniform_ptr, seed,
     num_groups, n_cols,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SCALE_MODE: tl.constexpr, LR_IS_PTR: tl.constexpr,
-    HAS_WD: tl.constexpr, USE_UNIFORM: tl.constexpr,
+    HAS_WD: tl.constexpr, USE_UNIFORM: tl.constexpr, META_BF16: tl.constexpr,
 ):
     gid = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
     gmask = gid < num_groups
@@ -144,8 +169,8 @@ def _update_kernel(
 
     # dequantize (fp32, two roundings)
     c = tl.load(codes_ptr + flat, mask=mask, other=0).to(tl.float32)
-    sc = tl.load(scale_ptr + gid, mask=gmask, other=0.0)
-    off = tl.load(offset_ptr + gid, mask=gmask, other=0.0)
+    sc = tl.load(scale_ptr + gid, mask=gmask, other=0.0).to(tl.float32)
+    off = tl.load(offset_ptr + gid, mask=gmask, other=0.0).to(tl.float32)
     w = c * sc[:, None] + off[:, None]
 
     # W <- W + G * (s * -lr) with one rounding, as the reference's addcmul_ (torch >= 2.x computes it with
@@ -167,11 +192,19 @@ def _update_kernel(
             decay = 1.0 - lr_val * weight_decay
         w = w * decay
 
-    # fresh per-group range (groupwise.group_ranges, fp32 meta): offset = min, scale = range / 255
+    # fresh per-group range (groupwise.group_ranges): offset = min, scale = range / 255; for bf16 metadata
+    # the offset is rounded down and the scale up (groupwise._round_meta), so no value leaves [0, 255]
     lo = tl.min(w, axis=1)  # (BLOCK_G,); padding groups loaded zeros, so they stay finite (and unstored)
     hi = tl.max(w, axis=1)
-    new_scale = tl.math.div_rn(tl.maximum(hi - lo, _MIN_RANGE), _CODE_MAX)
-    v = tl.math.div_rn(w - lo[:, None], new_scale[:, None])  # continuous code position in [0, 255]
+    if META_BF16:
+        off_new = _bf16_rne(lo)
+        off_new = tl.where(off_new > lo, _bf16_next_down(off_new), off_new)
+        new_scale = _bf16_rne(tl.math.div_rn(tl.maximum(hi - off_new, _MIN_RANGE), _CODE_MAX))
+        new_scale = tl.where(new_scale * _CODE_MAX + off_new < hi, _bf16_next_up(new_scale), new_scale)
+    else:
+        off_new = lo
+        new_scale = tl.math.div_rn(tl.maximum(hi - lo, _MIN_RANGE), _CODE_MAX)
+    v = tl.math.div_rn(w - off_new[:, None], new_scale[:, None])  # continuous code position in [0, 255]
 
     # SR: floor(v) + [u < frac(v)], u from the caller (tests) or Philox4x32-10 keyed by seed: element i takes
     # output i % 4 of counter i // 4 (one Philox evaluation per 4 elements: the kernel's main ALU cost)
@@ -185,8 +218,8 @@ def _update_kernel(
     q = lower + (u < v - lower).to(tl.float32)
     q = tl.minimum(tl.maximum(q, 0.0), _CODE_MAX)
     tl.store(codes_ptr + flat, q.to(tl.uint8), mask=mask)
-    tl.store(scale_ptr + gid, new_scale, mask=gmask)
-    tl.store(offset_ptr + gid, lo, mask=gmask)
+    tl.store(scale_ptr + gid, new_scale.to(scale_ptr.dtype.element_ty), mask=gmask)  # exact: already on the grid
+    tl.store(offset_ptr + gid, off_new.to(offset_ptr.dtype.element_ty), mask=gmask)
 
 
 def _scale_mode(grad_scale: Tensor, shape: tuple[int, int]) -> int:
@@ -247,6 +280,6 @@ def int8_scaled_update_triton_(
         lr if lr_is_ptr else float(lr), float(decay), float(weight_decay),
         None if uniform is None else uniform.float().contiguous(), seed, G, n,
         GROUP=group_size, BLOCK_G=block_g, SCALE_MODE=mode, LR_IS_PTR=lr_is_ptr,
-        HAS_WD=weight_decay > 0, USE_UNIFORM=uniform is not None,
+        HAS_WD=weight_decay > 0, USE_UNIFORM=uniform is not None, META_BF16=scale.dtype == torch.bfloat16,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
