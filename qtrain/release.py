@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from qtrain.int8_linear import Int8Linear
 from qtrain.model import float_parameters, int8_layers, is_quantized_projection
-from qtrain.optim.base import Method, apply_update_, mix_seed, name_uid, seeded_generator
+from qtrain.optim.base import Method, apply_update_, name_uid, seeded_generator
 from qtrain.quant import dispatch
 from qtrain.quant.dispatch import update_seed
 from qtrain.quant.int8_update import int8_scaled_update_
@@ -116,7 +116,7 @@ class Updater:
 
     def _generator(self, name: str, device: torch.device) -> torch.Generator:
         """SR generator of one tensor in one step: seeded by (run seed, tensor, step), nothing to save."""
-        return seeded_generator(device, mix_seed(self.seed, name_uid(name), self.step))
+        return seeded_generator(device, update_seed(self.seed, name_uid(name), self.step))
 
     def _mark(self, name: str) -> None:
         if name in self.updated:

@@ -8,15 +8,12 @@ evaluation/checkpoint time.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F

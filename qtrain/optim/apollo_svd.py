@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, apollo_scaling
