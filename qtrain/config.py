@@ -106,6 +106,10 @@ class QuantConfig:
     """"auto". Kernels for int8 dequantize and update: "auto" = fused Triton kernels on CUDA (when triton is
     installed and the group size is a power of two), the plain-torch reference
     otherwise; "torch" forces the reference; "triton" forces the kernels (error where they cannot run)."""
+    matmul: str = _choice("dequantize", "fused")
+    """"dequantize". How int8 projections multiply: "dequantize" writes Ŵ in the compute dtype, then a cuBLAS GEMM;
+    "fused" = one Triton kernel that dequantizes weight tiles inside the GEMM (forward and input gradient), used
+    where the Triton kernels run (see kernels). tools/bench_matmul.py measures which is faster on your GPU."""
 
 
 @dataclass

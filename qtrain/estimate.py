@@ -441,6 +441,12 @@ def float_update_peak(name: str, updater, device_type: str) -> int:
 
 
 # ---- the phases of one step ----------------------------------------------------------------------------
+def _fused_matmul(cfg: TrainConfig, device_type: str) -> bool:
+    """dispatch._use_fused_matmul for this recipe: Ŵ never exists as a tensor (it takes every layout the
+    Triton update kernels take)."""
+    return cfg.quant.matmul == "fused" and _triton_int8(cfg, device_type)
+
+
 def _triton_int8(cfg: TrainConfig, device_type: str) -> bool:
     """dispatch._use_triton for this recipe (Triton assumed installed on a CUDA machine: torch ships it).
 
@@ -504,7 +510,9 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
     block_layers = [l for n, l in updater.int8.items() if ".layers.0." in n][::-1]
     block_floats = [n for n in updater.floats
                     if ".layers.0." in n and is_quantized_projection(n.removesuffix(".weight"))][::-1]
-    fwd = max((dequantize_peak(tuple(l.codes.shape), compute, triton) for l in block_layers), default=0)
+    fused = _fused_matmul(cfg, device_type)  # then no layer holds a dequantized Ŵ, forward or backward
+    deq_peak = (lambda shape: 0) if fused else (lambda shape: dequantize_peak(shape, compute, triton))
+    fwd = max((deq_peak(tuple(l.codes.shape)) for l in block_layers), default=0)
 
     def weight_backward(name: str) -> tuple[int, int]:
         """(peak bytes beyond the activations while this projection back-propagates, gradient it leaves)."""
@@ -512,7 +520,7 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
             layer = updater.int8[name]
             shape = tuple(layer.codes.shape)
             mn, dx = shape[0] * shape[1], s * N * shape[1]
-            during = max(dequantize_peak(shape, compute, triton), s * mn + dx)
+            during = max(deq_peak(shape), s * mn + dx)
             upd = int8_update_peak(shape, layer.group_size, updater.matrix_method, compute, triton,
                                    cfg.quant.rounding) if release else 0
             return max(during, dx + s * mn + upd), s * mn
@@ -653,6 +661,8 @@ def _notes(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) ->
         kernels = ("Triton (fused, no fp32 transients; assumes triton is installed)" if _triton_int8(cfg, device_type)
                    else "torch reference (chunked fp32 transients)")
         notes.append(f"int8 dequantize/update kernels: {kernels}")
+        notes.append("int8 matmul: " + ("fused Triton dequant-GEMM (no dequantized weight)"
+                                        if _fused_matmul(cfg, device_type) else "dequantize, then GEMM"))
         notes.append(f"CUDA context ({CUDA_CONTEXT_BYTES / MiB:.0f} MiB) and allocator fragmentation "
                      f"({ALLOCATOR_SLACK:.0%} of the step's transients) are assumptions, not measured yet")
     notes.append("evaluation and text sampling run under no_grad and stay below a training step (not modelled)")

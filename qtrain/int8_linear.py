@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtrain.quant import dispatch
@@ -32,16 +31,15 @@ class _Int8LinearFn(torch.autograd.Function):
         x = x.to(dtype)
         ctx.layer = layer
         ctx.save_for_backward(x)  # the codes are NOT saved: the release hook rewrites them in place
-        return F.linear(x, layer.dequantize(dtype))  # (B, T, in) -> (B, T, out)
+        return layer.matmul_x(x)  # (B, T, in) -> (B, T, out)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         (x,) = ctx.saved_tensors
         layer: Int8Linear = ctx.layer
-        # Dequantize again rather than keep Ŵ alive from forward: one weight-sized transient at a time.
-        w = layer.dequantize(dy.dtype)  # (out, in); this layer has not been updated yet in this backward
-        dx = dy @ w if ctx.needs_input_grad[0] else None  # (B, T, in)
-        del w
+        # Ŵ again (dequantized or fused) rather than kept alive from forward: one weight-sized transient at a
+        # time; this layer's codes have not been updated yet in this backward.
+        dx = layer.matmul_grad_input(dy) if ctx.needs_input_grad[0] else None  # (B, T, in)
         dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (out, in)
         layer.receive_grad(dw)
         return dx, None, None
@@ -61,6 +59,7 @@ class Int8Linear(nn.Module):
         self.weight_grad: Tensor | None = None  # accumulated dW when no sink is attached
         self.grad_sink: GradSink | None = None
         self.kernels = "auto"  # dequantize backend ("auto" | "torch" | "triton"), set from [quant] kernels
+        self.matmul = "dequantize"  # "dequantize" then GEMM, or the "fused" dequant-GEMM: [quant] matmul
         # Autograd calls backward only if some input requires grad; without this anchor the first
         # layer (input from a frozen embedding, or raw features) would never see its dW.
         self._anchor = torch.empty(0, requires_grad=True)
@@ -84,6 +83,15 @@ class Int8Linear(nn.Module):
         """Ŵ (out, in) in dtype: one Triton kernel on CUDA, bit-identical to the torch reference."""
         return dispatch.dequantize(self.codes, self.scale, self.offset, self.group_size, dtype, self.kernels)
 
+    def matmul_x(self, x: Tensor) -> Tensor:
+        """x Ŵᵀ in x.dtype: (..., in) -> (..., out)."""
+        return dispatch.linear(x, self.codes, self.scale, self.offset, self.group_size, self.kernels, self.matmul)
+
+    def matmul_grad_input(self, dy: Tensor) -> Tensor:
+        """dy Ŵ in dy.dtype: (..., out) -> (..., in)."""
+        return dispatch.linear_grad_input(dy, self.codes, self.scale, self.offset, self.group_size, self.kernels,
+                                          self.matmul)
+
     def receive_grad(self, dw: Tensor) -> None:
         if self.grad_sink is not None:
             self.grad_sink(self, dw)
@@ -96,4 +104,5 @@ class Int8Linear(nn.Module):
         return _Int8LinearFn.apply(x, self._anchor, self)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, meta={self.scale.dtype}"
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"meta={self.scale.dtype}, matmul={self.matmul}")

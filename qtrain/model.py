@@ -79,6 +79,7 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
             if quant_cfg.enabled and isinstance(child, nn.Linear) and child_name in QUANTIZED_PROJECTIONS:
                 q = Int8Linear(child.in_features, child.out_features, quant_cfg.group_size, meta_dtype, device="meta")
                 q.kernels = getattr(quant_cfg, "kernels", "auto")
+                q.matmul = getattr(quant_cfg, "matmul", "dequantize")
                 setattr(module, child_name, q)
     model.to_empty(device=device)  # allocates (uninitialised) int8 codes and float params only
     with torch.device(device):

@@ -27,3 +27,38 @@ def tiny_model_cfg(**over):
 
 def quant_cfg(enabled=True, group_size=64, meta_dtype="float32"):
     return SimpleNamespace(enabled=enabled, group_size=group_size, meta_dtype=meta_dtype)
+
+
+# ---- Triton kernels: interpreter on CPU, compiled on CUDA ------------------------------------------------
+def triton_interpreted() -> bool:
+    from qtrain.quant import triton_kernels
+    return triton_kernels.interpret_mode()
+
+
+@pytest.fixture(params=[
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not triton_interpreted(),
+        reason="triton was imported compiled: run_cpu_cases_in_interpreter runs these in a fresh process")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        triton_interpreted() or not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")),
+])
+def kernel_device(request):
+    """Where a Triton-kernel test runs: "cpu" in Triton's interpreter, or "cuda" compiled."""
+    return torch.device(request.param)
+
+
+def run_cpu_cases_in_interpreter(test_file: str) -> None:
+    """Run test_file's "cpu" kernel cases in a fresh process with TRITON_INTERPRET=1 (a process that imported
+    triton compiled, i.e. a GPU machine, cannot switch to the interpreter) and assert they all passed."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+           "-k", "cpu and not interpreter_process"]
+    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    summary = run.stdout.strip().splitlines()[-1]  # "<n> passed, <k> deselected in <t>s"
+    assert re.match(r"\d+ passed, \d+ deselected in", summary), summary

@@ -81,7 +81,7 @@ def test_unknown_section_suggests():
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     (msg,) = problems_of({"quant": {"zzz": 1}})
-    assert msg == "[quant] unknown key 'zzz'; valid: 'enabled', 'group_size', 'meta_dtype', 'rounding', 'kernels'"
+    assert msg == "[quant] unknown key 'zzz'; valid: 'enabled', 'group_size', 'meta_dtype', 'rounding', 'kernels', 'matmul'"
 
 
 @pytest.mark.parametrize(

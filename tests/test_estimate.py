@@ -326,3 +326,21 @@ def test_trainer_memory_report_line():
     b = estimate(recipe("tiny"), "cuda")
     line = memory_report(b, allocated=b.peak_allocated // 2, reserved=b.peak_reserved)
     assert "(estimate" in line and "+100.0 %" in line and "+0.0 %" in line
+
+
+def test_fused_matmul_drops_the_dequantized_weight_where_it_runs():
+    # 7b without checkpointing on CUDA: the forward phase holds down_proj's dequantized bf16 weight
+    deq = "dequantized weight / attention scores (forward)"
+    base = estimate(recipe("7b"), "cuda")
+    fused = estimate(recipe("7b", ["quant.matmul=fused"]), "cuda")
+    def forward(b):
+        return next(p for p in b.phases if p.name.startswith("forward"))
+    assert forward(base).parts[deq] == 2 * 4096 * 11008  # bf16 Ŵ of the largest projection
+    assert forward(fused).parts.get(deq, 0) == 0  # zero-byte parts are left out
+    assert fused.peak_allocated <= base.peak_allocated
+    assert "int8 matmul: fused Triton dequant-GEMM (no dequantized weight)" in " ".join(fused.notes)
+    # nothing changes where the fused kernel cannot run: CPU, or the torch kernels
+    for device, over in (("cpu", []), ("cuda", ["quant.kernels=torch"])):
+        a = estimate(recipe("7b", over), device)
+        b = estimate(recipe("7b", over + ["quant.matmul=fused"]), device)
+        assert a.peak_allocated == b.peak_allocated

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ tl = triton.language
 from qtrain.quant import dispatch, triton_kernels  # noqa: E402
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from qtrain.quant.int8_update import int8_scaled_update_  # noqa: E402
+from conftest import run_cpu_cases_in_interpreter  # noqa: E402
 
 sr_module = importlib.import_module("qtrain.quant.stochastic_round")  # the module (quant/__init__ exports a function)
 INTERPRETED = triton_kernels.interpret_mode()
@@ -38,25 +38,14 @@ SHAPES = [(16, 64, 32), (12, 40, 32)]  # (m, n, g); 12x40 in groups of 32 stradd
 ONE_MINUS_ULP = 1 - 2**-24  # the largest fp32 below 1
 
 
-@pytest.fixture(params=[
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="triton was imported compiled: test_cpu_cases_in_an_interpreter_process runs these")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        INTERPRETED or not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")),
-])
-def device(request):
-    return torch.device(request.param)
+@pytest.fixture
+def device(kernel_device):  # conftest: "cpu" (interpreter) or "cuda" (compiled)
+    return kernel_device
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the cpu cases ran in this process")
 def test_cpu_cases_in_an_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-           "-k", "cpu and not interpreter_process"]
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    summary = run.stdout.strip().splitlines()[-1]  # "<n> passed, <k> deselected in <t>s"
-    assert re.match(r"\d+ passed, \d+ deselected in", summary), summary
+    run_cpu_cases_in_interpreter(__file__)
 
 
 def quantized(m, n, g, device, seed=1234, meta_dtype=torch.float32):  # seed not 0: the autouse fixture

@@ -11,14 +11,16 @@ distribution, not bitwise.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from qtrain.optim.base import mix_seed
-from qtrain.quant import triton_kernels
+from qtrain.quant import triton_kernels, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
 
 BACKENDS = ("auto", "torch", "triton")
+MATMULS = ("dequantize", "fused")
 
 
 def update_seed(run_seed: int, uid: int, step: int) -> int:
@@ -49,6 +51,44 @@ def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale:
             f"on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (tests only)"
         )
     return True
+
+
+def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor,
+                      group_size: int) -> bool:
+    """The fused dequant-GEMM where asked for and the kernels run; else dequantize, then matmul.
+
+    backend "auto" falls back quietly (CPU, or a layout the kernel does not take); "triton" says why not.
+    """
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul = {matmul!r}; allowed: {MATMULS}")
+    if matmul == "dequantize" or not _use_triton(backend, (a, codes, scale, offset), codes, scale, offset,
+                                                   group_size):
+        return False
+    if backend == "auto":
+        try:
+            triton_matmul.check_supported(a.reshape(-1, a.shape[-1]), codes, scale, offset, group_size)
+        except ValueError:
+            return False
+    return True
+
+
+def linear(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, backend: str = "auto",
+           matmul: str = "dequantize") -> Tensor:
+    """y = x Ŵᵀ: x (..., K) -> (..., N) in x.dtype, Ŵ the int8 weight (N, K) dequantized to x.dtype."""
+    if _use_fused_matmul(matmul, backend, x, codes, scale, offset, group_size):
+        y = triton_matmul.int8_matmul_triton(x.reshape(-1, x.shape[-1]), codes, scale, offset, group_size)
+        return y.reshape(*x.shape[:-1], codes.shape[0])
+    return F.linear(x, dequantize(codes, scale, offset, group_size, x.dtype, backend))
+
+
+def linear_grad_input(dy: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int,
+                      backend: str = "auto", matmul: str = "dequantize") -> Tensor:
+    """dx = dy Ŵ: dy (..., N) -> (..., K) in dy.dtype, the input gradient of `linear`."""
+    if _use_fused_matmul(matmul, backend, dy, codes, scale, offset, group_size):
+        dx = triton_matmul.int8_matmul_grad_input_triton(dy.reshape(-1, dy.shape[-1]), codes, scale, offset,
+                                                         group_size)
+        return dx.reshape(*dy.shape[:-1], codes.shape[1])
+    return dy @ dequantize(codes, scale, offset, group_size, dy.dtype, backend)
 
 
 def dequantize(

@@ -1,0 +1,20 @@
+"""The benchmark scripts run end to end on CPU (their GPU figures come from running them on a GPU)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_matmul_smoke_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "tools/bench_matmul.py", "--tokens", "16", "--reps", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 6  # 3 shapes x (forward, grad input); each checked fused == dequantize before timing
+    assert "NOT a speed measurement" in run.stdout
+    assert re.search(r"tiny M=16: one step's projection GEMMs .* fused / dequantize \d+\.\d+x", run.stdout)
