@@ -18,3 +18,14 @@ def test_bench_matmul_smoke_in_the_interpreter():
     assert len(rows) == 6  # 3 shapes x (forward, grad input); each checked fused == dequantize before timing
     assert "NOT a speed measurement" in run.stdout
     assert re.search(r"tiny M=16: one step's projection GEMMs .* fused / dequantize \d+\.\d+x", run.stdout)
+
+
+def test_bench_step_smoke_on_cpu():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "tools/bench_step.py", "--device", "cpu", "--sizes", "tiny", "--points", "1x16",
+           "--steps", "1", "--warmup", "1", "--matmul", "dequantize,fused"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    paths = [line.split("|")[4].strip() for line in run.stdout.splitlines() if line.startswith("| tiny |")]
+    assert paths == ["qtrain", "qtrain fused", "bf16 floor", "apollo-torch"] * 2, paths  # progress, then summary
+    assert "tiny 1x16: qtrain fused / bf16 floor: tokens/s" in run.stdout

@@ -1,11 +1,11 @@
 """Step time, tokens/s and peak memory of qtrain's training step against two bf16 baselines, per size and batch.
 
-Three rows per (size, batch point), same LlamaConfig (qtrain.model.llama_config of the size's recipe), same
-batches (uniform random token ids from a seeded generator: speed and memory only, no corpus), same
+Rows per (size, batch point): qtrain once per --matmul mode, the bf16 floor, apollo-torch. Same LlamaConfig
+(qtrain.model.llama_config of the size's recipe), same batches (uniform random token ids from a seeded generator: speed and memory only, no corpus), same
 activation checkpointing (transformers' non-reentrant gradient checkpointing, on unless --no-checkpointing):
   qtrain       build_model (int8 projections) -> build_updater -> attach (layer-wise release), the recipe as
                shipped; a step is begin_step, lm_loss, backward, finish_step (qtrain.train.fit without logging).
-               Autocast dtype --dtype.
+               Autocast dtype --dtype. "qtrain" = [quant] matmul "dequantize", "qtrain fused" = "fused".
   bf16 floor   the same transformers Llama with --dtype parameters and no optimizer: every gradient is freed
                in a register_post_accumulate_grad_hook the moment it is final. Eager. The fastest a step
                that still computes every gradient can be.
@@ -31,6 +31,8 @@ Host syncs (CUDA only): one extra step under torch.cuda.set_sync_debug_mode("war
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import gc
 import os
 import statistics
@@ -217,13 +219,20 @@ def run_path(row: Row, build: Callable[[], tuple[Callable[[], object], Callable[
         free_memory(device)
 
 
+def qtrain_path(matmul: str) -> str:
+    return "qtrain" if matmul == "dequantize" else f"qtrain {matmul}"
+
+
 def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, device: torch.device) -> list[Row]:
+    """Rows: qtrain once per --matmul mode, then the bf16 floor and apollo-torch."""
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(cfg.train.seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen).to(device)  # (B, T+1)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each
     o = cfg.optim
-    rows = [Row(size, batch, seq_len, name) for name in ("qtrain", "bf16 floor", "apollo-torch")]
+    qtrain_cfgs = {qtrain_path(m): dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, matmul=m))
+                   for m in args.matmul}
+    rows = [Row(size, batch, seq_len, name) for name in (*qtrain_cfgs, "bf16 floor", "apollo-torch")]
 
     def checkpointed(model):
         if args.checkpointing:
@@ -231,7 +240,7 @@ def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, dev
         model.train()
         return model
 
-    def build_qtrain():
+    def build_qtrain(cfg: TrainConfig):
         torch.manual_seed(cfg.train.seed)
         model = checkpointed(build_model(cfg.model, cfg.quant, device, seed=cfg.train.seed))
         updater = build_updater(model, cfg)
@@ -274,7 +283,8 @@ def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, dev
 
         return step, lambda: model_bytes(model) + tensor_bytes([opt.state for opt in optimizers]), False
 
-    for row, build in zip(rows, (build_qtrain, build_floor, build_apollo_torch)):
+    builds = [functools.partial(build_qtrain, c) for c in qtrain_cfgs.values()] + [build_floor, build_apollo_torch]
+    for row, build in zip(rows, builds):
         run_path(row, build, args, device)
     return rows
 
@@ -300,36 +310,41 @@ def table(rows: list[Row], checkpointing: bool) -> list[str]:
 
 def ratio_lines(rows: list[Row], device: torch.device) -> list[str]:
     out = []
-    for i in range(0, len(rows), 3):
-        q, floor, ref = rows[i : i + 3]
-        head = f"{q.size} {q.batch}x{q.seq_len}:"
-        if q.error:
-            out.append(f"{head} qtrain {q.error}")
-            continue
-        for other, label in ((floor, "bf16 floor"), (ref, "apollo-torch APOLLO-Mini")):
-            if other.error:
-                out.append(f"{head} qtrain / {label}: {label} {other.error}")
+    points: dict[tuple[str, int, int], list[Row]] = {}
+    for r in rows:
+        points.setdefault((r.size, r.batch, r.seq_len), []).append(r)
+    for (size, batch, seq_len), point in points.items():
+        floor = next(r for r in point if r.path == "bf16 floor")
+        ref = next(r for r in point if r.path == "apollo-torch")
+        head = f"{size} {batch}x{seq_len}:"
+        for q in (r for r in point if r.path.startswith("qtrain")):
+            if q.error:
+                out.append(f"{head} {q.path} {q.error}")
                 continue
-            mem = (f", peak alloc {q.peak_alloc / other.peak_alloc:.2f}x" if q.peak_alloc and other.peak_alloc
-                   else f", persistent {q.persistent / other.persistent:.2f}x")
-            out.append(f"{head} qtrain / {label}: tokens/s {q.tokens_per_s / other.tokens_per_s:.2f}x{mem}")
-        if device.type == "cuda":
-            out.append(f"{head} no host-device sync in a qtrain step (set_sync_debug_mode('error'), logging "
-                       f"excluded): {q.sync_check}")
-        quoted = QUOTED.get((q.size, q.batch, q.seq_len))
-        if quoted:
-            note = "" if device.type == "cuda" else " (this run is on CPU: the ratios below are not meaningful)"
-            out.append(f"{head} quoted, H100, from the issue{note}:")
-            if "official" in quoted:
-                tps, peak = quoted["official"]
-                mem = f", peak alloc {q.peak_alloc / 2**30 / peak:.2f}x" if q.peak_alloc else ""
-                out.append(f"  official Q-APOLLO {tps:,} tokens/s at {peak} GiB -> qtrain / official: "
-                           f"tokens/s {q.tokens_per_s / tps:.2f}x{mem}")
-            if "floor" in quoted:
-                tps, how = quoted["floor"]
-                measured = "" if floor.error else f"; measured floor / quoted floor {floor.tokens_per_s / tps:.2f}x"
-                out.append(f"  bf16 floor{how} {tps:,} tokens/s -> qtrain / quoted floor: "
-                           f"tokens/s {q.tokens_per_s / tps:.2f}x{measured}")
+            for other, label in ((floor, "bf16 floor"), (ref, "apollo-torch APOLLO-Mini")):
+                if other.error:
+                    out.append(f"{head} {q.path} / {label}: {label} {other.error}")
+                    continue
+                mem = (f", peak alloc {q.peak_alloc / other.peak_alloc:.2f}x" if q.peak_alloc and other.peak_alloc
+                       else f", persistent {q.persistent / other.persistent:.2f}x")
+                out.append(f"{head} {q.path} / {label}: tokens/s {q.tokens_per_s / other.tokens_per_s:.2f}x{mem}")
+            if device.type == "cuda":
+                out.append(f"{head} no host-device sync in a {q.path} step (set_sync_debug_mode('error'), logging "
+                           f"excluded): {q.sync_check}")
+            quoted = QUOTED.get((size, batch, seq_len))
+            if quoted:
+                note = "" if device.type == "cuda" else " (this run is on CPU: the ratios below are not meaningful)"
+                out.append(f"{head} quoted, H100, from the issue{note}:")
+                if "official" in quoted:
+                    tps, peak = quoted["official"]
+                    mem = f", peak alloc {q.peak_alloc / 2**30 / peak:.2f}x" if q.peak_alloc else ""
+                    out.append(f"  official Q-APOLLO {tps:,} tokens/s at {peak} GiB -> {q.path} / official: "
+                               f"tokens/s {q.tokens_per_s / tps:.2f}x{mem}")
+                if "floor" in quoted:
+                    tps, how = quoted["floor"]
+                    measured = "" if floor.error else f"; measured floor / quoted floor {floor.tokens_per_s / tps:.2f}x"
+                    out.append(f"  bf16 floor{how} {tps:,} tokens/s -> {q.path} / quoted floor: "
+                               f"tokens/s {q.tokens_per_s / tps:.2f}x{measured}")
     return out
 
 
@@ -370,6 +385,9 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="recipe override for the qtrain path of every size, repeatable")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--matmul", default=None,
+                   help="comma-separated [quant] matmul modes, one qtrain row each (default dequantize,fused on "
+                        "CUDA; dequantize on CPU, where the fused kernel does not run)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per path (default 10 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default 3 on CUDA, 2 on CPU: oneDNN builds its bf16 kernels early)")
@@ -381,6 +399,7 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.steps = args.steps or (10 if cuda else 5)
+    args.matmul = [m.strip() for m in (args.matmul or ("dequantize,fused" if cuda else "dequantize")).split(",")]
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     points = [tuple(int(v) for v in pt.lower().split("x")) for pt in args.points.split(",")]
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
