@@ -339,8 +339,16 @@ def _apply_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
 
     The value is parsed as a TOML value (`[0.9, 0.95]`, `true`, `"x"`); text that is not valid TOML, or
     that targets a string key, is taken as a bare string, so `data.corpus=/data/c4.jsonl.gz` works.
+    An `optim.method` override naming another method than the recipe's empties [optim.args] first: those
+    were written for the recipe's method (APOLLO-Mini's scale 128 means nothing to GaLore), so the new
+    method starts from its defaults, and `optim.args...` overrides (in any position) apply on top.
     """
     problems = []
+    methods = [item.partition("=")[2].strip().strip("\"'") for item in overrides
+               if item.partition("=")[0].replace(" ", "") == "optim.method"]
+    optim = d.get("optim")
+    if methods and isinstance(optim, dict) and methods[-1] != optim.get("method", OptimConfig.method):
+        optim["args"] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         path = [p.strip() for p in key.strip().split(".")]

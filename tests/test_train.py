@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 from qtrain import checkpoint as ckpt_mod
 from qtrain import train as train_mod
 from qtrain.checkpoint import latest_checkpoint
+from qtrain.cli import find_recipe
 from qtrain.cli import main as cli
 from qtrain.config import TrainConfig
+from qtrain.optim.registry import build_method
 from qtrain.train import TrainingError, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,8 +227,15 @@ def test_other_methods_resume_bit_exactly(tmp_path, method_args):
 def test_method_hyperparameters_are_validated(tmp_path, capsys):
     assert cli(["train", "--out", str(tmp_path / "a"), "--set", "optim.method=galor"]) == 2
     assert "'galor' is unknown (did you mean 'galore'?)" in capsys.readouterr().err
-    assert cli(["train", "--out", str(tmp_path / "b"), "--set", "optim.method=galore"]) == 2  # APOLLO's args left
-    assert "'scale' is not a galore hyperparameter" in capsys.readouterr().err
+    recipe_args = TrainConfig.from_toml(find_recipe("tiny")).optim.args
+    assert "scale" in recipe_args  # APOLLO-Mini's: a method override must not pass it on to GaLore
+    switched = TrainConfig.from_toml(find_recipe("tiny"), ["optim.args.rank=4", "optim.method=galore"])
+    assert switched.optim.args == {"rank": 4}  # recipe args dropped, the args override kept (any order)
+    same = TrainConfig.from_toml(find_recipe("tiny"), ["optim.method=apollo_mini"])
+    assert same.optim.args == recipe_args  # not a change of method: the recipe's args stay
+    bad = TrainConfig.from_dict({"optim": {"method": "galore", "args": {"scale": 128}}})  # in a recipe: an error
+    with pytest.raises(ValueError, match=r"'scale' is not a galore hyperparameter.*Remove it from \[optim.args\]"):
+        build_method(bad.optim.method, bad.optim.args)
     assert cli(["train", "--out", str(tmp_path / "b"), "--set", "optim.method=galore", "--set", "optim.args={rnak = 4}"]) == 2
     assert "'rnak' is not a galore hyperparameter (did you mean 'rank'?)" in capsys.readouterr().err
     assert cli(["train", "--out", str(tmp_path / "c"), *[f"--set={o}" for o in FAST],

@@ -109,7 +109,8 @@ class Apollo(Method):
         if len(shape) != 2:
             raise ValueError(f"APOLLO needs 2-D weights, got shape {shape}")
         if not 1 <= self.rank <= min(shape):
-            raise ValueError(f"APOLLO rank = {self.rank} must be in [1, {min(shape)}] for a weight of shape {shape}")
+            raise ValueError(f"APOLLO rank = {self.rank} must be in [1, {min(shape)}] for a weight of shape {shape}: "
+                             f"set optim.args.rank (e.g. --set optim.args.rank={max(1, min(shape) // 4)})")
         if self.scale_type not in SCALE_TYPES:
             raise ValueError(f"APOLLO scale_type = {self.scale_type!r}; allowed: {SCALE_TYPES}")
         if self.bias_correction not in BIAS_CORRECTION_MODES:

@@ -34,4 +34,5 @@ def check_matrix_rank(method: str, rank: int, shape: tuple[int, ...]) -> None:
     if len(shape) != 2:
         raise ValueError(f"{method} needs 2-D weights, got shape {shape}; train other tensors with Adam")
     if not 1 <= rank <= min(shape):
-        raise ValueError(f"{method} rank = {rank} must be in [1, {min(shape)}] for a weight of shape {shape}")
+        raise ValueError(f"{method} rank = {rank} must be in [1, {min(shape)}] for a weight of shape {shape}: "
+                         f"set optim.args.rank (e.g. --set optim.args.rank={max(1, min(shape) // 4)})")

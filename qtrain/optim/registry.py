@@ -40,8 +40,8 @@ def build_method(name: str, args: dict[str, Any], weight_decay: float = 0.0, see
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"[optim.args] {key!r} is not a {name} hyperparameter{hint}; valid: {sorted(fields)}. "
-                             f"After changing optim.method, replace the whole table, e.g. "
-                             f"--set 'optim.args={{rank = 64}}' (or edit [optim.args] in the recipe)")
+                             f"Remove it from [optim.args] (a command-line optim.method override starts from "
+                             f"the method's defaults by itself)")
     kwargs = dict(args)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
