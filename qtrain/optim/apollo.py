@@ -89,10 +89,10 @@ def apollo_scaling(
 
 
 @dataclass
-class Apollo(Method):
-    """APOLLO hyperparameters. `scale` is α² (APOLLO's CLI convention: 128 means ×11.31)."""
-
-    accepts_low_precision_grad = True  # direction() upcasts bf16 gradients chunk by chunk itself
+class ApolloScaling(Method):
+    """The hyperparameters of APOLLO's gradient scaling (`apollo_scaling`), shared by APOLLO and APOLLO-SVD,
+    which differ only in P (seeded random vs stored top-r singular vectors). `scale` is α² (APOLLO's CLI
+    convention: 128 means ×11.31)."""
 
     rank: int = 256
     scale: float = 1.0
@@ -103,6 +103,14 @@ class Apollo(Method):
     bias_correction: str = "outside"
     gamma: float = 1.01
     seed: int = 0
+
+
+@dataclass
+class Apollo(ApolloScaling):
+    """APOLLO / APOLLO-Mini: P a seeded Gaussian (a×r)/√r, regenerated from its seed, never stored."""
+
+    accepts_low_precision_grad = True  # direction() upcasts bf16 gradients chunk by chunk itself
+
     official_seed_chain: bool = False
 
     def validate(self, shape: tuple[int, ...]) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, apollo_scaling
-from qtrain.optim.base import Method, MethodOptimizer, Update
+from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, ApolloScaling, apollo_scaling
+from qtrain.optim.base import MethodOptimizer, Update
 from qtrain.optim.galore import check_low_rank, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.projection import channel_shape, orient
@@ -22,18 +22,8 @@ from qtrain.optim.svd_projection import refresh_due, refresh_projection_
 
 
 @dataclass
-class ApolloSVDMethod(Method):
-    """APOLLO-SVD hyperparameters; `scale` is α² as in APOLLO (spec §6: α = 1 below 1B, 0.4 at 1B)."""
-
-    rank: int = 256
-    scale: float = 1.0
-    scale_type: str = "channel"
-    update_proj_gap: int = 200
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    bias_correction: str = "outside"
-    gamma: float = 1.01
-    seed: int = 0
+class ApolloSVDMethod(ApolloScaling):
+    """APOLLO-SVD: APOLLO's hyperparameters (spec §6: α = 1 below 1B, 0.4 at 1B), P stored and refreshed by SVD."""
 
     def validate(self, shape: tuple[int, ...]) -> None:
         check_low_rank("APOLLO-SVD", shape, self.rank, self.update_proj_gap, self.betas, self.eps)
