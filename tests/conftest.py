@@ -62,3 +62,32 @@ def run_cpu_cases_in_interpreter(test_file: str) -> None:
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]  # "<n> passed, <k> deselected in <t>s"
     assert re.match(r"\d+ passed, \d+ deselected in", summary), summary
+
+
+# compiled code without a GPU: Triton compiles for sm_90 on any machine (ptxas ships with the wheel)
+SM90_PRELUDE = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+
+def ptx(fn, signature, constexprs, **options):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"enable_fp_fusion": False, **options}  # what the launchers pass
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+"""
+
+
+def compile_for_sm90(script: str, tmp_path) -> dict[str, str]:
+    """Run SM90_PRELUDE + script (which prints a JSON {name: ptx}) in a fresh, compiled-mode process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", SM90_PRELUDE + script], env=env, cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout)

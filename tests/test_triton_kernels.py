@@ -12,12 +12,9 @@ test_cpu_cases_in_an_interpreter_process.
 
 import importlib
 import importlib.util
-import json
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +27,7 @@ tl = triton.language
 from qtrain.quant import dispatch, triton_kernels  # noqa: E402
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
 from qtrain.quant.int8_update import int8_scaled_update_  # noqa: E402
-from conftest import run_cpu_cases_in_interpreter  # noqa: E402
+from conftest import compile_for_sm90, run_cpu_cases_in_interpreter  # noqa: E402
 
 sr_module = importlib.import_module("qtrain.quant.stochastic_round")  # the module (quant/__init__ exports a function)
 INTERPRETED = triton_kernels.interpret_mode()
@@ -270,23 +267,14 @@ def test_philox_sr_is_unbiased(device, monkeypatch):
 # compiled code, without a GPU: Triton compiles for sm_90 on any machine (ptxas ships with the wheel)
 
 AOT_SCRIPT = r"""
-import json
-import triton
-from triton.backends.compiler import GPUTarget
 from qtrain.quant import triton_kernels as tk
-
-def ptx(fn, signature, constexprs):
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": tk.NUM_WARPS, "enable_fp_fusion": False}  # what the launchers pass
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 g = 128
 out = {"dequantize_bf16": ptx(
     tk._dequantize_kernel,
     {"codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "num_groups": "i32",
      "GROUP": "constexpr", "BLOCK_G": "constexpr", "OUT_BF16": "constexpr"},
-    {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "OUT_BF16": True})}
+    {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "OUT_BF16": True}, num_warps=tk.NUM_WARPS)}
 for name, mode, lr_ptr, wd, uniform, meta in [("update_scalar_philox", 0, False, False, False, "fp32"),
                                               ("update_row_tensor_lr_uniform", 2, True, True, True, "fp32"),
                                               ("update_scalar_philox_bf16_meta", 0, False, False, False, "bf16")]:
@@ -297,18 +285,14 @@ for name, mode, lr_ptr, wd, uniform, meta in [("update_scalar_philox", 0, False,
         "GROUP": "constexpr", "BLOCK_G": "constexpr", "SCALE_MODE": "constexpr", "LR_IS_PTR": "constexpr",
         "HAS_WD": "constexpr", "USE_UNIFORM": "constexpr", "META_BF16": "constexpr"},
         {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "SCALE_MODE": mode, "LR_IS_PTR": lr_ptr, "HAS_WD": wd,
-         "USE_UNIFORM": uniform, "META_BF16": meta == "bf16", **({} if uniform else {"uniform_ptr": None})})
+         "USE_UNIFORM": uniform, "META_BF16": meta == "bf16", **({} if uniform else {"uniform_ptr": None})},
+        num_warps=tk.NUM_WARPS)
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_sm90_with_the_reference_roundings(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled mode: a fresh process
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=Path(__file__).parents[1],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    ptx = json.loads(run.stdout)
+    ptx = compile_for_sm90(AOT_SCRIPT, tmp_path)
     per_thread = triton_kernels.TILE_ELEMS // (32 * triton_kernels.NUM_WARPS)  # 16 elements
     for name, code in ptx.items():
         assert "ld.global.v4.b32" in code, f"{name}: codes are not loaded 16 bytes at a time"

@@ -5,11 +5,8 @@ Exactness: fed an identity matrix the kernels return Ŵᵀ / Ŵ bit for bit (the
 reference's). Products: within fp32 accumulation error of an fp64 product of the same rounded operands.
 """
 
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +15,8 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` of the process
 triton = pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
 
-from conftest import quant_cfg, run_cpu_cases_in_interpreter, tiny_model_cfg, triton_interpreted  # noqa: E402
+from conftest import (  # noqa: E402
+    compile_for_sm90, quant_cfg, run_cpu_cases_in_interpreter, tiny_model_cfg, triton_interpreted)
 from qtrain.int8_linear import Int8Linear  # noqa: E402
 from qtrain.model import build_model  # noqa: E402
 from qtrain.quant import dispatch, triton_matmul  # noqa: E402
@@ -203,18 +201,12 @@ def test_tiny_llama_loss_and_gradients_agree_between_matmul_paths_cpu():
 # compiled code, without a GPU: the kernels compile for sm_90 to wgmma, with the dequantize unfused
 
 AOT_SCRIPT = r"""
-import json
-import triton
-from triton.backends.compiler import GPUTarget
 from qtrain.quant import triton_matmul as tm
 
-def ptx(fn, names, constexprs, warps, stages):
+def mm_ptx(fn, names, constexprs, warps, stages):
     types = ["*bf16", "*u8", "*fp32", "*fp32", "*bf16"] + ["i32"] * 5
     signature = {n: t for n, t in zip(names, types)} | {k: "constexpr" for k in constexprs}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False}  # what the launcher passes
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return ptx(fn, signature, constexprs, num_warps=warps, num_stages=stages)
 
 meta = {"GROUP": 128, "SWIZZLE": 8, "RNE_BF16": False, "IEEE": False}
 fwd = ["x_ptr", "codes_ptr", "scale_ptr", "offset_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_ym"]
@@ -222,21 +214,16 @@ bwd = ["dy_ptr", "codes_ptr", "scale_ptr", "offset_ptr", "dx_ptr", "M", "N", "K"
 out = {}
 for aligned in (True, False):
     tag = "" if aligned else " (gathered scales)"
-    out["forward" + tag] = ptx(tm._int8_matmul_kernel, fwd,
-                               {**meta, "ALIGNED": aligned, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 3)
-    out["grad_input" + tag] = ptx(tm._int8_matmul_grad_input_kernel, bwd,
-                                  {**meta, "ALIGNED": aligned, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4)
+    out["forward" + tag] = mm_ptx(tm._int8_matmul_kernel, fwd,
+                                  {**meta, "ALIGNED": aligned, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 8, 3)
+    out["grad_input" + tag] = mm_ptx(tm._int8_matmul_grad_input_kernel, bwd,
+                                     {**meta, "ALIGNED": aligned, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4)
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_sm90_to_tensor_core_mma(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled mode: a fresh process
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, cwd=Path(__file__).parents[1],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    for name, code in json.loads(run.stdout).items():
+    for name, code in compile_for_sm90(AOT_SCRIPT, tmp_path).items():
         assert "wgmma.mma_async" in code, f"{name}: no Hopper tensor-core MMA"
         assert "cvt.rn.bf16" in code, f"{name}: Ŵ is not rounded to nearest into bf16"
         assert "fma.rn.f32" not in code, f"{name}: codes*scale + offset contracted into an FMA (torch rounds twice)"
