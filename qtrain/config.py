@@ -344,11 +344,7 @@ def _apply_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
     method starts from its defaults, and `optim.args...` overrides (in any position) apply on top.
     """
     problems = []
-    methods = [item.partition("=")[2].strip().strip("\"'") for item in overrides
-               if item.partition("=")[0].replace(" ", "") == "optim.method"]
-    optim = d.get("optim")
-    if methods and isinstance(optim, dict) and methods[-1] != optim.get("method", OptimConfig.method):
-        optim["args"] = {}
+    parsed = []  # (item, key path, value)
     for item in overrides:
         key, sep, text = item.partition("=")
         path = [p.strip() for p in key.strip().split(".")]
@@ -362,6 +358,12 @@ def _apply_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
             value = text
         if len(path) == 2 and _field_type(*path) == "str" and not isinstance(value, str):
             value = text  # data.tokenizer=2048 means the file "2048", not an integer
+        parsed.append((item, path, value))
+    methods = [value for _, path, value in parsed if path == ["optim", "method"]]
+    optim = d.get("optim")
+    if methods and isinstance(optim, dict) and methods[-1] != optim.get("method", OptimConfig.method):
+        optim["args"] = {}
+    for item, path, value in parsed:
         table = d
         for part in path[:-1]:
             table = table.setdefault(part, {})

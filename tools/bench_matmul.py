@@ -59,11 +59,8 @@ def projection_shapes(cfg: TrainConfig) -> list[tuple[str, int, int, int]]:
     m = cfg.model
     d, ff = m.hidden_size, m.intermediate_size
     kv = (m.num_kv_heads or m.num_heads) * (d // m.num_heads)
-    shapes = [("q,o", 2, d, d)] + ([("k,v", 2, kv, d)] if kv != d else []) + [("gate,up", 2, ff, d),
-                                                                               ("down", 1, d, ff)]
-    if kv == d:
-        shapes[0] = ("q,k,v,o", 4, d, d)
-    return shapes
+    attention = [("q,k,v,o", 4, d, d)] if kv == d else [("q,o", 2, d, d), ("k,v", 2, kv, d)]
+    return attention + [("gate,up", 2, ff, d), ("down", 1, d, ff)]
 
 
 def timer(device: torch.device, reps: int):
@@ -156,7 +153,7 @@ def main() -> None:
                     for path in PATHS:
                         totals[path] += L * count * ms[path]
                 print(f"{size} M={M} {name} {N}x{K}: done", flush=True)
-            per_step[(size, M)] = totals
+            per_step[(size, M)] = (L, totals)
 
     def mib(b):
         return "n/a" if b is None else f"{b / 2**20:.1f}"
@@ -169,11 +166,11 @@ def main() -> None:
         f"{mib(mem['bf16 weight'])} / {mib(mem['dequantize'])} / {mib(mem['fused'])} |"
         for c, op, ms, mem in rows]
     summary = [
-        f"{size} M={M}: one step's projection GEMMs (forward + input gradient, {cfg_layers(size)} layers): "
+        f"{size} M={M}: one step's projection GEMMs (forward + input gradient, {L} layers): "
         f"bf16 weight {t['bf16 weight']:.1f} ms, dequantize {t['dequantize']:.1f} ms, fused {t['fused']:.1f} ms; "
         f"fused / dequantize {t['fused'] / t['dequantize']:.2f}x, dequantize / bf16 "
         f"{t['dequantize'] / t['bf16 weight']:.2f}x, fused / bf16 {t['fused'] / t['bf16 weight']:.2f}x"
-        for (size, M), t in per_step.items()]
+        for (size, M), (L, t) in per_step.items()]
     name = torch.cuda.get_device_name(device) if cuda else "CPU, Triton interpreter"
     settings = [f"settings: {name}, torch {torch.__version__}, triton {triton_kernels.triton.__version__}, "
                 f"{args.dtype} activations, fp32 group metadata",
@@ -185,10 +182,6 @@ def main() -> None:
         title = f"Int8 projection GEMMs: {name}" + ("" if cuda else " (not GPU numbers)")
         write_docs(title, body)
         print(f"wrote section '{title}'")
-
-
-def cfg_layers(size: str) -> int:
-    return TrainConfig.from_toml(find_recipe(size)).model.num_layers
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale
                       group_size: int) -> bool:
     """The fused dequant-GEMM where asked for and the kernels run; else dequantize, then matmul.
 
-    backend "auto" falls back quietly (CPU, or a layout the kernel does not take); "triton" says why not.
+    a: the 2-D activation. backend "auto" falls back quietly (CPU, or a layout the kernel does not take);
+    "triton" says why not.
     """
     if matmul not in MATMULS:
         raise ValueError(f"matmul = {matmul!r}; allowed: {MATMULS}")
@@ -66,7 +67,7 @@ def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale
         return False
     if backend == "auto":
         try:
-            triton_matmul.check_supported(a.reshape(-1, a.shape[-1]), codes, scale, offset, group_size)
+            triton_matmul.check_supported(a, codes, scale, offset, group_size)
         except ValueError:
             return False
     return True
@@ -75,20 +76,23 @@ def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale
 def linear(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, backend: str = "auto",
            matmul: str = "dequantize") -> Tensor:
     """y = x Ŵᵀ: x (..., K) -> (..., N) in x.dtype, Ŵ the int8 weight (N, K) dequantized to x.dtype."""
-    if _use_fused_matmul(matmul, backend, x, codes, scale, offset, group_size):
-        y = triton_matmul.int8_matmul_triton(x.reshape(-1, x.shape[-1]), codes, scale, offset, group_size)
-        return y.reshape(*x.shape[:-1], codes.shape[0])
-    return F.linear(x, dequantize(codes, scale, offset, group_size, x.dtype, backend))
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if _use_fused_matmul(matmul, backend, x2, codes, scale, offset, group_size):
+        y = triton_matmul.int8_matmul_triton(x2, codes, scale, offset, group_size)
+    else:
+        y = F.linear(x2, dequantize(codes, scale, offset, group_size, x.dtype, backend))
+    return y.reshape(*x.shape[:-1], codes.shape[0])
 
 
 def linear_grad_input(dy: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int,
                       backend: str = "auto", matmul: str = "dequantize") -> Tensor:
     """dx = dy Ŵ: dy (..., N) -> (..., K) in dy.dtype, the input gradient of `linear`."""
-    if _use_fused_matmul(matmul, backend, dy, codes, scale, offset, group_size):
-        dx = triton_matmul.int8_matmul_grad_input_triton(dy.reshape(-1, dy.shape[-1]), codes, scale, offset,
-                                                         group_size)
-        return dx.reshape(*dy.shape[:-1], codes.shape[1])
-    return dy @ dequantize(codes, scale, offset, group_size, dy.dtype, backend)
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
+    if _use_fused_matmul(matmul, backend, dy2, codes, scale, offset, group_size):
+        dx = triton_matmul.int8_matmul_grad_input_triton(dy2, codes, scale, offset, group_size)
+    else:
+        dx = dy2 @ dequantize(codes, scale, offset, group_size, dy.dtype, backend)
+    return dx.reshape(*dy.shape[:-1], codes.shape[1])
 
 
 def dequantize(

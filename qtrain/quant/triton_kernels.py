@@ -61,16 +61,16 @@ def interpret_mode() -> bool:
     return HAVE_TRITON and isinstance(_update_kernel, InterpretedFunction)
 
 
-def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
-    """Raise ValueError if the Triton kernels cannot take these tensors (the torch references can)."""
+def weight_problems(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> list[str]:
+    """What keeps every Triton int8 kernel (these and triton_matmul's) from taking this weight: triton
+    missing, codes not contiguous uint8 (m, n), group metadata of the wrong dtype or shape, int32 overflow.
+    The group-size rule is each kernel's own."""
     G = num_groups(codes.shape, group_size)
     problems = []
     if not HAVE_TRITON:
         problems.append("triton is not installed (pip install triton)")
     if codes.dtype != torch.uint8 or codes.dim() != 2 or not codes.is_contiguous():
         problems.append(f"codes must be contiguous uint8 (m, n), got {codes.dtype} {tuple(codes.shape)}")
-    if group_size < 4 or group_size & (group_size - 1):
-        problems.append(f"group size {group_size} must be a power of two >= 4 (tiles; 4 uniforms per Philox draw)")
     for name, t in (("scale", scale), ("offset", offset)):
         if t.dtype not in META_DTYPES or t.shape != (G,) or not t.is_contiguous():
             problems.append(f"{name} must be contiguous fp32 or bf16 of shape ({G},), got {t.dtype} {tuple(t.shape)}")
@@ -78,6 +78,14 @@ def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: in
         problems.append(f"scale and offset dtypes differ ({scale.dtype}, {offset.dtype})")
     if codes.numel() >= 2**31:
         problems.append(f"{codes.numel()} elements >= 2^31 (the kernels index with int32)")
+    return problems
+
+
+def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
+    """Raise ValueError if the Triton kernels cannot take these tensors (the torch references can)."""
+    problems = weight_problems(codes, scale, offset, group_size)
+    if group_size < 4 or group_size & (group_size - 1):
+        problems.append(f"group size {group_size} must be a power of two >= 4 (tiles; 4 uniforms per Philox draw)")
     if problems:
         raise ValueError(
             "the Triton int8 kernels cannot handle this weight: " + "; ".join(problems)

@@ -25,15 +25,13 @@ import torch
 from torch import Tensor
 
 from qtrain.quant.groupwise import dequantize_groupwise
-from qtrain.quant.triton_kernels import HAVE_TRITON, META_DTYPES, interpret_mode
+from qtrain.quant.triton_kernels import HAVE_TRITON, _jit, interpret_mode, weight_problems
 
-if HAVE_TRITON:
+if HAVE_TRITON:  # without it the references serve; the kernels below stay plain, never-launched functions
     import triton
     import triton.language as tl
 
-    from qtrain.quant.triton_kernels import _bf16_rne, _jit
-else:  # the references serve CPU-only installs; the kernels below stay plain, never-launched functions
-    from qtrain.quant.triton_kernels import _jit
+    from qtrain.quant.triton_kernels import _bf16_rne
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRET_BLOCK = 16  # every block dimension in Triton's CPU interpreter (tl.dot's minimum): tiny test shapes
@@ -52,24 +50,14 @@ def int8_matmul_grad_input_reference(dy: Tensor, codes: Tensor, scale: Tensor, o
 
 def check_supported(a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
     """Raise ValueError if the fused kernels cannot take these tensors (the references can)."""
-    problems = []
-    if not HAVE_TRITON:
-        problems.append("triton is not installed (pip install triton)")
-    if codes.dtype != torch.uint8 or codes.dim() != 2 or not codes.is_contiguous():
-        problems.append(f"codes must be contiguous uint8 (N, K), got {codes.dtype} {tuple(codes.shape)}")
-    else:
-        N, K = codes.shape
-        if group_size < 1 or group_size & (group_size - 1) or (N * K) % group_size:
-            problems.append(f"group size {group_size} must be a power of two dividing the weight's {N * K} elements")
-        G = N * K // max(group_size, 1)
-        for name, t in (("scale", scale), ("offset", offset)):
-            if t.dtype not in META_DTYPES or t.shape != (G,) or not t.is_contiguous():
-                problems.append(f"{name} must be contiguous fp32 or bf16 of shape ({G},), got {t.dtype} "
-                                f"{tuple(t.shape)}")
-        if codes.numel() >= 2**31 or a.numel() >= 2**31:
-            problems.append("2^31 or more elements (the kernels index with int32)")
+    problems = weight_problems(codes, scale, offset, group_size)
+    if group_size & (group_size - 1):
+        problems.append(f"group size {group_size} must be a power of two dividing the weight's {codes.numel()} "
+                        f"elements")
     if a.dtype not in COMPUTE_DTYPES or a.dim() != 2:
         problems.append(f"the activation must be 2-D fp32, bf16 or fp16, got {a.dtype} {tuple(a.shape)}")
+    if a.numel() >= 2**31:
+        problems.append(f"{a.numel()} activation elements >= 2^31 (the kernels index with int32)")
     if problems:
         raise ValueError("the fused int8 matmul cannot handle this weight: " + "; ".join(problems)
                          + ". Use [quant] matmul = \"dequantize\".")
