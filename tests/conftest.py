@@ -91,3 +91,10 @@ def compile_for_sm90(script: str, tmp_path) -> dict[str, str]:
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout)
+
+
+def closed_loop_grad(w: torch.Tensor, t: int, seed_base: int) -> torch.Tensor:
+    """A toy gradient for optimizer tests: depends on the weight (closed loop) plus fresh noise every step t;
+    each test module draws its own noise stream (seed_base)."""
+    g = torch.Generator().manual_seed(seed_base + t)
+    return 0.5 * w + torch.randn(w.shape, generator=g)

@@ -1,7 +1,10 @@
 """APOLLO-SVD (spec §6): SVD projection, full-rank reduction at t = 1, parity with apollo-torch proj="svd"."""
 
+import functools
+
 import pytest
 import torch
+from conftest import closed_loop_grad
 from torch import nn
 
 from qtrain.optim import APOLLOSVD, ApolloSVDMethod, apollo_scaling
@@ -10,9 +13,7 @@ from qtrain.optim.projection import channel_shape, orient
 SHAPES = [(12, 20), (20, 12), (16, 16)]
 
 
-def toy_grad(w, t):
-    g = torch.Generator().manual_seed(3000 + t)
-    return 0.5 * w + torch.randn(w.shape, generator=g)
+toy_grad = functools.partial(closed_loop_grad, seed_base=3000)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -1,20 +1,19 @@
 """I3S subspace sampling (spec §9) and Fira-Adam (spec §8)."""
 
+import functools
 import itertools
 import math
 
 import pytest
 import torch
+from conftest import closed_loop_grad
 
 from qtrain.optim import FiraMethod, GaLoreMethod
 from qtrain.optim.fira import fira_residual
 from qtrain.optim.projection import orient
 from qtrain.optim.svd_projection import i3s_indices, singular_basis
 
-
-def toy_grad(w: torch.Tensor, t: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(2000 + t)
-    return 0.5 * w + torch.randn(w.shape, generator=g)
+toy_grad = functools.partial(closed_loop_grad, seed_base=2000)
 
 
 def rand(shape, seed):

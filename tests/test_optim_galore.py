@@ -1,7 +1,10 @@
 """GaLore-Adam (spec §7): parity with galore-torch, projection properties, refresh schedule."""
 
+import functools
+
 import pytest
 import torch
+from conftest import closed_loop_grad
 from torch import nn
 
 from qtrain.optim import GaLore, GaLoreMethod, apply_update_
@@ -10,10 +13,7 @@ from qtrain.optim.projection import orient
 SHAPES = [(12, 20), (20, 12), (16, 16)]  # direct branch, transposed branch, square (transposed, spec §0)
 
 
-def toy_grad(w: torch.Tensor, t: int) -> torch.Tensor:
-    """A gradient that depends on the weight (closed loop) plus fresh noise every step."""
-    g = torch.Generator().manual_seed(1000 + t)
-    return 0.5 * w + torch.randn(w.shape, generator=g)
+toy_grad = functools.partial(closed_loop_grad, seed_base=1000)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -1,11 +1,13 @@
 """Optimizer state of every matrix method: footprint (spec §4-§11 figures), checkpointability, bitwise resume."""
 
 import copy
+import functools
 import json
 
 import pytest
 import safetensors.torch
 import torch
+from conftest import closed_loop_grad
 
 from qtrain.optim import MATRIX_METHODS, apply_update_, build_method
 
@@ -70,9 +72,7 @@ RESUME_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in a.items() if k not in ('ran
 STEPS = 2 * GAP + 3
 
 
-def toy_grad(w: torch.Tensor, t: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(4000 + t)
-    return 0.5 * w + torch.randn(w.shape, generator=g)
+toy_grad = functools.partial(closed_loop_grad, seed_base=4000)
 
 
 def run(method, state, w, steps: range) -> None:
