@@ -28,19 +28,18 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from qtrain.atomic import TMP_PREFIX, fsync_path, remove_scratch, replace_dir, write_atomic
+from qtrain.errors import CheckpointError
+
 FORMAT_VERSION = 1  # bump when meta.json or the tensor naming changes incompatibly
 CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
-TMP_PREFIX = ".tmp-"  # everything starting with this is scratch: skipped by latest_checkpoint, removed by saves
 RESERVED_META_KEYS = ("step", "format_version", "sha256", "num_tensors")
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _HASH_CHUNK = 1 << 24  # 16 MiB reads keep hashing a multi-GB file at disk speed without holding it in memory
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or one on disk is missing files or fails its checksum."""
 
 
 @dataclass
@@ -71,45 +70,6 @@ class TrainingProgress:
                 f"expected exactly {sorted(names)} (was the checkpoint written by another qtrain version?)"
             )
         return cls(**state)
-
-
-# --- durable file-system primitives ------------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory fsync makes the names created or renamed in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Make the complete directory src visible as dst, replacing an existing dst; fsyncs the parent.
-
-    os.replace cannot rename over a non-empty directory, so an existing dst is first renamed aside, src renamed
-    in, and only then the old copy deleted. If renaming src in fails, the old dst is put back before re-raising.
-    """
-    if not dst.exists():
-        os.replace(src, dst)
-    else:
-        aside = dst.with_name(f"{TMP_PREFIX}old-{dst.name}-{os.getpid()}")
-        os.replace(dst, aside)
-        try:
-            os.replace(src, dst)
-        except BaseException:
-            os.replace(aside, dst)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)  # a leftover is scratch (.tmp-), swept by the next save
-    fsync_path(dst.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -160,15 +120,6 @@ def _cpu_unaliased(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _remove_scratch(root: Path) -> None:
-    """Delete .tmp-* leftovers of saves that were killed mid-write (only one process saves into a run dir)."""
-    for p in root.glob(f"{TMP_PREFIX}*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
 def _prune(root: Path, keep: Path, keep_last: int) -> None:
     """Delete the oldest step dirs so that keep plus the keep_last - 1 newest others remain."""
     others = [p for _, p in _step_dirs(root) if p != keep]
@@ -201,7 +152,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    _remove_scratch(root)
+    remove_scratch(root)
     final = root / f"step-{step:08d}"
     existing = _step_dirs(root)
     previous = existing[0][1].name if existing else None
@@ -219,16 +170,16 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
             "sha256": _sha256(tensors_path),
             "num_tensors": len(tensors),
         }
-        _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())
+        with open(tmp / META_FILE, "wb") as f:
+            f.write(json.dumps(full_meta, indent=2, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
         fsync_path(tmp)
         replace_dir(tmp, final)
         installed = True
-        latest_tmp = root / f"{TMP_PREFIX}{LATEST_FILE}"
-        _write_synced(latest_tmp, f"{final.name}\n".encode())
-        os.replace(latest_tmp, root / LATEST_FILE)
-        fsync_path(root)
+        write_atomic(root / LATEST_FILE, f"{final.name}\n".encode())
     except BaseException as e:
-        _remove_scratch(root)
+        remove_scratch(root)
         if not isinstance(e, Exception):
             raise  # KeyboardInterrupt / SystemExit: scratch removed, propagate unchanged
         intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -247,8 +198,8 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
 # --- load ----------------------------------------------------------------------------------------------------
 
 
-def _verified_meta(path: Path) -> dict:
-    """meta.json of the checkpoint dir path, after checking that its tensors file matches the recorded sha256."""
+def read_meta(path: Path) -> dict:
+    """meta.json of the checkpoint dir path, unverified (cheap: the tensors file is not read)."""
     meta_path, tensors_path = path / META_FILE, path / TENSORS_FILE
     for p in (meta_path, tensors_path):
         if not p.is_file():
@@ -262,22 +213,22 @@ def _verified_meta(path: Path) -> dict:
             f"checkpoint {path} has format_version {meta.get('format_version')!r}; "
             f"this qtrain reads format_version {FORMAT_VERSION}"
         )
-    actual = _sha256(tensors_path)
+    return meta
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """(tensors on CPU, meta) of the checkpoint directory path, after verifying its sha256 (read once).
+
+    Raises CheckpointError, naming path, if a file is missing, the checksum differs or the tensor count is off.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    actual = _sha256(path / TENSORS_FILE)
     if actual != meta.get("sha256"):
         raise CheckpointError(
             f"checkpoint {path} is corrupt: sha256 of {TENSORS_FILE} is {actual}, "
             f"meta.json records {meta.get('sha256')}"
         )
-    return meta
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
-    """(tensors on CPU, meta) of the checkpoint directory path, after verifying its sha256.
-
-    Raises CheckpointError, naming path, if a file is missing, the checksum differs or the tensor count is off.
-    """
-    path = Path(path)
-    meta = _verified_meta(path)
     tensors = load_file(str(path / TENSORS_FILE), device="cpu")
     if len(tensors) != meta.get("num_tensors"):
         raise CheckpointError(
@@ -286,15 +237,43 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest step-* checkpoint under run_dir/checkpoints that verifies, or None.
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every step-* checkpoint directory of run_dir, newest step first (unverified; scratch dirs excluded)."""
+    return [p for _, p in _step_dirs(Path(run_dir) / CHECKPOINTS_DIR)]
 
-    Scans the directories by step, newest first; the `latest` file is only a hint and is not trusted.
-    A checkpoint that fails verification is skipped with a warning naming it.
+
+def load_latest(run_dir: Path, accept=None) -> tuple[Path, dict[str, Tensor], dict] | None:
+    """(path, tensors, meta) of the newest checkpoint that verifies, each file hashed once; None if there is none.
+
+    accept(path, meta) may raise to refuse a checkpoint before its tensors are read (a recipe that cannot
+    resume it): that error propagates. A damaged checkpoint is skipped with a warning naming it; when
+    checkpoints exist but none verifies, CheckpointError lists every failure instead of starting over.
+    The `latest` file is only a hint and is not trusted.
     """
-    for _, path in _step_dirs(Path(run_dir) / CHECKPOINTS_DIR):
+    failures = []
+    for path in checkpoint_dirs(run_dir):
         try:
-            _verified_meta(path)
+            meta = read_meta(path)
+            if accept is not None:
+                accept(path, meta)
+            tensors, meta = load_checkpoint(path)
+        except CheckpointError as e:
+            failures.append(str(e))
+            continue
+        for failure in failures:
+            warnings.warn(f"skipped damaged checkpoint: {failure}")
+        return path, tensors, meta
+    if failures:
+        raise CheckpointError("no checkpoint in " + str(run_dir) + " can be loaded:\n  " + "\n  ".join(failures)
+                              + "\nRestore a good copy, or delete the checkpoints directory to start from step 0")
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest step-* checkpoint under run_dir/checkpoints that verifies (hashes its tensors), or None."""
+    for path in checkpoint_dirs(run_dir):
+        try:
+            load_checkpoint(path)
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint {path}: {e}")
             continue

@@ -17,145 +17,17 @@ surrounding whitespace and empty ones are dropped.
 from __future__ import annotations
 
 import gzip
-import importlib
-import inspect
 import json
-import os
-import pkgutil
-import subprocess
-import sys
-import uuid
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
+
+from qtrain.default_corpus import default_corpus_path
+from qtrain.errors import DataError
 
 DEFAULT_CORPUS = "default"
-DEFAULT_CORPUS_VERSION = 1  # bump when the extraction below changes, so caches are rebuilt
-
-# Standard-library modules whose docstrings form the default corpus (packages include their submodules).
-# Fixed and sorted: the corpus must be the same text on every machine with the same Python version.
-# Left out: modules with import side effects (this, antigravity, rlcompleter), GUI (tkinter, idlelib),
-# tests, and modules deprecated for removal. All public docstrings of these give ~1.8 MB with the topics.
-DEFAULT_MODULES = (
-    "abc", "argparse", "array", "ast", "asyncio", "atexit", "base64", "bdb", "binascii", "bisect",
-    "builtins", "bz2", "calendar", "cmd", "code", "codecs", "codeop", "collections", "colorsys",
-    "concurrent", "configparser", "contextlib", "contextvars", "copy", "copyreg", "csv", "ctypes",
-    "dataclasses", "datetime", "dbm", "decimal", "difflib", "dis", "doctest", "email", "enum", "filecmp",
-    "fileinput", "fnmatch", "fractions", "ftplib", "functools", "gc", "getopt", "gettext", "glob",
-    "graphlib", "gzip", "hashlib", "heapq", "hmac", "html", "http", "imaplib", "importlib", "inspect", "io",
-    "ipaddress", "itertools", "json", "keyword", "linecache", "locale", "logging", "lzma", "mailbox",
-    "marshal", "math", "mimetypes", "mmap", "multiprocessing", "netrc", "numbers", "opcode", "operator",
-    "optparse", "os", "pathlib", "pdb", "pickle", "pickletools", "pkgutil", "platform", "plistlib",
-    "poplib", "pprint", "profile", "pstats", "pty", "pydoc", "queue", "quopri", "random", "re", "reprlib",
-    "runpy", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "site", "smtplib",
-    "socket", "socketserver", "sqlite3", "ssl", "stat", "statistics", "string", "stringprep", "struct",
-    "subprocess", "symtable", "sys", "sysconfig", "tabnanny", "tarfile", "tempfile", "textwrap",
-    "threading", "time", "timeit", "token", "tokenize", "trace", "traceback", "tracemalloc", "types",
-    "typing", "unicodedata", "unittest", "urllib", "uuid", "warnings", "wave", "weakref", "webbrowser",
-    "wsgiref", "xml", "xmlrpc", "zipapp", "zipfile", "zipimport", "zlib", "zoneinfo",
-)
-
-
-class DataError(ValueError):
-    """A problem with the corpus, tokenizer or token files; the message says what to fix."""
-
-
 class UndecodableBytesWarning(UserWarning):
     """A corpus file had bytes that are not UTF-8; they were skipped."""
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write chunks to path via a temp file in the same directory, fsync, then os.replace.
-
-    A crash or a concurrent run never leaves a half-written cache file under the final name.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # unique per writer
-    try:
-        with open(tmp, "xb") as f:  # mode 0666 & ~umask, like any file the user creates
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# --- the default corpus ----------------------------------------------------------------------------------
-
-
-def _module_docs(module) -> list[tuple[str, str]]:
-    """(qualified name, docstring) of a module, its public classes/functions and their public methods."""
-    found = [(module.__name__, inspect.getdoc(module))]
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        # keep objects defined here or in a C accelerator (posix for os, _collections for collections, ...)
-        owner = getattr(obj, "__module__", None) or ""
-        if owner != module.__name__ and not owner.startswith("_") and owner != "posix":
-            continue
-        found.append((f"{module.__name__}.{name}", inspect.getdoc(obj)))
-        if inspect.isclass(obj):
-            for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith("_") and (inspect.isroutine(member) or isinstance(member, property)):
-                    found.append((f"{module.__name__}.{name}.{attr}", inspect.getdoc(member)))
-    return [(qualname, doc) for qualname, doc in found if doc]
-
-
-def _submodules(name: str) -> list:
-    """The module and, for a package, its importable non-test submodules (recursive, sorted)."""
-    try:
-        module = importlib.import_module(name)
-    except Exception:  # absent on this platform (e.g. asyncio.windows_events): skip
-        return []
-    out = [module]
-    if hasattr(module, "__path__"):
-        for info in sorted(pkgutil.iter_modules(module.__path__, name + "."), key=lambda i: i.name):
-            if not {"test", "tests", "__main__"} & set(info.name.split(".")):
-                out += _submodules(info.name)
-    return out
-
-
-def build_default_corpus() -> list[str]:
-    """The embedded corpus as documents: one per pydoc topic (sorted), then one per module.
-
-    Deterministic for a given Python version (~1.8 MB of text on 3.11) when run in a clean interpreter
-    (see default_corpus_path); takes well under a second.
-    """
-    from pydoc_data.topics import topics
-
-    docs = [topics[key].strip() for key in sorted(topics)]
-    seen: set[str] = set()  # a docstring appears once, under its first name (re-exports, inherited docs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation warnings of stdlib modules (typing.io, ...) are not ours
-        modules = [module for top in DEFAULT_MODULES for module in _submodules(top)]
-        documented = [_module_docs(module) for module in modules]
-    for found in documented:
-        entries = []
-        for qualname, doc in found:
-            if doc not in seen:
-                seen.add(doc)
-                entries.append(f"{qualname}\n{doc}")
-        if entries:
-            docs.append("\n\n".join(entries).strip())
-    return [d for d in docs if d]
-
-
-def default_corpus_path(cache_root: Path) -> Path:
-    """The cached JSONL of the default corpus, extracted at first use in a fresh, isolated interpreter.
-
-    Not in this process: libraries imported here (torch, pytest, ...) patch stdlib functions such as
-    inspect.getfile, which would change the extracted text. `python -I -S` sees only the stdlib.
-    """
-    version = ".".join(map(str, sys.version_info[:3]))
-    path = cache_root / "corpus" / f"default-py{version}-v{DEFAULT_CORPUS_VERSION}.jsonl"
-    if not path.exists():
-        done = subprocess.run([sys.executable, "-I", "-S", __file__, str(path)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise DataError(f"extracting the default corpus into {path} failed:\n{done.stderr[-2000:]}")
-    return path
 
 
 # --- readers ---------------------------------------------------------------------------------------------
@@ -237,7 +109,3 @@ def iter_documents(corpus: str, cache_root: Path, max_chars: int = 0) -> Iterato
     if total == 0:
         raise DataError(f'[data] corpus = "{corpus}" contains no text (empty after stripping whitespace); '
                         f'add text to it or point [data] corpus elsewhere')
-
-
-if __name__ == "__main__":  # python -I -S qtrain/corpus.py OUT.jsonl: see default_corpus_path
-    write_atomic(Path(sys.argv[1]), (json.dumps({"text": d}).encode() + b"\n" for d in build_default_corpus()))

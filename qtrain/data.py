@@ -23,8 +23,11 @@ import torch
 from torch import Tensor
 
 from qtrain.config import DataConfig
-from qtrain.corpus import DataError, iter_documents, write_atomic
-from qtrain.tokenizer import check_vocab, load_tokenizer, train_tokenizer, trainer_fingerprint
+from qtrain.atomic import write_atomic
+from qtrain.corpus import iter_documents
+from qtrain.errors import DataError
+from qtrain.tokenizer import (check_vocab, load_tokenizer, save_run_tokenizer, tokenizer_sha256, train_tokenizer,
+                              trainer_fingerprint)
 
 ENCODE_BATCH_CHARS = 4_000_000  # documents are tokenized in batches of about this many characters
 
@@ -39,6 +42,11 @@ class Dataset:
     tokenizer_path: Path  # the cached or user-given .model file
     token_path: Path
     corpus_sha256: str
+    tokenizer_sha256: str
+
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint records of its data: a resume or an eval on other data can say so."""
+        return {"corpus": self.corpus_sha256, "tokenizer": self.tokenizer_sha256}
 
     def sampler(self, batch_size: int, seq_len: int, seed: int) -> TokenSampler:
         return TokenSampler(self.train, batch_size, seq_len, seed)
@@ -62,7 +70,7 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
     tokenizer_path = _tokenizer_file(data_cfg, documents, corpus_sha, vocab_size, root)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, vocab_size)
-    tokenizer_sha = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
+    tokenizer_sha = tokenizer_sha256(tokenizer_path)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     token_path = root / "tokens" / f"{corpus_sha[:16]}-{tokenizer_sha[:16]}.{dtype.name}.bin"
     if not token_path.exists():
@@ -80,8 +88,9 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
                 f"lower train.seq_len"
             )
     if run_dir is not None:
-        write_atomic(Path(run_dir) / "tokenizer.model", [tokenizer_path.read_bytes()])
-    return Dataset(tokens[: n - n_val], tokens[n - n_val :], tokenizer, tokenizer_path, token_path, corpus_sha)
+        save_run_tokenizer(tokenizer_path, run_dir)
+    return Dataset(tokens[: n - n_val], tokens[n - n_val :], tokenizer, tokenizer_path, token_path, corpus_sha,
+                   tokenizer_sha)
 
 
 def _corpus_sha256(documents: Iterable[str]) -> str:

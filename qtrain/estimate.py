@@ -2,7 +2,7 @@
 
 Persistent bytes are never computed from formulas: the model is built with `build_model` on the meta
 device, the updater with `build_updater`, every method state is created by the method's own
-`init_state` (through `Updater._method_state`, the trainer's own path) and every float optimizer takes
+`init_state` (through `Updater.method_state`, the trainer's own path) and every float optimizer takes
 one real step on meta tensors so bitsandbytes / torch create their lazy state there; the estimator sums
 the `nbytes`. Only what lives during a step is modelled: saved activations (one function,
 `activation_bytes`, with its derivation) and the transients of the update code paths (the `*_peak`
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,9 @@ from qtrain.optim.apollo_svd import ApolloSVDMethod
 from qtrain.optim.base import apply_update_
 from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.stochastic_round import rows_per_chunk
-from qtrain.train import autocast_dtype, build_updater
+from qtrain.build import build_updater
+from qtrain.device import autocast_dtype
+from qtrain.shipped_recipes import find_recipe
 
 GiB, MiB = 2**30, 2**20
 F32 = torch.float32.itemsize
@@ -154,9 +155,9 @@ def _persistent(cfg: TrainConfig, device_type: str):
         f"[model] float_dtype = {cfg.model.float_dtype!r}")
     updater = build_updater(model, cfg)
     for name, layer in updater.int8.items():  # what update_int8 creates at the first step
-        updater._method_state(name, updater.matrix_method, tuple(layer.codes.shape), META)
+        updater.method_state(name, updater.matrix_method, tuple(layer.codes.shape), META)
     for name, method in updater.method_floats.items():  # what update_float creates at the first step
-        updater._method_state(name, method, tuple(updater.floats[name].shape), META)
+        updater.method_state(name, method, tuple(updater.floats[name].shape), META)
     _step_float_optimizers_on_meta(updater)
 
     layers = updater.int8.values()
@@ -178,7 +179,7 @@ def _persistent(cfg: TrainConfig, device_type: str):
         by_method.setdefault(label, [type(method).__name__, []])[1].extend(_tensors(state))
     for label, (cls, tensors) in by_method.items():
         groups_of.append((Component(f"{label} states", 0, "persistent",
-                                    f"{cls}.init_state via Updater._method_state on meta"), tensors))
+                                    f"{cls}.init_state via Updater.method_state on meta"), tensors))
     by_opt: dict[str, list] = {}
     for opt in updater.float_opts.values():
         kind = type(opt)
@@ -450,10 +451,10 @@ def _fused_matmul(cfg: TrainConfig, device_type: str) -> bool:
 def _triton_int8(cfg: TrainConfig, device_type: str) -> bool:
     """dispatch._use_triton for this recipe (Triton assumed installed on a CUDA machine: torch ships it).
 
-    The layout rule is triton_kernels.check_supported's: a power-of-two group >= 4 (fp32 or bf16 metadata).
+    The layout rule is triton_kernels.check_supported's: a power-of-two group >= 8 (fp32 or bf16 metadata).
     """
     g = cfg.quant.group_size
-    layout_ok = g >= 4 and not g & (g - 1)
+    layout_ok = g >= 8 and not g & (g - 1)
     return device_type == "cuda" and cfg.quant.kernels != "torch" and layout_ok
 
 
@@ -514,6 +515,9 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
     deq_peak = (lambda shape: 0) if fused else (lambda shape: dequantize_peak(shape, compute, triton))
     fwd = max((deq_peak(tuple(l.codes.shape)) for l in block_layers), default=0)
 
+    # Int8Linear.receive_grad: one micro-batch leaves dW in the compute dtype; accumulation sums in fp32
+    held_int8_bytes = F32 if cfg.train.grad_accum_steps > 1 else s
+
     def weight_backward(name: str) -> tuple[int, int]:
         """(peak bytes beyond the activations while this projection back-propagates, gradient it leaves)."""
         if name in updater.int8:
@@ -523,7 +527,7 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
             during = max(deq_peak(shape), s * mn + dx)
             upd = int8_update_peak(shape, layer.group_size, updater.matrix_method, compute, triton,
                                    cfg.quant.rounding) if release else 0
-            return max(during, dx + s * mn + upd), s * mn
+            return max(during, dx + s * mn + upd), held_int8_bytes * mn
         p = updater.floats[name]
         grad, dx = p.numel() * p.element_size(), s * N * p.shape[1]
         cast = s * p.numel() + grad if p.dtype != compute else grad
@@ -613,7 +617,7 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
                 p.numel() * p.element_size() + float_update_peak(emb, updater, device_type)})
     if not release:
         # Updater.finish_step: every gradient is alive after backward and is freed after its own update.
-        grads = {n: l.codes.numel() * s for n, l in updater.int8.items()}
+        grads = {n: l.codes.numel() * held_int8_bytes for n, l in updater.int8.items()}
         grads.update({n: p.numel() * p.element_size() for n, p in updater.floats.items()})
         updates = [(n, int8_update_peak(tuple(l.codes.shape), l.group_size, updater.matrix_method, compute,
                                         triton, cfg.quant.rounding)) for n, l in updater.int8.items()]
@@ -674,9 +678,7 @@ def _load(recipe_or_cfg) -> tuple[TrainConfig, str]:
         return recipe_or_cfg, "<TrainConfig>"
     path = Path(recipe_or_cfg)
     if not path.is_file():
-        from qtrain.cli import find_recipe  # shipped names: "7b", "60m", ...
-
-        path = find_recipe(str(recipe_or_cfg))
+        path = find_recipe(str(recipe_or_cfg))  # shipped names: "7b", "60m", ...
     return TrainConfig.from_toml(path), str(path)
 
 
@@ -690,7 +692,7 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda")
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type = {device_type!r}; use 'cuda' or 'cpu'")
     cfg, source = _load(recipe_or_cfg)
-    autocast = autocast_dtype(cfg, torch.device(device_type))
+    autocast = autocast_dtype(cfg.train.dtype, torch.device(device_type))
     compute = autocast if autocast != torch.float32 else META_DTYPES[cfg.model.float_dtype]
     updater, comps, persistent_tensors = _persistent(cfg, device_type)
     tl = _phases(cfg, updater, device_type, compute)
@@ -724,27 +726,7 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda")
     )
 
 
-# ---- command line ---------------------------------------------------------------------------------------
-def main(args) -> int:
-    """`qtrain estimate RECIPE [--set k=v] [--gpu-gib N] [--json]`."""
-    from qtrain.cli import find_recipe, load_config
-
-    cfg = load_config(args.recipe, args.set)
-    b = estimate(cfg, "cpu" if cfg.train.device == "cpu" else "cuda")
-    b.recipe = str(find_recipe(args.recipe)) + "".join(f" --set {s}" for s in args.set)
-    fit = fit_gpu(cfg, args.gpu_gib, b) if args.gpu_gib is not None else None
-    if args.json:
-        out = b.to_dict()
-        if fit is not None:
-            out["fit"] = fit
-        print(json.dumps(out, indent=2))
-    else:
-        print(format_breakdown(b))
-        if fit is not None:
-            print(format_fit(fit))
-    return 0
-
-
+# ---- report ---------------------------------------------------------------------------------------------
 def _size(n: int) -> str:
     return f"{n / GiB:7.3f} GiB" if n >= GiB else f"{n / MiB:7.1f} MiB"
 

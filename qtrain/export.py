@@ -27,7 +27,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
-from qtrain.checkpoint import fsync_path, replace_dir
+from qtrain.atomic import fsync_path, replace_dir
+from qtrain.errors import ExportError
 
 EXPORT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPACE = "\u2581"  # "▁", sentencepiece's visible whitespace
@@ -45,9 +46,6 @@ _PROBES = (
     "東京は日本の首都です。🤖!",
 )
 
-
-class ExportError(RuntimeError):
-    """The model or tokenizer cannot be exported faithfully."""
 
 
 # --- sentencepiece model -> tokenizers.Tokenizer -----------------------------------------------------------------

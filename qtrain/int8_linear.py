@@ -1,7 +1,7 @@
 """Int8Linear: a Linear layer that stores only group-wise int8 codes (no float master weight).
 
 Forward dequantizes to the compute dtype; backward returns dX and hands dW straight to a grad sink
-(the layer-wise release hook) instead of keeping a .grad: integer tensors cannot hold one (spec §12).
+(the layer-wise release hook) instead of keeping a .grad: integer tensors cannot hold one (docs/algorithms.md §12).
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ class Int8Linear(nn.Module):
             self.grad_sink(self, dw)
         elif self.weight_grad is None:
             self.weight_grad = dw
-        else:
-            self.weight_grad += dw  # gradient accumulation (non-release mode)
+        else:  # gradient accumulation (non-release mode): the running sum in fp32, like a float .grad,
+            # so k micro-batches of bf16 dW are not rounded to bf16 at every addition
+            self.weight_grad = self.weight_grad.float().add_(dw)
 
     def forward(self, x: Tensor) -> Tensor:
         return _Int8LinearFn.apply(x, self._anchor, self)

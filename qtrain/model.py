@@ -16,7 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qtrain.int8_linear import Int8Linear
-from qtrain.optim.base import mix_seed, name_uid, seeded_generator
+from qtrain.seeding import mix_seed, name_uid, seeded_generator
 
 # Causal SDPA without a mask object. transformers builds the causal mask for "sdpa" itself, and on the
 # way checks whether position ids encode packed sequences with `(...).all()`: a host-device sync in every
@@ -27,7 +27,7 @@ CAUSAL_SDPA = "qtrain_causal_sdpa"
 AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 ATTENTION = {"sdpa": CAUSAL_SDPA, "eager": "eager"}
 
-# The seven projections the papers train with the method under test and store in int8 (spec §1).
+# The seven projections the papers train with the method under test and store in int8 (docs/algorithms.md §1).
 QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 META_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,6 +82,8 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
                 q.matmul = getattr(quant_cfg, "matmul", "dequantize")
                 setattr(module, child_name, q)
     model.to_empty(device=device)  # allocates (uninitialised) int8 codes and float params only
+    if config.tie_word_embeddings:
+        model.tie_weights()  # to_empty gave embedding and lm_head a Parameter each: make them one tensor again
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were computed on meta
     if materialize:
@@ -109,19 +111,47 @@ def float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """state_dict keys that alias an earlier key's tensor (lm_head.weight when embeddings are tied)."""
+    seen, aliases = set(), set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.numel() and t.data_ptr() in seen:
+            aliases.add(key)
+        seen.add(t.data_ptr())
+    return aliases
+
+
+def plain_config(model: LlamaForCausalLM) -> LlamaConfig:
+    """The model's config as plain transformers uses it (qtrain's registered attention name replaced)."""
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "sdpa" if model.config._attn_implementation == CAUSAL_SDPA else "eager"
+    return config
+
+
 @torch.no_grad()
 def dequantized_copy(model: LlamaForCausalLM, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A plain float LlamaForCausalLM with the same weights (int8 layers dequantized), for export."""
-    config = copy.deepcopy(model.config)
-    config._attn_implementation = "sdpa" if model.config._attn_implementation == CAUSAL_SDPA else "eager"  # plain HF
-    plain = LlamaForCausalLM(config).to(dtype)
-    state = {k: v for k, v in model.state_dict().items()}
-    for name, layer in int8_layers(model).items():
-        for key in ("codes", "scale", "offset"):
-            state.pop(f"{name}.{key}")
-        state[f"{name}.weight"] = layer.dequantize(torch.float32)
-    plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    return plain
+    """A plain float LlamaForCausalLM on the CPU with the same weights (int8 layers dequantized), for export.
+
+    Built on meta and filled by assignment: peak memory is one copy in dtype, no random init of a full model.
+    """
+    config = plain_config(model)
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(config)
+    aliases = tied_aliases(model)
+    int8 = int8_layers(model)
+    quantized_keys = {f"{name}.{key}" for name in int8 for key in ("codes", "scale", "offset")}
+    state = {k: v.detach().to("cpu", dtype, copy=True) for k, v in model.state_dict().items()
+             if k not in aliases and k not in quantized_keys and v.is_floating_point()}
+    for name, layer in int8.items():
+        state[f"{name}.weight"] = layer.dequantize(torch.float32).to("cpu", dtype)
+    plain.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    with torch.device("cpu"):
+        plain.model.rotary_emb = LlamaRotaryEmbedding(config)  # computed buffers, not weights
+    missing = [k for k, v in plain.state_dict().items() if v.is_meta]
+    assert not missing, f"dequantized_copy left tensors on meta: {missing}"
+    return plain.to(dtype)
 
 
 def enable_activation_checkpointing(model: LlamaForCausalLM) -> None:

@@ -1,191 +1,34 @@
-"""Per-tensor updates, applied either inside backward (layer-wise gradient release) or after it.
+"""Layer-wise gradient release: each tensor is updated inside backward the moment its gradient is final.
 
-`Updater` owns the optimizer state of every trainable tensor, keyed by qualified name, and one global
-step counter and learning rate read by all tensors. `update_int8` / `update_float` apply one update to
-one tensor and free its gradient. Release mode calls them from hooks the moment a gradient is final,
-so at most one weight's gradient is alive; non-release mode (`finish_step()`) calls the same functions after
-backward: both modes run identical arithmetic, which the tests check bit for bit.
+The hooks only call the Updater (qtrain.updater): the arithmetic is the same as stepping after backward,
+but at most one weight's gradient is alive at a time. int8 layers hand dW to their grad sink; float tensors
+use post-accumulate-grad hooks (torchtune's optimizer-in-backward pattern).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import torch
-from torch import Tensor, nn
-
-from qtrain.int8_linear import Int8Linear
-from qtrain.model import float_parameters, int8_layers, is_quantized_projection
-from qtrain.optim.base import Method, apply_update_, name_uid, seeded_generator
-from qtrain.quant import dispatch
-from qtrain.quant.dispatch import update_seed
-from qtrain.quant.int8_update import int8_scaled_update_
-
-FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
+from qtrain.updater import Updater
 
 
-class Updater:
-    """Optimizer state and update rules for every trainable tensor of a qtrain model.
+class Release:
+    """Hooks of one Updater's model; `detach()` removes them (the loop looks the same with release on or off)."""
 
-    matrix_method: the method for the seven projections, int8 or float (and lm_head if `lm_head_method`).
-    float_optimizer: builds one torch optimizer per other float tensor (embedding, norms, lm_head).
-    rounding: "stochastic" (SR, seeded by (seed, tensor, step)) or "nearest" (for comparison only).
-    kernels: int8 update backend, "auto" (Triton on CUDA), "torch" (reference) or "triton".
-    """
-
-    def __init__(self, model: nn.Module, matrix_method: Method, float_optimizer: FloatOptimizerFactory,
-                 *, lm_head_method: Method | None = None, embedding_method: Method | None = None,
-                 low_precision_adam: Method | None = None, seed: int = 0, rounding: str = "stochastic",
-                 float_grad_clip: float = 0.0, kernels: str = "auto"):
-        self.model = model
-        self.matrix_method = matrix_method
-        self.low_precision_adam = low_precision_adam
-        self.seed = seed
-        self.rounding = rounding
-        self.kernels = kernels  # "auto" | "torch" | "triton": see qtrain.quant.dispatch
-        self.float_grad_clip = float_grad_clip
-        self.step = 0  # optimizer updates completed; the update in flight is number step + 1
-        self.lr = self.float_lr = 0.0
-        self.int8 = int8_layers(model)
-        self.floats = float_parameters(model)
-        # Float projections (quantization off) take the matrix method like int8 ones; lm_head and the
-        # embedding optionally. bf16 float tensors get `low_precision_adam` when given (fp32 Adam state, SR
-        # on apply); torch's AdamW would keep bf16 moments and round every update to nearest.
-        self.method_floats: dict[str, Method] = {}
-        for n, p in self.floats.items():
-            if is_quantized_projection(n.removesuffix(".weight")):
-                self.method_floats[n] = matrix_method
-            elif lm_head_method is not None and n.startswith("lm_head"):
-                self.method_floats[n] = lm_head_method
-            elif embedding_method is not None and n.endswith("embed_tokens.weight"):
-                self.method_floats[n] = embedding_method
-            elif p.dtype != torch.float32 and low_precision_adam is not None:
-                self.method_floats[n] = low_precision_adam
-        self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items() if n not in self.method_floats}
-        self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
-        self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
+    def __init__(self, updater: Updater):
+        self.updater = updater
         self._handles: list = []
-        for name, layer in self.int8.items():
-            layer.name = name
-            matrix_method.validate(tuple(layer.codes.shape))  # fail before step 1, not inside backward
-        for name, method in self.method_floats.items():
-            method.validate(tuple(self.floats[name].shape))
-
-    # ---- one tensor -------------------------------------------------------------------------------
-    def _method_state(self, name: str, method: Method, shape: tuple[int, ...], device) -> dict[str, Any]:
-        if name not in self.state:
-            self.state[name] = method.init_state(shape, device, name_uid(name))
-        return self.state[name]
-
-    @torch.no_grad()
-    def update_int8(self, layer: Int8Linear, grad: Tensor) -> None:
-        """dequantize -> method update in fp32 -> requantize (SR), chunked; frees the gradient."""
-        name = layer.name
-        state = self._method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
-        update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state)
-        if update.dense is not None:
-            grad, scale = update.dense, torch.ones((), device=grad.device)
-        else:
-            scale = update.grad_scale
-        args = (layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale, self.lr,
-                self.matrix_method.weight_decay)
-        if self.rounding == "stochastic":  # fused Triton kernel on CUDA, chunked torch reference elsewhere
-            dispatch.int8_scaled_update_(*args, update_seed(self.seed, name_uid(name), self.step), self.kernels)
-        else:  # nearest rounding: comparison mode, reference path only
-            int8_scaled_update_(*args, None)
-        layer.weight_grad = None
-        self._mark(name)
-
-    @torch.no_grad()
-    def update_float(self, name: str, p: nn.Parameter) -> None:
-        if self.float_grad_clip > 0:  # per tensor: release mode never knows the global norm (spec §13)
-            nn.utils.clip_grad_norm_([p], self.float_grad_clip)
-        if name in self.method_floats:
-            method = self.method_floats[name]
-            state = self._method_state(name, method, tuple(p.shape), p.device)
-            lr = self.float_lr if method is self.low_precision_adam else self.lr
-            gen = self._generator(name, p.device) if p.dtype == torch.bfloat16 else None
-            apply_update_(p, method.direction(_grad_for(method, p.grad), state), p.grad, lr, method.weight_decay, gen)
-        else:
-            opt = self.float_opts[name]
-            for group in opt.param_groups:
-                group["lr"] = self.float_lr
-            opt.step()
-        p.grad = None
-        self._mark(name)
-
-    def _generator(self, name: str, device: torch.device) -> torch.Generator:
-        """SR generator of one tensor in one step: seeded by (run seed, tensor, step), nothing to save."""
-        return seeded_generator(device, update_seed(self.seed, name_uid(name), self.step))
-
-    def _mark(self, name: str) -> None:
-        if name in self.updated:
-            raise RuntimeError(
-                f"{name} was updated twice in step {self.step + 1}: release mode saw a second backward "
-                f"before the step ended; use [train] release = false for gradient accumulation"
-            )
-        self.updated.add(name)
-
-    # ---- release mode -----------------------------------------------------------------------------
-    def attach(self) -> None:
-        """Layer-wise release: update each tensor inside backward as soon as its gradient is final."""
-        for layer in self.int8.values():
-            layer.grad_sink = self.update_int8
-        for name, p in self.floats.items():
-            self._handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: self.update_float(name, p)))
+        for layer in updater.int8.values():
+            layer.grad_sink = updater.update_int8
+        for name, p in updater.floats.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: updater.update_float(name, p)))
 
     def detach(self) -> None:
-        for layer in self.int8.values():
+        for layer in self.updater.int8.values():
             layer.grad_sink = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
 
-    # ---- both modes -------------------------------------------------------------------------------
-    def begin_step(self, lr: float, float_lr: float | None = None) -> None:
-        """Set the LR every tensor uses in this update (spec §13: one schedule, no per-tensor schedulers).
-
-        float_lr: LR of the Adam-trained float tensors when the recipe sets its own (same schedule).
-        """
-        self.lr = lr
-        self.float_lr = lr if float_lr is None else float_lr
-        self.updated.clear()
-
-    def finish_step(self) -> None:
-        """Non-release: apply all updates now. Both: check every tensor was updated exactly once."""
-        if not self.attached:
-            for name, layer in self.int8.items():
-                if layer.weight_grad is not None:
-                    self.update_int8(layer, layer.weight_grad)
-            for name, p in self.floats.items():
-                if p.grad is not None:
-                    self.update_float(name, p)
-        missing = set(self.int8) | set(self.floats)
-        missing -= self.updated
-        if missing:
-            raise RuntimeError(f"step {self.step + 1}: no gradient reached {sorted(missing)[:5]} "
-                               f"({len(missing)} tensors); every trainable tensor must be updated each step")
-        self.step += 1
-
-    # ---- checkpointing ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "method_state": self.state,
-            "float_optimizers": {n: opt.state_dict() for n, opt in self.float_opts.items()},
-        }
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.step = sd["step"]
-        self.state = sd["method_state"]
-        for n, opt in self.float_opts.items():
-            opt.load_state_dict(sd["float_optimizers"][n])
-
-
-def _grad_for(method: Method, grad: Tensor) -> Tensor:
-    """The gradient as the method wants it: as is if it upcasts chunk-wise itself, else fp32."""
-    return grad if getattr(method, "accepts_low_precision_grad", False) else grad.float()
+def attach_release(updater: Updater) -> Release:
+    """Start layer-wise release on updater's model; returns the handle that detaches it."""
+    return Release(updater)

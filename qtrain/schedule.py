@@ -1,4 +1,4 @@
-"""The learning-rate schedule every source paper uses (APOLLO repo `utils/training_utils.py`; spec §0)."""
+"""The learning-rate schedule every source paper uses (APOLLO repo `utils/training_utils.py`; docs/algorithms.md §0)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def lr_at(k: int, base_lr: float, total_steps: int, warmup_frac: float = 0.1, mi
     2. then lr * (min_ratio + (1 - min_ratio) * (1 + cos(pi * (k - W) / (N - W))) / 2)
     3. past N (a run extended on resume): stays at lr * min_ratio
     One schedule for all tensors, advanced once per optimizer update (the official per-layer mode
-    builds per-tensor schedulers with 2x steps: spec §17.1).
+    builds per-tensor schedulers with 2x steps: §17.1).
     """
     warmup = round(warmup_frac * total_steps)
     if k < warmup:

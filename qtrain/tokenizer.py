@@ -19,7 +19,9 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from qtrain.corpus import DataError, write_atomic
+from qtrain.atomic import write_atomic
+from qtrain.errors import DataError
+from qtrain.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, is_hf_tokenizer
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_TRAINING_LINES = 2_000_000  # sentencepiece holds its input in memory: at most this many lines (~100 bytes each)
@@ -98,12 +100,18 @@ def trainer_fingerprint() -> str:
     return hashlib.sha256(blob).hexdigest()[:8]
 
 
-def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    """Load a sentencepiece .model file. Raises DataError naming [data] tokenizer when it cannot."""
+def load_tokenizer(path: str | Path):
+    """A sentencepiece .model file, a tokenizer.json, or a Hugging Face tokenizer directory (local files only).
+
+    Returns an object with the sentencepiece calls qtrain uses (encode, decode, bos_id, eos_id, get_piece_size).
+    Raises DataError naming [data] tokenizer when it cannot.
+    """
     path = Path(path).expanduser()
+    if is_hf_tokenizer(path):
+        return HFTokenizer(path)
     if not path.is_file():
-        raise DataError(f'[data] tokenizer = "{path}": no such file; give a sentencepiece .model file, '
-                        f'or "" to train one on the corpus')
+        raise DataError(f'[data] tokenizer = "{path}": no such file; give a sentencepiece .model file, a '
+                        f'tokenizer.json, a Hugging Face tokenizer directory, or "" to train one on the corpus')
     try:
         tokenizer = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:
@@ -114,7 +122,45 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     return tokenizer
 
 
-def check_vocab(tokenizer: spm.SentencePieceProcessor, model_vocab_size: int) -> None:
+def tokenizer_sha256(path: str | Path) -> str:
+    """sha256 of the files that define a tokenizer (name and bytes of each, in order): its identity."""
+    path = Path(path).expanduser()
+    files = HFTokenizer(path).files() if is_hf_tokenizer(path) and path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        data = f.read_bytes()
+        h.update(f.name.encode() + b"\0" + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+RUN_TOKENIZER_MODEL = "tokenizer.model"  # a sentencepiece model, in a run directory
+RUN_TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer's files, in a run directory
+
+
+def save_run_tokenizer(path: str | Path, run_dir: Path) -> Path:
+    """Copy the tokenizer at path into run_dir (atomically, file by file); returns its path in the run."""
+    path = Path(path).expanduser()
+    if is_hf_tokenizer(path):
+        files = HFTokenizer(path).files()
+        out = Path(run_dir) / RUN_TOKENIZER_DIR
+        for f in files:
+            write_atomic(out / (TOKENIZER_JSON if f.suffix == ".json" and path.is_file() else f.name), f.read_bytes())
+        return out
+    out = Path(run_dir) / RUN_TOKENIZER_MODEL
+    write_atomic(out, path.read_bytes())
+    return out
+
+
+def run_tokenizer_path(run_dir: Path) -> Path | None:
+    """The tokenizer a run trained with (its own copy), or None if the run directory holds none."""
+    for name in (RUN_TOKENIZER_DIR, RUN_TOKENIZER_MODEL):
+        if (Path(run_dir) / name).exists():
+            return Path(run_dir) / name
+    return None
+
+
+def check_vocab(tokenizer, model_vocab_size: int) -> None:
     """Raise DataError unless the tokenizer has exactly [model] vocab_size pieces."""
     n = tokenizer.get_piece_size()
     if n != model_vocab_size:

@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +11,9 @@ import torch
 # CPU tests run in this process.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The measurement probes (memory_probe, sync_probe) live with the benchmarks in tools/, not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
 @pytest.fixture(autouse=True)

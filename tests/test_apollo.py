@@ -1,4 +1,4 @@
-"""APOLLO / APOLLO-Mini (spec §3-5) against the apollo-torch package and the spec's closed forms."""
+"""APOLLO / APOLLO-Mini (docs/algorithms.md §3-5) against the apollo-torch package and the closed forms given there."""
 
 import math
 
@@ -51,7 +51,7 @@ def test_seeded_projection_is_regenerated_bitwise_and_differs_across_windows_and
 
 
 def test_projection_preserves_norm_in_expectation():
-    # E‖Pᵀx‖² = ‖x‖² for entries N(0, 1/r): mean over 1000 seeds within 3·√(2/r)/√1000 of 1 (spec §3).
+    # E‖Pᵀx‖² = ‖x‖² for entries N(0, 1/r): mean over 1000 seeds within 3·√(2/r)/√1000 of 1 (§3).
     r, a = 8, 64
     x = torch.randn(a)
     ratios = torch.stack([
@@ -69,7 +69,7 @@ def _first_step(method, g):
 
 
 def test_step1_closed_form_channel_inside():
-    # Mode inside, ε -> 0: N = sign(R), so s_j = √r / ‖R[:, j]‖ (spec §4 tests); NL is off at t = 1.
+    # Mode inside, ε -> 0: N = sign(R), so s_j = √r / ‖R[:, j]‖ (§4 checks); NL is off at t = 1.
     g = torch.randn(12, 40)
     method = Apollo(rank=4, scale=1.0, bias_correction="inside", eps=0.0)
     upd, _, proj = _first_step(method, g)
@@ -119,7 +119,7 @@ def test_norm_growth_limiter_cuts_a_spike():
     assert eta.item() == 1.0 and same.item() == 1.5  # a norm is never increased
     n = torch.tensor(1.0)
     steps = 0
-    while n.item() < 100.0:  # the stored norm is the cut one: 463 steps to grow 100x (spec §2)
+    while n.item() < 100.0:  # the stored norm is the cut one: 463 steps to grow 100x (§2)
         _, n = norm_growth_factor(torch.tensor(100.0), n, first=False)
         steps += 1
     assert steps == math.ceil(math.log(100) / math.log(1.01))
@@ -128,7 +128,7 @@ def test_norm_growth_limiter_cuts_a_spike():
 def test_apollo_state_floats():
     st = Apollo(rank=8).init_state((64, 256), "cpu", uid=1)
     floats = sum(v.numel() for v in st.values() if torch.is_tensor(v))
-    assert floats == 2 * 8 * 256 + 1  # 2rb + 1 with P seeded (spec §4)
+    assert floats == 2 * 8 * 256 + 1  # 2rb + 1 with P seeded (§4)
 
 
 def test_validation_names_the_hyperparameter():

@@ -211,7 +211,7 @@ def test_bad_overrides():
 
 # --- shipped recipes ----------------------------------------------------------------------------------
 
-EXPECTED_ARCH = {  # hidden, intermediate, heads, layers, vocab (spec §14)
+EXPECTED_ARCH = {  # hidden, intermediate, heads, layers, vocab (docs/algorithms.md §14)
     "tiny": (64, 176, 4, 2, 2048),
     "60m": (512, 1376, 8, 8, 32000),
     "130m": (768, 2048, 12, 12, 32000),

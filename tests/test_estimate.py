@@ -1,11 +1,12 @@
 """`qtrain estimate` against a real trainer on CPU.
 
 Persistent bytes equal the tensors of a real, stepped trainer exactly; the activation formula equals the
-bytes autograd saves exactly; the predicted peak of one training step lands within 10 % of the peak the
-profiler measures (tests/test_update_memory.py style), across batch, sequence, checkpointing, attention
-and dtypes. On CPU the compute dtype is fp32 for dtype = "auto"; the bf16 points use train.dtype =
-"bfloat16" (CPU autocast) so the bf16 code paths are measured too. The 60M peak points shrink the
-vocabulary to 2048 (SMALL_60M) to keep them fast; the persistent checks use the full recipes.
+bytes autograd saves exactly; the predicted peak of one training step lands within 0.2 % of the peak the
+profiler measures (the bound docs/estimator.md and the README state; tests/test_update_memory.py style),
+across batch, sequence, checkpointing, attention and dtypes. On CPU the compute dtype is fp32 for dtype =
+"auto"; the bf16 points use train.dtype = "bfloat16" (CPU autocast) so the bf16 code paths are measured
+too. The 60M peak points shrink the vocabulary to 2048 (SMALL_60M) to keep them fast; the persistent
+checks use the full recipes.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ import torch
 from qtrain.cli import main as cli_main
 from qtrain.config import TrainConfig
 from qtrain.estimate import GiB, _step_float_optimizers_on_meta, activation_bytes, estimate
-from qtrain.memory_probe import cpu_peak_bytes
+from memory_probe import cpu_peak_bytes
 from qtrain.model import META_DTYPES, build_model
 from qtrain.optim import MATRIX_METHODS
-from qtrain.train import autocast_dtype, build_updater, lm_loss
+from qtrain.build import build_updater
+from qtrain.release import attach_release
+from qtrain.device import autocast_dtype
+from qtrain.evaluation import lm_loss
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-PEAK_TOLERANCE = 0.10  # the issue's contract; the points below land within 0.5 % (docs/estimator.md)
+# docs/estimator.md "CPU validation": "largest |error| 0.20 %"; README: "within 0.2 %". The points below
+# measure -0.20 % (WIDE, seq 128, checkpointing: -0.1993 %) to +0.08 %.
+PEAK_TOLERANCE = 0.002
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,6 +59,9 @@ def real_trainer(cfg: TrainConfig):
     return model, updater
 
 
+RELEASES = {}  # id(updater) -> its Release handle, for trainers shared between points
+
+
 def step_fn(model, updater, cfg: TrainConfig):
     """One training step as fit() runs it, for cfg's batch, sequence, checkpointing and release settings."""
     if cfg.train.activation_checkpointing:
@@ -63,11 +72,12 @@ def step_fn(model, updater, cfg: TrainConfig):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model.gradient_checkpointing_disable()
-    if cfg.train.release and not updater.attached:
-        updater.attach()
-    elif not cfg.train.release and updater.attached:
-        updater.detach()
-    dtype = autocast_dtype(cfg, torch.device("cpu"))
+    attached = RELEASES.get(id(updater))
+    if cfg.train.release and attached is None:
+        RELEASES[id(updater)] = attach_release(updater)
+    elif not cfg.train.release and attached is not None:
+        RELEASES.pop(id(updater)).detach()
+    dtype = autocast_dtype(cfg.train.dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
             for _ in range(2))
@@ -197,7 +207,7 @@ def test_activation_formula_equals_the_saved_tensors(overrides):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    dtype = autocast_dtype(cfg, torch.device("cpu"))
+    dtype = autocast_dtype(cfg.train.dtype, torch.device("cpu"))
     x = torch.randint(0, cfg.model.vocab_size, (2, 64))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         lm_loss(model, x, x, dtype)
@@ -233,7 +243,7 @@ PEAK_POINTS = [
 @pytest.mark.parametrize("name, overrides", PEAK_POINTS,
                          ids=[f"{n}{'-wide' if WIDE[0] in ov else ''}-" + "-".join(
                              o.split(".")[1] for o in ov if o not in WIDE) for n, ov in PEAK_POINTS])
-def test_step_peak_within_10_percent_of_the_measured_peak(name, overrides, request):
+def test_step_peak_within_0_2_percent_of_the_measured_peak(name, overrides, request):
     cfg = recipe(name, overrides)
     model, updater = request.getfixturevalue("trainer_60m") if name == "60m" else real_trainer(cfg)
     step = step_fn(model, updater, cfg)
@@ -244,7 +254,7 @@ def test_step_peak_within_10_percent_of_the_measured_peak(name, overrides, reque
     measured = sum(real.values()) + peak
     b = estimate(cfg, "cpu")
     error = b.peak_allocated / measured - 1
-    print(f"\n{name} {' '.join(overrides)}: measured {measured} predicted {b.peak_allocated} ({error:+.2%}), "
+    print(f"\n{name} {' '.join(overrides)}: measured {measured} predicted {b.peak_allocated} ({error:+.4%}), "
           f"peak phase {b.peak_phase}")
     assert predicted_persistent(b) == real
     assert abs(error) <= PEAK_TOLERANCE
@@ -259,10 +269,9 @@ def estimate_recipe(path: Path):
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
 def test_every_recipe_estimates(path):
     b = estimate_recipe(path)
-    assert b.persistent_bytes == sum(c.bytes for c in b.components if c.kind == "persistent") > 0
-    assert b.peak_phase in [p.name for p in b.phases]
-    assert b.peak_allocated == b.persistent_bytes + b.component("allocator rounding").bytes + max(
-        p.bytes for p in b.phases)
+    # persistent_bytes and peak_allocated are checked against measurement above (CPU), not against
+    # estimate()'s own sums of its components and phases re-typed here
+    assert b.persistent_bytes > 0
     assert b.persistent_bytes < b.peak_allocated <= b.peak_reserved < b.total_on_gpu
     assert "7b-8gb" in {p.stem for p in RECIPES.glob("*.toml")}
 
@@ -293,7 +302,7 @@ def test_7b_recipe_is_predicted_under_12_gib():
           f"(largest: {b.largest_component}); peak in {b.peak_phase!r}, largest there: {b.peak_component}")
     assert b.total_on_gpu < 12 * GiB
     assert b.largest_component == "int8 codes"
-    assert b.component("int8 codes").bytes == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # spec §12: 6.48 GB
+    assert b.component("int8 codes").bytes == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # docs/algorithms.md §12: 6.48 GB
 
 
 def test_7b_8gb_recipe_is_predicted_at_most_8_gib():
@@ -321,7 +330,7 @@ def test_cli_json_and_gpu_fit(capsys):
 
 def test_trainer_memory_report_line():
     # On CUDA `qtrain train` prints this after a few steps; the numbers here stand in for a measurement.
-    from qtrain.train import memory_report
+    from qtrain.loop import memory_report
 
     b = estimate(recipe("tiny"), "cuda")
     line = memory_report(b, allocated=b.peak_allocated // 2, reserved=b.peak_reserved)

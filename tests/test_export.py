@@ -13,7 +13,8 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qtrain import export
-from qtrain.export import ExportError, export_hf, hf_tokenizer
+from qtrain.errors import ExportError
+from qtrain.export import export_hf, hf_tokenizer
 
 # Plain text, uppercase included: the tokenizer is trained on lowercased text, so capitals, accents and CJK
 # go through byte fallback.

@@ -13,7 +13,8 @@ from conftest import quant_cfg, tiny_model_cfg
 from qtrain.model import build_model
 from qtrain.optim import apollo_mini
 from qtrain.optim.float_adam import float_optimizer_factory
-from qtrain.release import Updater
+from qtrain.release import attach_release
+from qtrain.updater import Updater
 from qtrain.schedule import lr_at
 
 STEPS, LR = 150, 0.003
@@ -28,7 +29,7 @@ def _heldout_loss(quant: bool, rounding: str) -> float:
     model = build_model(tiny_model_cfg(), quant_cfg(enabled=quant, group_size=64), seed=0)
     method = apollo_mini(scale=1.0, update_proj_gap=50, bias_correction="inside", eps=1e-8)
     updater = Updater(model, method, float_optimizer_factory("adamw"), seed=1, rounding=rounding)
-    updater.attach()
+    attach_release(updater)
     data = _alternating_batches(STEPS + 4)
     for k in range(STEPS):
         updater.begin_step(lr_at(k, LR, STEPS))

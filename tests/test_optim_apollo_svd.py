@@ -1,4 +1,4 @@
-"""APOLLO-SVD (spec §6): SVD projection, full-rank reduction at t = 1, parity with apollo-torch proj="svd"."""
+"""APOLLO-SVD (docs/algorithms.md §6): SVD projection, full-rank reduction at t = 1, parity with apollo-torch proj="svd"."""
 
 import functools
 
@@ -53,7 +53,7 @@ def test_projection_is_orthonormal_and_refreshes_at_window_starts(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_full_rank_at_step_one_equals_the_structured_factors(shape):
     """r = a: P is a rotation of the short side, so at t = 1 the channel factors equal those of P = I_a
-    (spec §6; from t = 2 on they differ because Adam normalises elementwise in the rotated basis).
+    (§6; from t = 2 on they differ because Adam normalises elementwise in the rotated basis).
     At t = 1, N = (1−β1)R ⊘ (√(1−β2)|R| + ε) = const·sign(R) only up to ε: SVD coordinates of the smallest
     singular directions are ~1e-3, where ε = 1e-6 shifts N by ~1%, so the check runs at ε = 1e-12."""
     a, b = min(shape), max(shape)

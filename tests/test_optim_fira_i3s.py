@@ -1,4 +1,4 @@
-"""I3S subspace sampling (spec §9) and Fira-Adam (spec §8)."""
+"""I3S subspace sampling (docs/algorithms.md §9) and Fira-Adam (§8)."""
 
 import functools
 import itertools
@@ -20,7 +20,7 @@ def rand(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-# ---------------------------------------------------------------- I3S (spec §9)
+# ---------------------------------------------------------------- I3S (§9)
 
 
 def test_i3s_indices_distinct_sorted_in_range():
@@ -123,11 +123,11 @@ def test_i3s_zero_gradient_does_not_fail():
     assert idx.unique().numel() == 4
 
 
-# ---------------------------------------------------------------- Fira (spec §8)
+# ---------------------------------------------------------------- Fira (§8)
 
 
 def naive_fira(grads, rank, alpha, zeta, gap, betas=(0.9, 0.999), eps=1e-6, gamma=1.01):
-    """Spec §8 written out column by column on Ĝ (test twin of fira_update); returns the D̂ of each step."""
+    """§8 written out column by column on Ĝ (test twin of fira_update); returns the D̂ of each step."""
     b1, b2 = betas
     out, m, v, phi, p = [], None, None, None, None
     for t, g in enumerate(grads, start=1):

@@ -1,4 +1,4 @@
-"""direction() reads no tensor value on the host (spec §2 pitfall): a CPU proxy for "no device sync".
+"""direction() reads no tensor value on the host (docs/algorithms.md §2): a CPU proxy for "no device sync".
 
 On CUDA, `.item()`, `float(t)`, `if t:` or Python `max(t, x)` each block until the GPU catches up. Here
 every such conversion raises, so a method that decides anything from a tensor value in Python fails on

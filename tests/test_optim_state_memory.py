@@ -1,4 +1,4 @@
-"""Optimizer state of every matrix method: footprint (spec §4-§11 figures), checkpointability, bitwise resume."""
+"""Optimizer state of every matrix method: footprint (docs/algorithms.md §4-§11 figures), checkpointability, bitwise resume."""
 
 import copy
 import functools
@@ -14,7 +14,7 @@ from qtrain.optim import MATRIX_METHODS, apply_update_, build_method
 META = torch.device("meta")
 M, N = 4096, 11008  # LLaMA-7B down_proj (m < n: direct branch); a = 4096, b = 11008
 
-# name, [optim.args], floats per the spec's formula, the spec's printed figure
+# name, [optim.args], floats per the §4-§11 formula, the figure printed there
 MEMORY_CASES = [
     ("apollo", {"rank": 256}, 2 * 256 * N + 1, "21.5 MiB"),  # §4: 2rb + 1 (P seeded)
     ("apollo_mini", {}, 2 * N + 1, "86 KiB"),  # §5: 2b + 1
@@ -46,8 +46,7 @@ def test_state_footprint_on_meta_matches_the_spec(name, args, floats, printed):
     assert all(v.device == META and v.dtype == torch.float32 for v in state.values() if isinstance(v, torch.Tensor))
     n_floats, n_bytes = state_bytes(state)
     print(f"\n{name:12s} 4096x11008 {n_floats:>10d} floats = {human(n_bytes)}", end="")
-    assert n_floats == floats
-    assert n_bytes == 4 * floats  # fp32 everywhere
+    assert n_floats == floats  # n_bytes = 4 · n_floats follows from the fp32 check above
     assert human(n_bytes) == printed
 
 

@@ -1,4 +1,4 @@
-"""Group-wise int8 storage and stochastic rounding (spec §12)."""
+"""Group-wise int8 storage and stochastic rounding (docs/algorithms.md §12)."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def test_nearest_roundtrip_error_within_half_step():
 
 
 def test_all_positive_group_is_not_clipped():
-    # The official integer zero point clamps z to 0 for an all-positive group and clips it (spec §12).
+    # The official integer zero point clamps z to 0 for an all-positive group and clips it (§12).
     w = torch.linspace(5.0, 6.0, 128)[None, :]
     codes, scale, offset = quantize_groupwise(w, 128)
     deq = dequantize_groupwise(codes, scale, offset, 128)
@@ -65,7 +65,7 @@ def test_sr_returns_floor_or_ceil_and_keeps_grid_values():
 
 
 def test_sr_is_unbiased():
-    # Δ, offset fixed; N = 10^4 draws per value: |mean - w| < 4·(Δ/2)/√N (spec §12), accumulated in fp64.
+    # Δ, offset fixed; N = 10^4 draws per value: |mean - w| < 4·(Δ/2)/√N (§12), accumulated in fp64.
     gen = torch.Generator().manual_seed(1)
     delta, lo = 0.01, -1.0
     w = lo + delta * (torch.rand(64, generator=gen) * 254 + 0.5)  # strictly inside the grid
@@ -136,3 +136,46 @@ def test_chunked_float_apply_equals_one_shot():
     apply_update_(b, Update(grad_scale=s), g, 0.1, 0.01, max_chunk_elems=48 * 5)  # 5 rows per chunk
     assert torch.equal(a, b)
     torch.testing.assert_close(a, (w - 0.1 * s * g) * (1 - 0.1 * 0.01), rtol=2e-7, atol=1e-7)  # fp32 reassociation
+
+
+def test_sr_uniform_lattice_bias_is_below_2_to_the_minus_17():
+    # P(u < f) over the 2¹⁶ equally likely lattice points, counted exactly for frac values across [0, 1):
+    # the bias |P(u < f) - f| < 2⁻¹⁷ that sr_uniforms' docstring states (and k·2⁻¹⁶ would exceed it).
+    from qtrain.quant.stochastic_round import sr_uniforms
+
+    lattice = (torch.arange(1 << 16, dtype=torch.float64) + 0.5) * 2.0**-16
+    f = torch.cat([torch.rand(2000, dtype=torch.float64), torch.tensor([0.0, 2.0**-18, 2.0**-17, 0.5, 1 - 2**-24])])
+    p_up = torch.searchsorted(lattice, f, right=False).double() * 2.0**-16  # #{u < f} / 2¹⁶
+    assert ((p_up - f).abs() <= 2.0**-17).all()
+    u = sr_uniforms((4096,), torch.Generator().manual_seed(0), "cpu")
+    assert u.dtype == torch.float32 and torch.equal((u.double() * 2**16 - 0.5).round(), u.double() * 2**16 - 0.5)
+    assert 0 < u.min() and u.max() < 1
+
+
+def test_reference_update_sr_is_unbiased():
+    # The torch reference of the int8 update (16-bit uniforms, v = (w - lo)·(1/Δ)): N = 10⁴ replicas of one
+    # 4x64 weight take the same update, each with its own uniforms. Sampling: SR error per draw in [-Δ, Δ],
+    # variance <= Δ²/4, so 4σ of the mean is 4·(Δ/2)/√N. Deterministic terms (u = 2⁻²⁴): the lattice bias
+    # < 2⁻¹⁷·Δ; the fp32 reciprocal and product put v within 3u·255 codes of (w - lo)/Δ; the fp32 roundings
+    # of dequantize, update and decay move W' by <= 5u·|W'|, and the target offset likewise (10u·max|W'|).
+    m, n, g, N = 4, 64, 32, 10_000
+    gen = torch.Generator().manual_seed(7)
+    w0 = torch.randn(m, n, generator=gen) * 0.05
+    codes, scale, offset = quantize_groupwise(w0, g)
+    grad = torch.randn(m, n, generator=gen)
+    s, lr, wd = torch.tensor(0.8), 4e-4, 0.1
+    big = [codes.repeat(N, 1), scale.repeat(N), offset.repeat(N)]
+    int8_scaled_update_(*big, g, grad.repeat(N, 1), s, lr, wd, torch.Generator().manual_seed(11))
+    G = m * n // g
+    assert (big[1].reshape(N, G) == big[1][:G]).all()  # the ranges do not depend on the uniforms
+    delta = big[1][:G].double().repeat_interleave(g).reshape(m, n)
+    lo = big[2][:G].double().repeat_interleave(g).reshape(m, n)
+    mean = big[0].reshape(N, m, n).double().mean(0) * delta + lo
+    w = codes.double().reshape(-1, g) * scale.double()[:, None] + offset.double()[:, None]
+    target = (w.reshape(m, n) - lr * s.double() * grad.double()) * (1 - lr * wd)
+    u = 2.0**-24
+    bound = 4 * (delta / 2) / N**0.5 + delta * (2.0**-17 + 3 * u * 255) + 10 * u * target.abs().max()
+    err = (mean - target).abs()
+    assert (err <= bound).all(), f"worst |mean - target| / bound = {(err / bound).max():.2f}"
+    nearest = ((target - lo) / delta).round() * delta + lo
+    assert ((nearest - target).abs() > bound).float().mean() > 0.5  # the bound is tight enough to matter

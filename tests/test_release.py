@@ -1,4 +1,4 @@
-"""Layer-wise gradient release (spec §13) against ordinary stepping, on a tiny int8 Llama."""
+"""Layer-wise gradient release (docs/algorithms.md §13) against ordinary stepping, on a tiny int8 Llama."""
 
 import pytest
 import torch
@@ -9,7 +9,8 @@ from qtrain.model import build_model, enable_activation_checkpointing
 from qtrain.optim import apollo_mini
 from qtrain.optim.adam import Adam
 from qtrain.optim.float_adam import float_optimizer_factory
-from qtrain.release import Updater
+from qtrain.release import attach_release
+from qtrain.updater import Updater
 from qtrain.schedule import lr_at
 
 STEPS = 5
@@ -33,7 +34,7 @@ def _train(release: bool, quant: bool, float_opt="adamw", steps=STEPS, spy=None,
     if spy is not None:
         spy(updater)
     if release:
-        updater.attach()
+        attach_release(updater)
     losses = []
     for k, x in enumerate(_batches(steps)):
         updater.begin_step(lr_at(k, 0.01, steps, warmup_frac=0.2))
@@ -122,7 +123,7 @@ def test_first_layer_gets_its_gradient_when_input_needs_none():
 def test_second_backward_in_one_release_step_is_refused():
     model = build_model(tiny_model_cfg(), quant_cfg(), seed=0)
     updater = Updater(model, apollo_mini(update_proj_gap=2), float_optimizer_factory("adamw"))
-    updater.attach()
+    attach_release(updater)
     updater.begin_step(0.01)
     x = _batches(1)[0]
     model(input_ids=x, labels=x).loss.backward()
@@ -144,7 +145,8 @@ def test_release_step_through_the_triton_kernels_tracks_the_torch_path():
     # agree statistically: within 0.05 nats over 6 steps of the tiny Llama.
     from qtrain.config import TrainConfig
     from qtrain.quant import triton_kernels
-    from qtrain.train import build_updater, lm_loss
+    from qtrain.build import build_updater
+    from qtrain.evaluation import lm_loss
 
     if not triton_kernels.interpret_mode():
         pytest.skip("runs the kernels on CPU tensors, which needs Triton's interpreter (set by conftest without CUDA)")
@@ -153,7 +155,7 @@ def test_release_step_through_the_triton_kernels_tracks_the_torch_path():
         cfg = TrainConfig.from_toml("recipes/tiny.toml", [f"quant.kernels={kernels}", "model.vocab_size=256"])
         model = build_model(cfg.model, cfg.quant, "cpu")
         updater = build_updater(model, cfg)
-        updater.attach()
+        attach_release(updater)
         x = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
         losses[kernels] = []
         for _ in range(6):

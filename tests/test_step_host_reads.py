@@ -14,7 +14,9 @@ import torch
 
 from qtrain.config import TrainConfig
 from qtrain.model import build_model
-from qtrain.train import build_updater, lm_loss
+from qtrain.build import build_updater
+from qtrain.release import attach_release
+from qtrain.evaluation import lm_loss
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 RECIPE = TrainConfig.from_toml("recipes/tiny.toml")
@@ -33,7 +35,7 @@ def test_one_release_step_reads_nothing_on_the_host(overrides, monkeypatch):
 
         enable_activation_checkpointing(model)
     updater = build_updater(model, cfg)
-    updater.attach()
+    attach_release(updater)
     x = torch.randint(0, 256, (2, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from qtrain import checkpoint as ckpt_mod
-from qtrain import train as train_mod
+from qtrain import loop as loop_mod
 from qtrain.checkpoint import latest_checkpoint
-from qtrain.cli import find_recipe
+from qtrain.shipped_recipes import find_recipe
 from qtrain.cli import main as cli
 from qtrain.config import TrainConfig
 from qtrain.optim.registry import build_method
-from qtrain.train import TrainingError, train
+from qtrain.errors import TrainingError
+from qtrain.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 # A small slice of the embedded corpus and a small vocab keep every run here to a few seconds.
@@ -100,7 +101,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss, calls = train_mod.lm_loss, []
+    real_loss, calls = loop_mod.lm_loss, []
 
     def poisoned(model, x, y, dtype):
         loss = real_loss(model, x, y, dtype)
@@ -109,7 +110,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         calls.append(1)
         return loss * float("nan") if len(calls) == 7 else loss
 
-    monkeypatch.setattr(train_mod, "lm_loss", poisoned)
+    monkeypatch.setattr(loop_mod, "lm_loss", poisoned)
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 7.*last good checkpoint is step-00000005"):
         train(cfg("train.steps=20", "train.save_every=5", "train.eval_every=100", "train.log_every=10"),
               tmp_path / "run", quiet=True)
@@ -169,9 +170,9 @@ def test_export_round_trip_eval_and_generate(tmp_path, capsys):
     assert cli(["generate", str(run), "--prompt", "The", "--tokens", "5"]) == 0
     from transformers import AutoModelForCausalLM
 
-    from qtrain.cli import _load_trained
+    from qtrain.commands import load_trained
 
-    _, model, data, _, _ = _load_trained(run, "cpu")
+    model = load_trained(run, "cpu").model
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     x = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
@@ -247,6 +248,6 @@ def test_out_of_memory_points_to_the_estimator(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "lm_loss", oom)
+    monkeypatch.setattr(loop_mod, "lm_loss", oom)
     with pytest.raises(TrainingError, match=r"out of GPU memory at step 1.*qtrain estimate.*--gpu-gib"):
         train(cfg("train.steps=3"), tmp_path / "run", quiet=True)

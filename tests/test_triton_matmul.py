@@ -21,7 +21,7 @@ from qtrain.int8_linear import Int8Linear  # noqa: E402
 from qtrain.model import build_model  # noqa: E402
 from qtrain.quant import dispatch, triton_matmul  # noqa: E402
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
-from qtrain.train import lm_loss  # noqa: E402
+from qtrain.evaluation import lm_loss  # noqa: E402
 
 INTERPRETED = triton_interpreted()
 # (N, K, g): the per-row tiling (groups inside rows; N = 40 leaves a partial tile of rows), then the gathering
@@ -134,11 +134,11 @@ def test_dispatch_uses_the_fused_kernel_only_where_asked_and_possible(monkeypatc
     unfused = torch.nn.functional.linear(x, dequantize_groupwise(codes, scale, offset, 32))
     # CPU tensors: "auto" is the reference path, fused or not (bit for bit)
     assert torch.equal(dispatch.linear(x, codes, scale, offset, 32, "auto", "fused"), unfused) and not calls
-    assert torch.equal(dispatch.linear(x, codes, scale, offset, 32, "triton", "dequantize"), unfused)
-    assert not calls
     with pytest.raises(ValueError, match=r"matmul = 'gemm'; allowed: \('dequantize', 'fused'\)"):
         dispatch.linear(x, codes, scale, offset, 32, "auto", "gemm")
-    if INTERPRETED:  # "triton" runs the kernels in the interpreter
+    if INTERPRETED:  # "triton" runs the kernels in the interpreter; compiled, it refuses CPU tensors
+        assert torch.equal(dispatch.linear(x, codes, scale, offset, 32, "triton", "dequantize"), unfused)
+        assert not calls
         y = dispatch.linear(x, codes, scale, offset, 32, "triton", "fused")
         assert calls == [1] and y.shape == (2, 5, 48)
         w_hat = dequantize_groupwise(codes, scale, offset, 32)
@@ -148,6 +148,61 @@ def test_dispatch_uses_the_fused_kernel_only_where_asked_and_possible(monkeypatc
             dispatch.linear(torch.randn(3, 40), *bad, 24, "triton", "fused")
         y = dispatch.linear(torch.randn(3, 40), *bad, 24, "auto", "fused")  # "auto": the reference path
         assert y.shape == (3, 12) and calls == [1]
+    else:
+        with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors"):
+            dispatch.linear(x, codes, scale, offset, 32, "triton", "dequantize")
+
+
+# ---------------------------------------------------------------------------------------------------
+# autotuning keys, configs and the fused/dequantize choice (pure logic: CPU)
+
+
+def test_m_is_bucketed_for_the_autotuner():
+    assert [triton_matmul.m_bucket(M) for M in (1, 2, 16, 17, 48, 49, 64, 65, 256, 2048, 2049)] == \
+        [16, 16, 16, 32, 64, 64, 64, 128, 256, 2048, 4096]
+    assert len({triton_matmul.m_bucket(M) for M in range(2, 50)}) == 3  # generation's prompts 2..49: 3 tunings, not 48
+    assert "M" not in triton_matmul.TUNE_KEY and "M_BUCKET" in triton_matmul.TUNE_KEY
+
+
+def test_configs_fit_in_shared_memory():
+    KiB, limit = 1024, triton_matmul.SMEM_LIMIT
+    # the audit's finding: the forward's widest tile as a dx config needs over 227 KiB (260 KiB compiled)
+    assert triton_matmul.smem_bytes("grad_input", 128, 256, 64, 3, 2) > limit >= 227 * KiB
+    assert (128, 256, 64, 3, 8) not in triton_matmul.GRAD_INPUT_SHAPES
+    for kind, shapes in (("forward", triton_matmul.FORWARD_SHAPES), ("grad_input", triton_matmul.GRAD_INPUT_SHAPES)):
+        assert all(triton_matmul.smem_bytes(kind, *c[:4], 2) <= limit for c in shapes), kind  # bf16/fp16: all fit
+        assert all(triton_matmul.MAX_BLOCK_K % c[2] == 0 for c in shapes)
+    # fp32 operands (the IEEE path) double the tiles: the pruner drops what no longer fits, keeps the rest
+    fp32 = triton_matmul.fitting(triton_matmul.GRAD_INPUT_SHAPES, "grad_input", 4)
+    assert 0 < len(fp32) < len(triton_matmul.GRAD_INPUT_SHAPES)
+    assert all(triton_matmul.smem_bytes("grad_input", *c[:4], 4) <= limit for c in fp32)
+    assert triton_matmul.fitting(triton_matmul.FORWARD_SHAPES, "forward", 2, limit=1) == [(32, 64, 32, 5, 2)]
+
+
+def test_pruner_reads_the_operand_width_of_the_call():
+    prune = triton_matmul._pruner("grad_input")
+    configs = triton_matmul._configs(triton_matmul.GRAD_INPUT_SHAPES)
+    dy16, dy32 = torch.empty(2, 2, dtype=torch.bfloat16), torch.empty(2, 2)
+    assert prune(configs, {"dy_ptr": dy16}, IEEE=False) == configs
+    kept = prune(configs, {"dy_ptr": dy32}, IEEE=True)
+    assert len(kept) == len(triton_matmul.fitting(triton_matmul.GRAD_INPUT_SHAPES, "grad_input", 4)) < len(configs)
+    assert prune(configs, {"dy_ptr": dy16}, IEEE=True) == kept  # IEEE: bf16 is widened to fp32 before the dot
+
+
+def test_auto_takes_the_dequantize_path_where_fused_loses(monkeypatch):
+    assert triton_matmul.fused_expected_faster(256, 4096, 128)
+    assert not triton_matmul.fused_expected_faster(triton_matmul.FUSED_MIN_M - 1, 4096, 128)  # few rows
+    assert not triton_matmul.fused_expected_faster(256, 5461, 128)  # groups straddle rows: gathered scales
+    assert not triton_matmul.fused_expected_faster(256, 4096, 32)  # a group smaller than BLOCK_K: gathered
+    # dispatch, as on a GPU: every check passes, only the expected speed decides for "auto"
+    monkeypatch.setattr(dispatch, "_use_triton", lambda *a: True)
+    monkeypatch.setattr(triton_matmul, "check_supported", lambda *a: None)
+    codes, scale, offset = quantize_groupwise(torch.randn(64, 128), 64)
+    for M, want in ((8, False), (63, False), (64, True), (300, True)):
+        a = torch.empty(M, 128)
+        assert dispatch._use_fused_matmul("fused", "auto", a, codes, scale, offset, 64) is want, M
+        assert dispatch._use_fused_matmul("fused", "triton", a, codes, scale, offset, 64)  # forced: always
+        assert not dispatch._use_fused_matmul("dequantize", "auto", a, codes, scale, offset, 64)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="CPU interpreter case (a GPU machine runs it in the subprocess)")
@@ -204,13 +259,14 @@ AOT_SCRIPT = r"""
 from qtrain.quant import triton_matmul as tm
 
 def mm_ptx(fn, names, constexprs, warps, stages):
-    types = ["*bf16", "*u8", "*fp32", "*fp32", "*bf16"] + ["i32"] * 5
+    types = ["*bf16", "*u8", "*fp32", "*fp32", "*bf16"] + ["i32"] * 6
     signature = {n: t for n, t in zip(names, types)} | {k: "constexpr" for k in constexprs}
     return ptx(fn, signature, constexprs, num_warps=warps, num_stages=stages)
 
 meta = {"GROUP": 128, "SWIZZLE": 8, "RNE_BF16": False, "IEEE": False}
-fwd = ["x_ptr", "codes_ptr", "scale_ptr", "offset_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_ym"]
-bwd = ["dy_ptr", "codes_ptr", "scale_ptr", "offset_ptr", "dx_ptr", "M", "N", "K", "stride_dym", "stride_dxm"]
+fwd = ["x_ptr", "codes_ptr", "scale_ptr", "offset_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_ym", "M_BUCKET"]
+bwd = ["dy_ptr", "codes_ptr", "scale_ptr", "offset_ptr", "dx_ptr", "M", "N", "K", "stride_dym", "stride_dxm",
+       "M_BUCKET"]
 out = {}
 for aligned in (True, False):
     tag = "" if aligned else " (gathered scales)"

@@ -45,12 +45,14 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from qtrain.cli import find_recipe
+from qtrain.shipped_recipes import find_recipe
 from qtrain.config import TrainConfig
-from qtrain.sync_probe import count_syncs
+from sync_probe import count_syncs
 from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
 from qtrain.quant import triton_kernels
-from qtrain.train import build_updater, lm_loss
+from qtrain.build import build_updater
+from qtrain.release import attach_release
+from qtrain.evaluation import lm_loss
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -245,7 +247,7 @@ def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, dev
         model = checkpointed(build_model(cfg.model, cfg.quant, device, seed=cfg.train.seed))
         updater = build_updater(model, cfg)
         if cfg.train.release:
-            updater.attach()
+            attach_release(updater)
 
         def step():
             updater.begin_step(o.lr, o.float_lr_value)

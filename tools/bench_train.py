@@ -28,11 +28,14 @@ import time
 import torch
 from transformers import LlamaForCausalLM
 
-from qtrain.cli import find_recipe
+from qtrain.shipped_recipes import find_recipe
 from qtrain.config import TrainConfig
 from qtrain.data import prepare_data
 from qtrain.model import build_model, enable_activation_checkpointing, llama_config
-from qtrain.train import autocast_dtype, build_updater, lm_loss, resolve_device
+from qtrain.build import build_updater
+from qtrain.release import attach_release
+from qtrain.device import autocast_dtype, resolve_device
+from qtrain.evaluation import lm_loss
 
 
 def sync(device: torch.device) -> None:
@@ -64,8 +67,8 @@ def main() -> None:
     overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
     cfg = TrainConfig.from_toml(recipe, overrides)
     t, o = cfg.train, cfg.optim
-    device = resolve_device(cfg)
-    dtype = autocast_dtype(cfg, device)
+    device = resolve_device(cfg.train.device)
+    dtype = autocast_dtype(cfg.train.dtype, device)
     total = args.warmup + args.steps
 
     # Data prep outside the timed region: every batch is drawn and on the device before step 1.
@@ -77,7 +80,7 @@ def main() -> None:
     model = build_model(cfg.model, cfg.quant, device, seed=t.seed)
     updater = build_updater(model, cfg)
     if t.release:
-        updater.attach()
+        attach_release(updater)
 
     torch.manual_seed(t.seed)
     with torch.device(device):

@@ -3,7 +3,7 @@
 Two rows, same weight shape, gradient and hyperparameters:
   qtrain       Apollo.direction (APOLLO-Mini, P regenerated from a seed) -> dispatch.int8_scaled_update_
                (fp32 dequantize/update/SR; the fused Triton kernel on CUDA, the chunked torch reference on CPU).
-  official     a re-creation of the official q_apollo step for one int8 weight (spec §12, §17), written for
+  official     a re-creation of the official q_apollo step for one int8 weight (docs/algorithms.md §12, §17), written for
                this benchmark: dequantize to the gradient dtype with the integer zero point, stored projection,
                the step in bf16 on full-size clones (the official code holds about six), SR in bf16 with the
                global RNG, Python max and NaN asserts on device scalars, torch.cuda.synchronize() per weight.
@@ -29,15 +29,16 @@ import torch
 from torch import Tensor
 
 from qtrain.optim.apollo import apollo_mini
-from qtrain.sync_probe import count_syncs
+from sync_probe import count_syncs
 from qtrain.quant import dispatch, triton_kernels
 from qtrain.quant.groupwise import CODE_MAX, quantize_groupwise
+from qtrain.seeding import update_seed
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------------
-# the official path, re-created (spec §12 formulas, §17 bugs kept on purpose: they are what we measure)
+# the official path, re-created (§12 formulas, §17 bugs kept on purpose: they are what we measure)
 
 
 def official_quantize_nearest(w: Tensor, g: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,7 +203,7 @@ def main() -> None:
 
     def qtrain_step():
         update = method.direction(grad, state)  # Update(grad_scale=0-dim fp32), APOLLO-Mini §5
-        seed = dispatch.update_seed(args.seed, state["uid"], state["step"])
+        seed = update_seed(args.seed, state["uid"], state["step"])
         dispatch.int8_scaled_update_(codes, scale, offset, g, grad, update.grad_scale, lr, wd, generator_seed=seed)
 
     # official: bf16 (gradient dtype) Δ and integer zero point, stored P, fp32 Adam moments on R

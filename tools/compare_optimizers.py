@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from qtrain.cli import find_recipe
+from qtrain.shipped_recipes import find_recipe
 from qtrain.config import TrainConfig
 from qtrain.data import Dataset, prepare_data
 from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
@@ -44,9 +44,12 @@ from qtrain.optim.adam import Adam
 from qtrain.optim.base import Method
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.optim.registry import MATRIX_METHODS, build_method
-from qtrain.release import Updater
+from qtrain.release import attach_release
+from qtrain.updater import Updater
 from qtrain.schedule import lr_at
-from qtrain.train import autocast_dtype, build_updater, evaluate, lm_loss, resolve_device
+from qtrain.build import build_updater
+from qtrain.device import autocast_dtype, resolve_device
+from qtrain.evaluation import evaluate, lm_loss
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "optimizers.md"
 BASELINE = "adamw"
@@ -110,7 +113,7 @@ def run_config(base: TrainConfig, name: str, mode: str, steps: int, rank: int, l
 def train_one(cfg: TrainConfig, data: Dataset, device: torch.device) -> dict:
     """Train one (method, mode) from scratch; returns losses, state bytes and time."""
     t, o = cfg.train, cfg.optim
-    dtype = autocast_dtype(cfg, device)
+    dtype = autocast_dtype(cfg.train.dtype, device)
     t0 = time.perf_counter()
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.quant, device, seed=t.seed)
@@ -120,7 +123,7 @@ def train_one(cfg: TrainConfig, data: Dataset, device: torch.device) -> dict:
     updater = build_adam_updater(model, cfg) if o.method == BASELINE else build_updater(model, cfg)
     sampler = data.sampler(t.batch_size, t.seq_len, t.seed)
     if t.release:
-        updater.attach()
+        attach_release(updater)
     losses: list[torch.Tensor] = []
     diverged = None
     for k in range(t.steps):
@@ -212,7 +215,7 @@ def main() -> None:
         for shape in projection_shapes(cfg):
             method.validate(shape)
     first = next(iter(configs.values()))
-    device = resolve_device(first)
+    device = resolve_device(first.train.device)
     t = first.train
     data = prepare_data(first.data, first.model.vocab_size, t.seq_len)
 
@@ -222,7 +225,7 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
            f" (CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start)")
         + f", torch {torch.__version__}, autocast "
-        f"{str(autocast_dtype(first, device)).removeprefix('torch.')}",
+        f"{str(autocast_dtype(first.train.dtype, device)).removeprefix('torch.')}",
         f"model: hidden {mc.hidden_size}, intermediate {mc.intermediate_size}, layers {mc.num_layers}, "
         f"heads {mc.num_heads}, vocab {mc.vocab_size}",
         f"steps {steps}, batch {t.batch_size} x {t.seq_len} ({steps * t.batch_size * t.seq_len:,} tokens), "

@@ -34,12 +34,15 @@ from pathlib import Path
 
 import torch
 
-from qtrain.cli import find_recipe
+from qtrain.shipped_recipes import find_recipe
 from qtrain.config import TrainConfig
 from qtrain.estimate import GiB, MiB, estimate
-from qtrain.memory_probe import cpu_peak_bytes
+from memory_probe import cpu_peak_bytes
 from qtrain.model import build_model
-from qtrain.train import autocast_dtype, build_updater, lm_loss, to_device
+from qtrain.build import build_updater
+from qtrain.release import attach_release
+from qtrain.device import autocast_dtype, to_device
+from qtrain.evaluation import lm_loss
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "estimator.md"
 CKPT = "train.activation_checkpointing=true"
@@ -107,8 +110,8 @@ def trainer_step(cfg: TrainConfig, device: torch.device):
     model.train()
     updater = build_updater(model, cfg)
     if cfg.train.release:
-        updater.attach()
-    dtype = autocast_dtype(cfg, device)
+        attach_release(updater)
+    dtype = autocast_dtype(cfg.train.dtype, device)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     x, y = (torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=gen)
             for _ in range(2))

@@ -1,4 +1,4 @@
-"""Alice and Alice-0: low-rank Eigen-Adam with tracking, switching and compensation (spec §11; [004] Alg. 2-4, 10).
+"""Alice and Alice-0: low-rank Eigen-Adam with tracking, switching and compensation (docs/algorithms.md §11; [004] Alg. 2-4, 10).
 
 Written on Ĝ (m := a rows, n := b columns). Adam runs in the basis U (m×r) of the tracked
 covariance Q̃ = β3·U Q Uᵀ + (1−β3)·G Gᵀ; every K steps U is refreshed by one subspace iteration and
@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from qtrain.optim.adam import Adam
-from qtrain.optim.base import Method, MethodOptimizer, Update, mix_seed, seeded_generator
+from qtrain.optim.base import Method, Update
+from qtrain.optim.method_optimizer import MethodOptimizer
+from qtrain.seeding import mix_seed, seeded_generator
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
 from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.projection import orient
@@ -27,7 +29,7 @@ from qtrain.optim.svd_projection import orient_back
 
 
 def tracked_cov_matmul(x: Tensor, g: Tensor, u: Tensor, q: Tensor | None, beta3: float) -> Tensor:
-    """Q̃ X = β3·U(Q(UᵀX)) + (1−β3)·G(GᵀX) without forming the m×m Q̃ (spec §11).
+    """Q̃ X = β3·U(Q(UᵀX)) + (1−β3)·G(GᵀX) without forming the m×m Q̃ (§11).
 
     x: (m, k); g: (m, n); u: (m, r); q: (r, r) or None (Alice-0). Returns (m, k) fp32.
     """
@@ -38,7 +40,7 @@ def tracked_cov_matmul(x: Tensor, g: Tensor, u: Tensor, q: Tensor | None, beta3:
 
 
 def subspace_iteration(g: Tensor, u: Tensor, q: Tensor | None, beta3: float, iters: int = 1) -> tuple[Tensor, Tensor]:
-    """Ritz pairs of A = Q̃ from the start basis U ([004] Alg. 10; spec §11).
+    """Ritz pairs of A = Q̃ from the start basis U ([004] Alg. 10; §11).
 
     repeat k: U₀ ← orthonormal factor of QR(A U₀); B = U₀ᵀ A U₀ (r×r); (μ, E) = eigh(B), descending.
     Returns (Ritz vectors U₀E (m×r), Ritz values μ (r,)), both fp32, sorted by descending μ.
@@ -80,7 +82,7 @@ def switch_basis(ritz: Tensor, leading: int, generator: torch.Generator) -> Tens
 def alice_compensation_(
     g: Tensor, u: Tensor, sigma: Tensor, p: Tensor, phi: Tensor, *, beta: float, gamma: float = 1.01
 ) -> Tensor:
-    """Compensation C for the residual outside span U ([004] Alg. 3, Thm 5.1; spec §11).
+    """Compensation C for the residual outside span U ([004] Alg. 3, Thm 5.1; §11).
 
     g: Ĝ (m×n); u: U (m×r); sigma = UᵀĜ (r×n); p (n,) and phi (0-dim) updated in place. Returns C (m×n)
     fp32 after the limiter; UᵀC = 0.
@@ -202,7 +204,7 @@ class AliceMethod(Method):
 
 
 def alice0(**kwargs) -> AliceMethod:
-    """Alice-0: Alice with β3 = 0 (no tracking, no Q state; spec §11)."""
+    """Alice-0: Alice with β3 = 0 (no tracking, no Q state; §11)."""
     if kwargs.get("beta3", 0.0) != 0.0:
         raise ValueError(f"Alice-0 fixes beta3 = 0, got beta3 = {kwargs['beta3']}; use method 'alice' for beta3 > 0")
     return AliceMethod(**{**kwargs, "beta3": 0.0})

@@ -1,8 +1,8 @@
-"""APOLLO (channel-wise, rank r) and APOLLO-Mini (tensor-wise, rank 1): spec §4, §5; [001] Alg. 1.
+"""APOLLO (channel-wise, rank r) and APOLLO-Mini (tensor-wise, rank 1): docs/algorithms.md §4, §5; [001] Alg. 1.
 
 Adam runs on the random projection R = PᵀĜ (r×b); its only use is the ratio s = ‖N‖/‖R‖ per channel
 (or per tensor), which rescales the *raw* gradient: the update is full rank, the state is 2·r·b floats.
-P is never stored: it is regenerated from a seed every step (spec §3).
+P is never stored: it is regenerated from a seed every step (§3).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtrain.optim.base import Method, MethodOptimizer, Update
+from qtrain.optim import apollo_kernels
+from qtrain.optim.base import Method, Update
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.projection import (
     channel_shape,
@@ -23,6 +25,7 @@ from qtrain.optim.projection import (
     random_projection,
     window_seed,
 )
+from qtrain.quant import dispatch
 
 BIAS_CORRECTION_MODES = ("outside", "inside")
 SCALE_TYPES = ("channel", "tensor")
@@ -45,30 +48,14 @@ def project_with_column_norms(proj: Tensor, g_hat: Tensor, max_chunk_elems: int 
     return r, col_sq
 
 
-def apollo_scaling(
-    g_hat: Tensor,
-    proj: Tensor,
-    m: Tensor,
-    v: Tensor,
-    phi: Tensor,
-    step: int,
-    *,
-    betas: tuple[float, float],
-    eps: float,
-    scale: float,
-    scale_type: str,
-    bias_correction: str,
-    gamma: float = 1.01,
+def scaling_chain(
+    r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
+    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01,
 ) -> Tensor:
-    """One APOLLO step on the oriented gradient Ĝ (a×b, fp32 or bf16) with projection P (a×r, fp32).
-
-    Updates m, v (r×b) and phi (0-dim, NL state) in place. Returns the factor f with D = Ĝ·Diag(f)
-    (f of shape (b,), channel) or D = f·Ĝ (f 0-dim, tensor), including NL, α = √scale and, in mode
-    "outside", κ_t. The full-size X = Ĝ·Diag(s) is never formed: ‖X‖ comes from column norms.
-    """
+    """Steps 5-11 of APOLLO on the statistics R = PᵀĜ (r×b) and ‖Ĝ[:, j]‖² (b,): the torch reference of
+    apollo_kernels.scaling_chain_triton. Updates m, v and phi in place and returns the factor f."""
     b1, b2 = betas
     c1, c2 = 1 - b1**step, 1 - b2**step
-    r, col_sq = project_with_column_norms(proj, g_hat)  # (r, b), (b,)    step 4
     m.mul_(b1).add_(r, alpha=1 - b1)  #                                step 5
     v.mul_(b2).addcmul_(r, r, value=1 - b2)
     if bias_correction == "outside":  # apollo.py: ε outside, κ_t on the step size    step 6
@@ -86,6 +73,40 @@ def apollo_scaling(
     eta, new_phi = norm_growth_factor(x_norm, phi, first=step == 1, gamma=gamma)  # step 9
     phi.copy_(new_phi)
     return s * (eta * (math.sqrt(scale) * step_factor))  # steps 10-11: α = √scale
+
+
+def apollo_scaling(
+    g_hat: Tensor,
+    proj: Tensor,
+    m: Tensor,
+    v: Tensor,
+    phi: Tensor,
+    step: int,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    scale: float,
+    scale_type: str,
+    bias_correction: str,
+    gamma: float = 1.01,
+    backend: str = "auto",
+) -> Tensor:
+    """One APOLLO step on the oriented gradient Ĝ (a×b, fp32 or bf16) with projection P (a×r, fp32).
+
+    Updates m, v (r×b) and phi (0-dim, NL state) in place. Returns the factor f with D = Ĝ·Diag(f)
+    (f of shape (b,), channel) or D = f·Ĝ (f 0-dim, tensor), including NL, α = √scale and, in mode
+    "outside", κ_t. The full-size X = Ĝ·Diag(s) is never formed: ‖X‖ comes from column norms.
+    backend (qtrain.quant.dispatch's convention): "auto" runs the two fused Triton kernels of
+    apollo_kernels when every tensor is on CUDA, the torch reference otherwise (CPU numbers unchanged).
+    """
+    hyper = dict(betas=betas, eps=eps, scale=scale, scale_type=scale_type, bias_correction=bias_correction,
+                 gamma=gamma)
+    if dispatch.use_triton(backend, (g_hat, proj, m, v, phi), apollo_kernels.problems(g_hat, proj, m),
+                           "the fused APOLLO statistics"):
+        r, col_sq = apollo_kernels.project_with_column_norms_triton(proj, g_hat)
+        return apollo_kernels.scaling_chain_triton(r, col_sq, m, v, phi, step, **hyper)
+    r, col_sq = project_with_column_norms(proj, g_hat)  # (r, b), (b,)    step 4
+    return scaling_chain(r, col_sq, m, v, phi, step, **hyper)
 
 
 @dataclass
@@ -110,6 +131,9 @@ class Apollo(ApolloScaling):
     """APOLLO / APOLLO-Mini: P a seeded Gaussian (a×r)/√r, regenerated from its seed, never stored."""
 
     accepts_low_precision_grad = True  # direction() upcasts bf16 gradients chunk by chunk itself
+    # statistics backend, "auto" | "torch" | "triton" (qtrain.quant.dispatch's convention). A plain class
+    # attribute, not a dataclass field: it is [quant] kernels' choice, not an [optim.args] hyperparameter
+    kernels = "auto"
 
     official_seed_chain: bool = False
 
@@ -153,7 +177,7 @@ class Apollo(ApolloScaling):
         f = apollo_scaling(
             orient(grad), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
-            bias_correction=self.bias_correction, gamma=self.gamma,
+            bias_correction=self.bias_correction, gamma=self.gamma, backend=self.kernels,
         )
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))
@@ -161,7 +185,7 @@ class Apollo(ApolloScaling):
 
 
 def apollo_mini(**kwargs) -> Apollo:
-    """APOLLO-Mini defaults: rank 1, tensor-wise scaling, scale 128 (spec §5)."""
+    """APOLLO-Mini defaults: rank 1, tensor-wise scaling, scale 128 (§5)."""
     return Apollo(**{"rank": 1, "scale": 128.0, "scale_type": "tensor", **kwargs})
 
 

@@ -1,9 +1,9 @@
-"""APOLLO with an SVD projection (APOLLO-SVD, spec §6; apollo-torch `proj="svd"`).
+"""APOLLO with an SVD projection (APOLLO-SVD, docs/algorithms.md §6; apollo-torch `proj="svd"`).
 
-APOLLO's channel-wise (or tensor-wise) scaling of the raw gradient (spec §4, `apollo_scaling`), with P
-the top-r singular vectors of G (spec §0 SVD convention) refreshed every T steps and stored, instead
-of a seeded random matrix. State: P (a×r), M, V (r×b), φ: ra + 2rb + 1 floats (spec §4 "+ ra if P
-stored"; §6's "memory equals GaLore's" leaves out the limiter's one float).
+APOLLO's channel-wise (or tensor-wise) scaling of the raw gradient (§4, `apollo_scaling`), with P
+the top-r singular vectors of G (§0 SVD convention) refreshed every T steps and stored, instead
+of a seeded random matrix. State: P (a×r), M, V (r×b), φ: ra + 2rb + 1 floats (§4's 2rb + 1 plus the
+stored P; §6: GaLore's state plus the limiter's one float).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 from torch import Tensor
 
 from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, ApolloScaling, apollo_scaling
-from qtrain.optim.base import MethodOptimizer, Update
+from qtrain.optim.base import Update
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.galore import check_low_rank, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.projection import channel_shape, orient
@@ -23,7 +24,7 @@ from qtrain.optim.svd_projection import refresh_due, refresh_projection_
 
 @dataclass
 class ApolloSVDMethod(ApolloScaling):
-    """APOLLO-SVD: APOLLO's hyperparameters (spec §6: α = 1 below 1B, 0.4 at 1B), P stored and refreshed by SVD."""
+    """APOLLO-SVD: APOLLO's hyperparameters (§6: α = 1 below 1B, 0.4 at 1B), P stored and refreshed by SVD."""
 
     def validate(self, shape: tuple[int, ...]) -> None:
         check_low_rank("APOLLO-SVD", shape, self.rank, self.update_proj_gap, self.betas, self.eps)

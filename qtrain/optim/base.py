@@ -3,8 +3,8 @@
 A *method* (APOLLO, GaLore, ...) is hyperparameters plus two functions of tensors:
     init_state(shape, device, uid) -> state dict        (fp32 tensors and python ints)
     direction(grad, state) -> Update                    (advances state["step"])
-The same method object serves three callers without change: the standalone optimizer below (float
-weights), qtrain's layer-wise release hooks (float and int8 weights), and the ordinary non-release step.
+The same method object serves three callers without change: the standalone optimizer
+(qtrain.optim.method_optimizer, float weights), qtrain's layer-wise release hooks (float and int8 weights), and the ordinary non-release step.
 An Update D is applied as   W <- (W - lr * D) * (1 - lr * weight_decay)   (decoupled decay after the step).
 """
 
@@ -16,32 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """splitmix64-style hash of integers -> a seed in [0, 2^63). Stateless: resume-safe, order-free."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & MASK64)) & MASK64
-        h = (h + 0x9E3779B97F4A7C15) & MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & MASK64
-        h ^= h >> 31
-    return h >> 1
-
-
-def name_uid(name: str) -> int:
-    """A stable integer id of a parameter's qualified name (Python's hash() is salted per process)."""
-    h = 0xCBF29CE484222325  # FNV-1a 64
-    for byte in name.encode():
-        h = ((h ^ byte) * 0x100000001B3) & MASK64
-    return h >> 1
-
-
-def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
-    """A fresh generator on `device` (CPU and CUDA draw different numbers for one seed)."""
-    return torch.Generator(device=device).manual_seed(seed)
+from qtrain.quant.stochastic_round import stochastic_round_to_bf16
 
 
 class Update(NamedTuple):
@@ -75,8 +50,6 @@ def apply_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tens
     A bf16 weight with a generator is rounded stochastically (no fp32 master copy, updates below half a
     bf16 ulp survive on average); without one it is rounded to nearest. Chunks bound the fp32 transients.
     """
-    from qtrain.quant.stochastic_round import stochastic_round_to_bf16
-
     w2 = weight.view(weight.shape[0], -1) if weight.dim() > 1 else weight.view(1, -1)
     flat = weight.dim() <= 1
     rows = max(1, max_chunk_elems // max(1, w2.shape[1]))
@@ -109,49 +82,3 @@ class Method:
 
     def validate(self, shape: tuple[int, ...]) -> None:
         """Raise ValueError naming the hyperparameter if the method cannot handle this shape."""
-
-
-class MethodOptimizer(torch.optim.Optimizer):
-    """A torch.optim.Optimizer that applies `method_for(group)` to each parameter with a gradient.
-
-    Groups without the method's marker key (see `uses_method`) fall back to `fallback_for(group)`
-    (Adam), so the usual APOLLO/GaLore pattern of one regular group plus one low-rank group works.
-    """
-
-    def __init__(self, params, defaults: dict[str, Any]):
-        super().__init__(params, defaults)
-        uid = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                uid += 1  # 1-based position across groups: the official projection seed (spec §3)
-                self.state[p]["uid"] = uid
-
-    def method_for(self, group: dict[str, Any]) -> Method:
-        raise NotImplementedError
-
-    def uses_method(self, group: dict[str, Any], p: Tensor) -> bool:
-        return p.dim() == 2
-
-    def fallback_for(self, group: dict[str, Any]) -> Method:
-        from qtrain.optim.adam import Adam
-
-        return Adam(betas=group["betas"], eps=group.get("adam_eps", 1e-6), weight_decay=group["weight_decay"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                method = self.method_for(group) if self.uses_method(group, p) else self.fallback_for(group)
-                state = self.state[p]
-                if "step" not in state:
-                    method.validate(tuple(p.shape))
-                    state.update(method.init_state(tuple(p.shape), p.device, state["uid"]))
-                update = method.direction(p.grad.float(), state)
-                apply_update_(p, update, p.grad, group["lr"], method.weight_decay)
-        return loss

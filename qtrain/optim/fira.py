@@ -1,10 +1,10 @@
-"""Fira-Adam (spec §8; `optimizer_torch/fira_adamw.py`): GaLore plus the scaled residual outside span P.
+"""Fira-Adam (docs/algorithms.md §8; `optimizer_torch/fira_adamw.py`): GaLore plus the scaled residual outside span P.
 
 The low-rank part is GaLore's α·P·N; the residual S = Ĝ − ζ·P·R is scaled per channel by APOLLO's
 factor s_j = ‖N[:, j]‖/‖R[:, j]‖ and passed through the norm-growth limiter. State: GaLore's + φ:
 ra + 2rb + 1 floats.
 
-Deviation (spec §8, ambiguity A5): the paper's residual is (I − PPᵀ)G (ζ = 1), the official code
+Deviation (§8, ambiguity A5 in §18): the paper's residual is (I − PPᵀ)G (ζ = 1), the official code
 subtracts the α-scaled back-projection (ζ = α). Default `fira_residual="official"` (ζ = α) reproduces
 the published numbers; "paper" gives ζ = 1.
 """
@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
-from qtrain.optim.base import Method, MethodOptimizer, Update
+from qtrain.optim.base import Method, Update
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.galore import check_low_rank, projected_adam_, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
@@ -28,7 +29,7 @@ FIRA_RESIDUALS = ("official", "paper")
 
 
 def fira_residual(g_hat: Tensor, proj: Tensor, r: Tensor, zeta: float) -> Tensor:
-    """S = Ĝ − ζ·P R (a×b fp32; R = PᵀĜ (r×b)). ζ = 1: the part of Ĝ outside span P (spec §8 step 6)."""
+    """S = Ĝ − ζ·P R (a×b fp32; R = PᵀĜ (r×b)). ζ = 1: the part of Ĝ outside span P (§8 step 6)."""
     return g_hat - zeta * (proj @ r)  # (a, r) @ (r, b) -> (a, b)
 
 
@@ -36,7 +37,7 @@ def fira_update(
     g_hat: Tensor, proj: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
     eps: float, scale: float, zeta: float, gamma: float = 1.01,
 ) -> Tensor:
-    """One Fira-Adam direction D̂ = κ_t (α·P N + NL(S·Diag(s))) (a×b, fp32) (spec §8 steps 1-9).
+    """One Fira-Adam direction D̂ = κ_t (α·P N + NL(S·Diag(s))) (a×b, fp32) (§8 steps 1-9).
 
     g_hat: Ĝ (a×b) fp32; proj: P (a×r); m, v: (r×b) and phi (0-dim, NL state) updated in place.
     """
@@ -53,7 +54,7 @@ def fira_update(
 
 @dataclass
 class FiraMethod(Method):
-    """Fira-Adam hyperparameters (spec §8 defaults: lr 0.01, α 0.25 up to 350M, 0.0625 at 1B/7B, T 200)."""
+    """Fira-Adam hyperparameters (§8 defaults: lr 0.01, α 0.25 up to 350M, 0.0625 at 1B/7B, T 200)."""
 
     rank: int = 128
     galore_scale: float = 0.25

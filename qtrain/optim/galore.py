@@ -1,4 +1,4 @@
-"""GaLore-Adam (spec §7; `galore_torch/adamw.py`, [003] Eq. 1), optionally with I3S subspaces (spec §9).
+"""GaLore-Adam (docs/algorithms.md §7; `galore_torch/adamw.py`, [003] Eq. 1), optionally with I3S subspaces (§9).
 
 Adam runs on R = PᵀĜ (r×b) with P the top-r singular vectors of G (refreshed every T steps, moments
 neither reset nor rotated), and the update is the back-projection α·P·N: rank <= r, confined to span P.
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtrain.optim.base import Method, MethodOptimizer, Update
+from qtrain.optim.base import Method, Update
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
 from qtrain.optim.projection import orient
 from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_
@@ -23,7 +24,7 @@ from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projec
 def projected_adam_(
     g_hat: Tensor, proj: Tensor, m: Tensor, v: Tensor, *, betas: tuple[float, float], eps: float
 ) -> tuple[Tensor, Tensor]:
-    """Adam moments on the projected gradient (spec §7 steps 2-4; shared with Fira §8).
+    """Adam moments on the projected gradient (§7 steps 2-4; shared with Fira §8).
 
     g_hat: Ĝ (a×b) fp32; proj: P (a×r) fp32; m, v: (r×b) fp32, updated in place.
     Returns (R = PᵀĜ (r×b), N = M ⊘ (√V + ε) (r×b)); no bias correction here (κ_t goes on the step).
@@ -40,7 +41,7 @@ def galore_update(
     g_hat: Tensor, proj: Tensor, m: Tensor, v: Tensor, step: int, *, betas: tuple[float, float], eps: float,
     scale: float,
 ) -> Tensor:
-    """One GaLore-Adam direction D̂ = κ_t · α · P N (a×b, fp32); W <- W − λ_t D (spec §7 steps 2-6).
+    """One GaLore-Adam direction D̂ = κ_t · α · P N (a×b, fp32); W <- W − λ_t D (§7 steps 2-6).
 
     Updates m, v in place. α = `scale` is linear (0.25 means ×0.25), unlike APOLLO's √scale.
     """
@@ -76,9 +77,9 @@ def stored_projection_state(shape: tuple[int, ...], rank: int, device, uid: int,
 
 @dataclass
 class GaLoreMethod(Method):
-    """GaLore-Adam hyperparameters (spec §7 defaults: lr 0.01, α 0.25, T 200; rank 128 at 60M, 256 at 130M/350M).
+    """GaLore-Adam hyperparameters (§7 defaults: lr 0.01, α 0.25, T 200; rank 128 at 60M, 256 at 130M/350M).
 
-    i3s=True samples the subspace by importance (spec §9) from a generator seeded with
+    i3s=True samples the subspace by importance (§9) from a generator seeded with
     mix_seed(seed, uid, window) instead of taking the top r singular vectors.
     """
 

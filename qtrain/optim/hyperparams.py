@@ -30,7 +30,7 @@ def check_betas(method: str, name: str, betas: Sequence[float], count: int) -> N
 
 
 def check_matrix_rank(method: str, rank: int, shape: tuple[int, ...]) -> None:
-    """2-D weight and 1 <= rank <= a = min(m, n) (the projected side, spec §0)."""
+    """2-D weight and 1 <= rank <= a = min(m, n) (the projected side, docs/algorithms.md §0)."""
     if len(shape) != 2:
         raise ValueError(f"{method} needs 2-D weights, got shape {shape}; train other tensors with Adam")
     if not 1 <= rank <= min(shape):

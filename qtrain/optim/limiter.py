@@ -1,4 +1,4 @@
-"""Norm-growth limiter (NL, Fira; APOLLO [001] Eq. 4; spec §2), on device with no host sync."""
+"""Norm-growth limiter (NL, Fira; APOLLO [001] Eq. 4; docs/algorithms.md §2), on device with no host sync."""
 
 from __future__ import annotations
 

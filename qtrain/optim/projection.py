@@ -1,4 +1,4 @@
-"""Orientation (spec §0) and the random projection regenerated from a seed (spec §3)."""
+"""Orientation (docs/algorithms.md §0) and the random projection regenerated from a seed (§3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from qtrain.optim.base import mix_seed, seeded_generator
+from qtrain.seeding import mix_seed, seeded_generator
 
 
 def orient(grad: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""RACS, row and column scaled SGD (spec §10; [004] Alg. 1, Prop. 3, Eq. 16).
+"""RACS, row and column scaled SGD (docs/algorithms.md §10; [004] Alg. 1, Prop. 3, Eq. 16).
 
 The Fisher is approximated as S ⊗ Q with positive diagonals; the best such fit makes q̂ŝᵀ the rank-1
 (Perron) approximation of G⊙G, found by 5 alternating fixed-point steps. The step is the square-root
@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from qtrain.optim.adam import Adam
-from qtrain.optim.base import Method, MethodOptimizer, Update
+from qtrain.optim.base import Method, Update
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
 
@@ -23,12 +24,12 @@ LIMITER_STORES = ("limited", "pre_limit")
 
 
 def racs_fixed_point(h: Tensor, iters: int = 5) -> tuple[Tensor, Tensor]:
-    """Rank-1 fit q̂ŝᵀ ≈ H of a non-negative H (m×n, fp32) by alternating least squares (spec §10 step 2).
+    """Rank-1 fit q̂ŝᵀ ≈ H of a non-negative H (m×n, fp32) by alternating least squares (§10 step 2).
 
     q̂ starts at 1_m on every call (a carried-over q̂ would let the s/q scale split drift between steps).
     Returns (ŝ (n,), q̂ (m,)) fp32, strictly positive when H has no zero rows/columns.
     """
-    # Entries of G⊙G can be ~1e-16: iterate on H / max(H) and put max(H) back on ŝ (fp32 range, spec §10).
+    # Entries of G⊙G can be ~1e-16: iterate on H / max(H) and put max(H) back on ŝ (fp32 range, §10).
     h_max = h.amax().clamp_min(torch.finfo(torch.float32).tiny)
     h = h / h_max  # (m, n), entries in [0, 1]
     q_hat = torch.ones(h.shape[0], device=h.device, dtype=torch.float32)  # (m,)
@@ -42,7 +43,7 @@ def racs_update(
     grad: Tensor, s: Tensor, q: Tensor, phi: Tensor, step: int, *, beta: float, alpha: float, gamma: float = 1.01,
     iters: int = 5, limiter_stores: str = "limited",
 ) -> Tensor:
-    """One RACS direction D = η·α·G̃ (m×n, fp32); W <- W − λ_t D (spec §10 steps 1-6).
+    """One RACS direction D = η·α·G̃ (m×n, fp32); W <- W − λ_t D (§10 steps 1-6).
 
     grad: G (m×n) fp32; s (n,), q (m,), phi (0-dim) fp32 updated in place.
     """

@@ -1,8 +1,8 @@
-"""SVD projections for APOLLO-SVD, GaLore and Fira: top-r (spec §0, §7) and I3S sampling (spec §9).
+"""SVD projections for APOLLO-SVD, GaLore and Fira: top-r (docs/algorithms.md §0, §7) and I3S sampling (§9).
 
 All three methods store P (a×r, orthonormal columns, fp32) in their state and refresh it in place at
-t = 1, T+1, 2T+1, ... (spec §0 "Refresh" schedules; I3S follows GaLore's convention, not [003] Alg. 2's
-`t mod τ = 0`). The singular vectors come from the thin SVD of the *un-oriented* G (spec §0 SVD
+t = 1, T+1, 2T+1, ... (§0 "Refresh" schedules; I3S follows GaLore's convention, not [003] Alg. 2's
+`t mod τ = 0`). The singular vectors come from the thin SVD of the *un-oriented* G (§0 SVD
 convention): `U[:, :r]` when m < n, `Vh[:r]ᵀ` when m >= n. svd(Ĝ) would span the same subspace with
 different signs, and since moments are not re-projected at a refresh the sign changes the trajectory.
 """
@@ -12,22 +12,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtrain.optim.base import mix_seed, seeded_generator
+from qtrain.seeding import mix_seed, seeded_generator
 
 
 def refresh_due(step: int, gap: int) -> bool:
-    """GaLore/APOLLO/Fira refresh rule: (t − 1) mod T == 0, i.e. t = 1, T+1, 2T+1, ... (spec §0)."""
+    """GaLore/APOLLO/Fira refresh rule: (t − 1) mod T == 0, i.e. t = 1, T+1, 2T+1, ... (§0)."""
     return (step - 1) % gap == 0
 
 
 def orient_back(d_hat: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Undo `orient`: D̂ (a×b) -> D of the weight's shape (m×n); a view, no copy (spec §0)."""
+    """Undo `orient`: D̂ (a×b) -> D of the weight's shape (m×n); a view, no copy (§0)."""
     m, n = shape
     return d_hat if m < n else d_hat.t()
 
 
 def singular_basis(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """All a singular vectors of the short side, and the singular values, by the spec §0 convention.
+    """All a singular vectors of the short side, and the singular values, by the §0 convention.
 
     grad: un-oriented G (m×n), any float dtype; the SVD runs in fp32.
     Returns (vecs (a×a) fp32: column i = the i-th singular vector on the short side (descending σ),
@@ -35,18 +35,18 @@ def singular_basis(grad: Tensor) -> tuple[Tensor, Tensor]:
     """
     m, n = grad.shape
     u, sigma, vh = torch.linalg.svd(grad.float(), full_matrices=False)  # U (m×a), Σ (a,), Vh (a×n)
-    vecs = u if m < n else vh.t()  # (a, a): U when m < n, Vhᵀ when m >= n (spec §0)
+    vecs = u if m < n else vh.t()  # (a, a): U when m < n, Vhᵀ when m >= n (§0)
     return vecs, sigma
 
 
 def top_r_projection(grad: Tensor, rank: int) -> Tensor:
-    """P (a×r) fp32: the top-r singular vectors of G by the spec §0 convention (GaLore `get_orthogonal_matrix`)."""
+    """P (a×r) fp32: the top-r singular vectors of G by the §0 convention (GaLore `get_orthogonal_matrix`)."""
     vecs, _ = singular_basis(grad)
     return vecs[:, :rank]
 
 
 def i3s_indices(sigma: Tensor, rank: int, generator: torch.Generator) -> Tensor:
-    """r distinct indices of [0, a), drawn by importance σ_i without replacement, sorted ascending (spec §9).
+    """r distinct indices of [0, a), drawn by importance σ_i without replacement, sorted ascending (§9).
 
     sigma: (a,) fp32 singular values (descending). Returns int64 (r,) on sigma's device.
     """
@@ -58,7 +58,7 @@ def i3s_indices(sigma: Tensor, rank: int, generator: torch.Generator) -> Tensor:
 
 
 def i3s_projection(grad: Tensor, rank: int, generator: torch.Generator) -> Tensor:
-    """P (a×r) fp32 = U_s[:, I] with I from `i3s_indices` ([003] Alg. 1-2; spec §9 step 4)."""
+    """P (a×r) fp32 = U_s[:, I] with I from `i3s_indices` ([003] Alg. 1-2; §9 step 4)."""
     vecs, sigma = singular_basis(grad)
     return vecs[:, i3s_indices(sigma, rank, generator)]
 

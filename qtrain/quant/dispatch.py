@@ -3,7 +3,7 @@
 backend="auto": Triton when every tensor is on CUDA and Triton is installed and supports the layout
 (power-of-two group size, fp32 or bf16 scales), else the torch reference. "torch" and "triton" force one;
 "triton" on CPU tensors runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests).
-Both backends draw the SR uniforms from one integer seed per (run, tensor, step), see update_seed, but
+Both backends draw the SR uniforms from one integer seed per (run, tensor, step), see qtrain.seeding.update_seed, but
 from different generators (torch's Philox/mt19937 vs Triton's tl.rand): their codes agree in
 distribution, not bitwise.
 """
@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtrain.optim.base import mix_seed
 from qtrain.quant import triton_kernels, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
@@ -23,27 +22,22 @@ BACKENDS = ("auto", "torch", "triton")
 MATMULS = ("dequantize", "fused")
 
 
-def update_seed(run_seed: int, uid: int, step: int) -> int:
-    """The SR seed of one update of one tensor, in [0, 2^31): stateless, so a resumed run redraws it."""
-    return mix_seed(run_seed, uid, step) >> 32  # mix_seed gives 63 bits; tl.rand takes an int32 seed
+def use_triton(backend: str, tensors: tuple[Tensor, ...], problems: list[str], what: str) -> bool:
+    """The backend convention of every Triton kernel with a torch twin (these int8 kernels, APOLLO's
+    statistics in qtrain.optim.apollo_kernels): True to run the kernel, False for the torch reference.
 
-
-def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale: Tensor, offset: Tensor,
-                group_size: int) -> bool:
+    problems: why the kernel cannot take these tensors (empty if it can). "auto" takes Triton only for
+    CUDA tensors without problems; "triton" raises naming the problem, or the device outside the interpreter.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r}; allowed: {BACKENDS}")
     if backend == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        if not (on_cuda and triton_kernels.HAVE_TRITON):
-            return False
-        try:
-            triton_kernels.check_supported(codes, scale, offset, group_size)
-        except ValueError:  # e.g. a group size that is not a power of two: the reference handles every layout
-            return False
-        return True
-    triton_kernels.check_supported(codes, scale, offset, group_size)  # explicit "triton": say why not
+        return on_cuda and not problems  # e.g. a group size that is not a power of two: the reference takes it
+    if problems:
+        raise ValueError(f"{what} cannot run in Triton: " + "; ".join(problems) + ". Use backend='torch'.")
     if not on_cuda and not triton_kernels.interpret_mode():
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(
@@ -53,12 +47,28 @@ def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale:
     return True
 
 
+def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale: Tensor, offset: Tensor,
+                group_size: int) -> bool:
+    problems = []
+    if backend == "auto" and not all(t.is_cuda for t in tensors):
+        return False  # CPU: the reference, without the layout checks (they run on every call)
+    if backend in ("auto", "triton"):
+        try:
+            triton_kernels.check_supported(codes, scale, offset, group_size)
+        except ValueError as e:
+            if backend == "triton":
+                raise  # its own message already names every problem and the fix
+            problems = [str(e)]
+    return use_triton(backend, tensors, problems, "the int8 kernels")
+
+
 def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor,
                       group_size: int) -> bool:
     """The fused dequant-GEMM where asked for and the kernels run; else dequantize, then matmul.
 
-    a: the 2-D activation. backend "auto" falls back quietly (CPU, or a layout the kernel does not take);
-    "triton" says why not.
+    a: the 2-D activation. backend "auto" falls back quietly (CPU, or a layout the kernel does not take), and
+    also where the fused kernel is known to lose (triton_matmul.fused_expected_faster: gathered scales, few
+    rows); "triton" runs it wherever it can and says why not.
     """
     if matmul not in MATMULS:
         raise ValueError(f"matmul = {matmul!r}; allowed: {MATMULS}")
@@ -70,6 +80,7 @@ def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale
             triton_matmul.check_supported(a, codes, scale, offset, group_size)
         except ValueError:
             return False
+        return triton_matmul.fused_expected_faster(a.shape[0], codes.shape[1], group_size)
     return True
 
 

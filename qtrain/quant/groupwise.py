@@ -7,7 +7,7 @@ elements (groups straddle rows when n % g != 0). Storage:
     offset (G,) meta dtype  min_k
     dequantized w = codes * scale + offset
 The offset is a float (the group minimum), not the official integer zero point: an all-positive or
-all-negative group is represented without clipping (spec §12), and min/max land exactly on codes 0/255.
+all-negative group is represented without clipping (docs/algorithms.md §12), and min/max land exactly on codes 0/255.
 A size that is not a multiple of g is rejected (no padding): every LLaMA size qtrain ships divides 128.
 
 Ranges are recomputed from the new values at every requantization (as the official code does), so a

@@ -1,7 +1,7 @@
 """One optimizer step applied to an int8 weight: dequantize -> W - lr·s⊙G -> stochastic requantize.
 
 This is the plain-torch reference path. It works chunk by chunk over rows so the fp32 transients are
-a few MB, never a full fp32 copy of the weight (spec §12 "update of a quantized weight").
+a few MB, never a full fp32 copy of the weight (docs/algorithms.md §12 "update of an int8 weight").
 """
 
 from __future__ import annotations

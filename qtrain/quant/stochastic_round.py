@@ -2,7 +2,7 @@
 
 SR rounds v to floor(v) + Bernoulli(v - floor(v)), so E[SR(v)] = v: updates much smaller than one
 quantization step still move the weight on average, where nearest rounding would drop them.
-All arithmetic is fp32 (the official code does it in bf16, which biases SR: spec §12).
+All arithmetic is fp32 (the official code does it in bf16, which biases SR: docs/algorithms.md §12).
 The uniform numbers come from a torch.Generator the caller owns (never the global RNG); qtrain seeds
 one per (run seed, tensor, step), so a resumed run draws the same numbers with no generator state saved.
 """
@@ -25,6 +25,21 @@ def stochastic_round(v: Tensor, uniform: Tensor) -> Tensor:
     """
     lower = torch.floor(v)
     return lower + (uniform < (v - lower)).to(v.dtype)
+
+
+UNIFORM_BITS = 16  # the update's SR uniforms: two per 32-bit Philox word in the Triton kernel (half the rounds)
+
+
+def sr_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str) -> Tensor:
+    """fp32 uniforms on the centred 2⁻¹⁶ lattice {(k + 1/2)·2⁻¹⁶ : k = 0 .. 2¹⁶-1}, the update's SR noise.
+
+    The Triton update kernel builds the same values from 16-bit halves of its Philox words. With u on this
+    lattice, P(u < f) = ceil(f·2¹⁶ - 1/2)/2¹⁶ differs from f by less than 2⁻¹⁷ (the half centres it; k·2⁻¹⁶
+    would bias every rounding up), so SR stays unbiased to within 2⁻¹⁷ of a quantization step.
+    One fp32 buffer, like torch.rand: randint writes the integers k straight into fp32 (exact below 2²⁴).
+    """
+    k = torch.randint(0, 1 << UNIFORM_BITS, shape, generator=generator, device=device, dtype=torch.float32)
+    return k.add_(0.5).mul_(2.0**-UNIFORM_BITS)  # both exact
 
 
 def quantize_groupwise_sr(
@@ -74,11 +89,13 @@ def requantize_sr_(
         w = block.reshape(-1, group_size).float().mul_(sc.float()[:, None]).add_(off.float()[:, None])  # (Gc, g)
         w = new_rows(r0, r1, w.view(r1 - r0, n)).view(-1, group_size)
         new_scale, new_offset = group_ranges(w, scale.dtype)
-        v = w.sub_(new_offset.float()[:, None]).div_(new_scale.float()[:, None])  # same as to_grid, in place
+        # grid position (w - offset) * (1/scale): one IEEE reciprocal per group, not a division per element
+        # (the Triton twin does the same); within 3u relative (a few ulp) of to_grid's quotient
+        v = w.sub_(new_offset.float()[:, None]).mul_(new_scale.float().reciprocal()[:, None])
         if generator is None:  # nearest rounding (comparison mode)
             codes_f = v.round_()
         else:
-            u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+            u = sr_uniforms(v.shape, generator, v.device)
             lower = torch.floor(v)
             codes_f = lower.add_(u.lt_(v.sub_(lower)))  # floor(v) + [u < frac(v)] = stochastic_round(v, u)
             del u, lower

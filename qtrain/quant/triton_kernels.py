@@ -84,8 +84,8 @@ def weight_problems(codes: Tensor, scale: Tensor, offset: Tensor, group_size: in
 def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
     """Raise ValueError if the Triton kernels cannot take these tensors (the torch references can)."""
     problems = weight_problems(codes, scale, offset, group_size)
-    if group_size < 4 or group_size & (group_size - 1):
-        problems.append(f"group size {group_size} must be a power of two >= 4 (tiles; 4 uniforms per Philox draw)")
+    if group_size < 8 or group_size & (group_size - 1):
+        problems.append(f"group size {group_size} must be a power of two >= 8 (tiles; 8 uniforms per Philox draw)")
     if problems:
         raise ValueError(
             "the Triton int8 kernels cannot handle this weight: " + "; ".join(problems)
@@ -212,16 +212,24 @@ def _update_kernel(
     else:
         off_new = lo
         new_scale = tl.math.div_rn(tl.maximum(hi - lo, _MIN_RANGE), _CODE_MAX)
-    v = tl.math.div_rn(w - off_new[:, None], new_scale[:, None])  # continuous code position in [0, 255]
+    # continuous code position in [0, 255]: one correctly rounded reciprocal per group and a multiply per
+    # element (a per-element div_rn was ~10 instructions), exactly as the reference's reciprocal() and mul_
+    inv_scale = tl.math.div_rn(1.0, new_scale)
+    v = (w - off_new[:, None]) * inv_scale[:, None]
 
-    # SR: floor(v) + [u < frac(v)], u from the caller (tests) or Philox4x32-10 keyed by seed: element i takes
-    # output i % 4 of counter i // 4 (one Philox evaluation per 4 elements: the kernel's main ALU cost)
+    # SR: floor(v) + [u < frac(v)], u from the caller (tests) or Philox4x32-10 keyed by seed, 16-bit uniforms
+    # (stochastic_round.sr_uniforms' lattice (k + 1/2)·2⁻¹⁶): element i takes the 16-bit half i % 2 (low
+    # first) of word (i % 8) // 2 of counter i // 8, so one Philox evaluation serves 8 elements, not 4
     if USE_UNIFORM:
         u = tl.load(uniform_ptr + flat, mask=mask, other=0.0)
     else:
-        quad = gid[:, None] * (GROUP // 4) + tl.arange(0, GROUP // 4)[None, :]  # (BLOCK_G, GROUP/4)
-        u0, u1, u2, u3 = tl.rand4x(seed, quad)
-        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_G, GROUP))  # element 4q+r <- u_r[q]
+        octet = gid[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # (BLOCK_G, GROUP/8)
+        r0, r1, r2, r3 = tl.randint4x(seed, octet)
+        # tl.join appends the fastest axis: (q, j1, j0, half) flattens to element 8q + 2(2·j1 + j0) + half
+        lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+        hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+        k = tl.reshape(tl.join(lo, hi), (BLOCK_G, GROUP))
+        u = (k.to(tl.float32) + 0.5) * 0.0000152587890625  # (k + 1/2)·2⁻¹⁶, both steps exact
     lower = tl.floor(v)
     q = lower + (u < v - lower).to(tl.float32)
     q = tl.minimum(tl.maximum(q, 0.0), _CODE_MAX)
@@ -259,9 +267,10 @@ def int8_scaled_update_triton_(
     One kernel, one pass over the weight. codes uint8 (m, n), scale/offset fp32 (G,), updated in place.
     grad (m, n) fp32/bf16/fp16; grad_scale fp32 of shape (), (1, n) or (m, 1); lr a float or a 0-dim
     tensor on the weight's device (read in the kernel: no host sync). seed in [0, 2^31): Philox key; the
-    uniform of flat element i is output i % 4 of tl.rand4x(seed, i // 4), so a (seed, shape) pair
-    reproduces bitwise and nothing of size m*n is materialised. uniform: (m, n) fp32 in [0, 1) to use
-    instead (tests). Same uniforms as the reference => identical codes, scale and offset.
+    uniform of flat element i is (k + 1/2)·2⁻¹⁶ with k the 16-bit half i % 2 (low first) of word (i % 8) // 2
+    of tl.randint4x(seed, i // 8), so a (seed, shape) pair reproduces bitwise and nothing of size m*n is
+    materialised. uniform: (m, n) fp32 in [0, 1) to use instead (tests; stochastic_round.sr_uniforms draws
+    the reference's on the same lattice). Same uniforms as the reference => identical codes, scale and offset.
     """
     check_supported(codes, scale, offset, group_size)
     m, n = codes.shape
@@ -273,7 +282,7 @@ def int8_scaled_update_triton_(
         devices = sorted({str(t.device) for t in others})
         raise ValueError(f"all tensors must be on the weight's device {codes.device}, got {devices}")
     if not 0 <= seed < 2**31:
-        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with dispatch.update_seed")
+        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.seeding.update_seed")
     mode = _scale_mode(grad_scale, (m, n))
     lr_is_ptr = isinstance(lr, Tensor)
     if lr_is_ptr and lr.numel() != 1:

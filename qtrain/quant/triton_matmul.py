@@ -110,11 +110,11 @@ def _tile_ids(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, SWIZZLE: t
 
 @_jit()
 def _int8_matmul_kernel(
-    x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, stride_xm, stride_ym, M_BUCKET,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWIZZLE: tl.constexpr, ALIGNED: tl.constexpr, RNE_BF16: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """y (M, N) = x (M, K) @ Ŵᵀ, fp32 accumulation."""
+    """y (M, N) = x (M, K) @ Ŵᵀ, fp32 accumulation. M_BUCKET: unused here, the autotuner's key (m_bucket)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, SWIZZLE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +137,7 @@ def _int8_matmul_kernel(
 
 @_jit()
 def _int8_matmul_grad_input_kernel(
-    dy_ptr, codes_ptr, scale_ptr, offset_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm,
+    dy_ptr, codes_ptr, scale_ptr, offset_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm, M_BUCKET,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWIZZLE: tl.constexpr, ALIGNED: tl.constexpr, RNE_BF16: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -164,20 +164,56 @@ def _int8_matmul_grad_input_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# launch configurations: autotuned on a GPU (once per shape, at the first call), fixed in the interpreter
+# launch configurations: autotuned on a GPU (once per M bucket and shape), fixed in the interpreter
 
 
-def _configs():
-    # Candidates in the style of Triton's matmul tutorial for Hopper/Ampere; the autotuner times them per
-    # (M, N, K) on the GPU at hand. Every BLOCK_K divides MAX_BLOCK_K (see aligned()).
-    shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 5, 2), (32, 64, 32, 5, 2)]
-    assert all(MAX_BLOCK_K % bk == 0 for _, _, bk, _, _ in shapes)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWIZZLE": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes]
-
-
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) in the style of Triton's matmul tutorial for Hopper/Ampere; the
+# autotuner times them per (M bucket, N, K, dtypes) on the GPU at hand. Every BLOCK_K divides MAX_BLOCK_K
+# (see aligned()). The dx kernel's output tile is (BLOCK_M, BLOCK_K) and it loops over N in BLOCK_N steps, so
+# it gets its own list: the forward's (128, 256, 64, 3 stages) needs ~260 KiB of shared memory there.
+FORWARD_SHAPES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                  (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 32, 5, 2), (32, 64, 32, 5, 2))
+GRAD_INPUT_SHAPES = ((128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                     (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 5, 2), (32, 64, 32, 5, 2))
 MAX_BLOCK_K = 64
+SMEM_LIMIT = 227 * 1024  # per-block opt-in maximum of sm_90 (H100/H200); the device's own value when known
+
+
+def smem_bytes(kind: str, bm: int, bn: int, bk: int, stages: int, operand_bytes: int) -> int:
+    """Shared memory of one config, an upper estimate: `stages` pipelined copies of the activation tile
+    (forward x (bm, bk), dx dy (bm, bn)) and the uint8 code tile (bn, bk), plus the dequantized weight tile
+    staged once as the MMA operand (bn, bk). operand_bytes: 2 (bf16/fp16) or 4 (fp32, the IEEE path).
+    The dx (128, 256, 64, 3 stages) bf16 config comes out at 272 KiB (compiled for sm_90: 260 KiB)."""
+    if kind not in ("forward", "grad_input"):
+        raise ValueError(f"kind = {kind!r}; allowed: ('forward', 'grad_input')")
+    act = bm * (bk if kind == "forward" else bn) * operand_bytes
+    return stages * (act + bn * bk) + bn * bk * operand_bytes
+
+
+def fitting(shapes, kind: str, operand_bytes: int, limit: int = SMEM_LIMIT):
+    """The shapes whose smem_bytes fit in limit; the smallest one if none does (the autotuner needs one)."""
+    fit = [c for c in shapes if smem_bytes(kind, *c[:4], operand_bytes) <= limit]
+    return fit or [min(shapes, key=lambda c: smem_bytes(kind, *c[:4], operand_bytes))]
+
+
+def m_bucket(M: int) -> int:
+    """The autotuner's key for M: the next power of two (>= 16). Autotuning keyed on M itself re-benchmarks
+    every new prompt length (generation grows M one token at a time); a bucket's first M picks its config."""
+    return max(16, 1 << (max(1, M) - 1).bit_length())
+
+
+FUSED_MIN_M = 64
+
+
+def fused_expected_faster(M: int, K: int, group_size: int) -> bool:
+    """Whether [quant] matmul = "fused" should run the fused kernel (backend "auto"), or dequantize + cuBLAS.
+
+    Not where it is known to lose: gathered scales (groups straddling rows or smaller than a BLOCK_K:
+    per-element scale/offset gathers, register spills, up to 311 KiB of shared memory), and M < FUSED_MIN_M,
+    where one row of tiles gives only N / BLOCK_N programs (no split-K) for a whole GPU. The threshold is
+    the audit's estimate, not a measurement: tools/bench_matmul.py on a GPU decides.
+    """
+    return M >= FUSED_MIN_M and aligned(K, group_size, interpreted=False)
 
 
 def aligned(K: int, group_size: int, interpreted: bool) -> bool:
@@ -185,10 +221,46 @@ def aligned(K: int, group_size: int, interpreted: bool) -> bool:
     return K % group_size == 0 and group_size >= (INTERPRET_BLOCK if interpreted else MAX_BLOCK_K)
 
 
+def _smem_limit(device: torch.device) -> int:
+    try:
+        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    except (AssertionError, AttributeError, RuntimeError, ValueError):  # no CUDA, or an older torch
+        return SMEM_LIMIT
+
+
+def _pruner(kind: str):
+    """early_config_prune for the autotuner: drops configs over the device's shared memory for this call's
+    operand width, so no tuning trial is spent compiling a kernel that cannot launch."""
+    shapes_of = {}
+
+    def prune(configs, named_args, **kwargs):
+        a = named_args["x_ptr" if kind == "forward" else "dy_ptr"]
+        operand_bytes = 4 if kwargs.get("IEEE") else a.element_size()
+        for c in configs:
+            k = c.kwargs
+            shapes_of[(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, c.num_warps)] = c
+        keep = fitting(list(shapes_of), kind, operand_bytes, _smem_limit(a.device))
+        return [shapes_of[c] for c in keep]
+
+    return prune
+
+
+def _configs(shapes):
+    assert all(MAX_BLOCK_K % bk == 0 for _, _, bk, _, _ in shapes)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWIZZLE": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes]
+
+
+TUNE_KEY = ["M_BUCKET", "N", "K", "GROUP", "ALIGNED"]  # the autotuner adds the tensors' dtypes itself
 if HAVE_TRITON and not interpret_mode():
-    _TUNE = dict(configs=_configs(), key=["M", "N", "K", "GROUP", "ALIGNED"])
-    _matmul_launch = triton.autotune(**_TUNE)(_int8_matmul_kernel)
-    _grad_input_launch = triton.autotune(**_TUNE)(_int8_matmul_grad_input_kernel)
+    # cache_results: the chosen config is stored in Triton's cache directory, so a new process (a resumed
+    # run, the next eval's sampling) reuses it instead of re-benchmarking, and picks the same tiles (the
+    # same accumulation order, so fused outputs repeat across runs on one machine)
+    _matmul_launch = triton.autotune(configs=_configs(FORWARD_SHAPES), key=TUNE_KEY, cache_results=True,
+                                     prune_configs_by={"early_config_prune": _pruner("forward")})(_int8_matmul_kernel)
+    _grad_input_launch = triton.autotune(
+        configs=_configs(GRAD_INPUT_SHAPES), key=TUNE_KEY, cache_results=True,
+        prune_configs_by={"early_config_prune": _pruner("grad_input")})(_int8_matmul_grad_input_kernel)
 else:
     _matmul_launch, _grad_input_launch = _int8_matmul_kernel, _int8_matmul_grad_input_kernel
 
@@ -202,7 +274,7 @@ def _launch(kernel, autotuned, a: Tensor, codes: Tensor, scale: Tensor, offset: 
     M = a.shape[0]
     N, K = codes.shape
     out = torch.empty((M, out_cols), dtype=a.dtype, device=a.device)
-    args = (a, codes, scale, offset, out, M, N, K, a.stride(0), out.stride(0))
+    args = (a, codes, scale, offset, out, M, N, K, a.stride(0), out.stride(0), m_bucket(M))
     # Triton's interpreter (3.9) multiplies bf16 dot operands as raw bits: there the bf16 operands are widened
     # to fp32 first, which gives the same sums (a product of two bf16 values is exact in fp32)
     interpreted = autotuned is kernel

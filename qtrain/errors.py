@@ -1,0 +1,26 @@
+"""The errors a user can meet: each message names what is wrong and what to change.
+
+The command line prints them without a traceback (exit 2); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class QtrainError(Exception):
+    """Base of the user-facing errors."""
+
+
+class DataError(QtrainError, ValueError):
+    """A problem with the corpus, tokenizer or token files."""
+
+
+class CheckpointError(QtrainError, RuntimeError):
+    """A checkpoint could not be written, or one on disk is missing files or fails its checksum."""
+
+
+class ExportError(QtrainError, RuntimeError):
+    """The model or tokenizer cannot be exported faithfully."""
+
+
+class TrainingError(QtrainError, RuntimeError):
+    """A run cannot start or cannot go on."""

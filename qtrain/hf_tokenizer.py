@@ -1,0 +1,67 @@
+"""A Hugging Face tokenizer (tokenizer.json, or a model directory) behind the sentencepiece calls qtrain makes.
+
+qtrain's data, sampling and evaluation code call encode / decode / bos_id / eos_id / get_piece_size, the
+sentencepiece processor's names; this wrapper gives a transformers fast tokenizer the same five, so the
+rest of qtrain never asks which kind it holds. Local files only: nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtrain.errors import DataError
+
+TOKENIZER_JSON = "tokenizer.json"
+# Files a tokenizer directory may hold; all that exist travel with a run and with an export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+class HFTokenizer:
+    """encode/decode like sentencepiece; `.hf` is the transformers tokenizer (chat templates, special tokens)."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        path = Path(path)
+        try:
+            if path.is_dir():
+                self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            else:
+                self.hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        except Exception as e:  # transformers raises OSError, ValueError, or its own errors
+            raise DataError(f'[data] tokenizer = "{path}" could not be loaded as a Hugging Face tokenizer ({e})') from None
+        self.path = path
+        if self.eos_id() < 0:
+            raise DataError(f'[data] tokenizer = "{path}" defines no EOS token; qtrain separates documents with '
+                            f'EOS, so use a tokenizer that defines eos_token')
+
+    def encode(self, text, num_threads: int = 0):
+        """Token ids without special tokens: a list for a str, a list of lists for a list of str."""
+        if isinstance(text, str):
+            return self.hf.encode(text, add_special_tokens=False)
+        return self.hf(list(text), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def bos_id(self) -> int:
+        return -1 if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
+
+    def eos_id(self) -> int:
+        return -1 if self.hf.eos_token_id is None else int(self.hf.eos_token_id)
+
+    def get_piece_size(self) -> int:
+        return len(self.hf)
+
+    def files(self) -> list[Path]:
+        """The files that define this tokenizer (what a run directory and an export copy)."""
+        if self.path.is_file():
+            return [self.path]
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+
+def is_hf_tokenizer(path: Path) -> bool:
+    """A tokenizer.json file, or a directory holding one (a Hugging Face model or tokenizer directory)."""
+    path = Path(path)
+    return (path.is_file() and path.suffix == ".json") or (path.is_dir() and (path / TOKENIZER_JSON).is_file())

@@ -1,0 +1,1 @@
+"""The shipped recipes, installed as package data (see qtrain.shipped_recipes)."""
