@@ -28,9 +28,10 @@ def build_updater(model: nn.Module, cfg: TrainConfig) -> Updater:
     lm_head = method if o.lm_head_optimizer == "same_as_matrices" else None
     embedding = method if o.embedding_optimizer == "same_as_matrices" else None
     floats = float_optimizer_factory(o.float_optimizer, tuple(o.float_betas), o.float_eps)
-    # bf16 float tensors: "adamw" becomes qtrain's fp32-state Adam with SR on apply; "adam8bit" stays
-    # bitsandbytes (8-bit state, nearest rounding to bf16: Adam's normalised steps, ~lr, are far above
-    # the bf16 ulp of |w| ~ 0.02, ~1e-4, so rounding loses little; the leanest choice for 7B).
+    # Norm weights and biases (vectors), any dtype: one FusedAdamW (fp32 moments, SR to bf16) stepped once in
+    # finish_step. bf16 matrices (embedding, lm_head): "adamw" becomes qtrain's fp32-state Adam with SR on
+    # apply; "adam8bit" stays bitsandbytes (8-bit state, nearest rounding to bf16: Adam's normalised steps,
+    # ~lr, are far above the bf16 ulp of |w| ~ 0.02, ~1e-4, so rounding loses little), without its syncs.
     bf16_adam = Adam(betas=tuple(o.float_betas), eps=o.float_eps) if o.float_optimizer == "adamw" else None
     return Updater(model, method, floats, lm_head_method=lm_head, embedding_method=embedding,
                    low_precision_adam=bf16_adam, seed=cfg.train.seed, rounding=cfg.quant.rounding,
@@ -43,10 +44,11 @@ class Built:
     updater: Updater | None
 
 
-def build(cfg: TrainConfig, device: torch.device | str, *, updater: bool = True) -> Built:
+def build(cfg: TrainConfig, device: torch.device | str, *, updater: bool = True, weights: bool = True) -> Built:
     """The recipe's model on device (meta: shapes only), with activation checkpointing as the recipe says,
-    and its Updater unless updater=False (commands that only read weights need no optimizer state)."""
-    model = build_model(cfg.model, cfg.quant, device, seed=cfg.train.seed)
+    and its Updater unless updater=False (commands that only read weights need no optimizer state).
+    weights=False skips initialising the weights (random or [model] init): a checkpoint overwrites them."""
+    model = build_model(cfg.model, cfg.quant, device, seed=cfg.train.seed, weights=weights)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qtrain.shipped_recipes import DEFAULT_RECIPE
@@ -34,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data parallel on N GPUs of this machine (CPU: N gloo processes): runs torchrun for you")
     t.set_defaults(fn=_command("train"))
+
+    pr = sub.add_parser("prepare", help="tokenize a recipe's corpus into token shards (train does it when missing)")
+    recipe_args(pr)
+    pr.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: [data] prepare_workers, "
+                    "0 = one per core)")
+    pr.add_argument("--quiet", action="store_true", help="no progress line")
+    pr.set_defaults(fn=_command("prepare"))
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
     e.add_argument("run", help="run directory")
@@ -57,16 +67,41 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to directory")
     x.set_defaults(fn=_command("export"))
 
+    pl = sub.add_parser("plot", help="PNG of a run's train/val loss, LR, tokens/s and gradient norm (needs matplotlib)")
+    pl.add_argument("run", help="run directory")
+    pl.add_argument("--out", help="PNG path (default RUN/metrics.png)")
+    pl.set_defaults(fn=_command("plot"))
+
     s = sub.add_parser("estimate", help="predict peak GPU memory of a recipe before running it")
     recipe_args(s)
     s.add_argument("--gpu-gib", type=float, help="GPU memory to fit into; suggests changes when it does not fit")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--nproc", type=int, default=1, help="data-parallel GPUs: the per-GPU peak of a torchrun job")
+    s.add_argument("--fsdp", action="store_true", help="FSDP2 sharding (not built yet: an error)")
     s.set_defaults(fn=_command("estimate"))
     return p
 
 
+def _exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by torchrun running the same command on nproc local processes."""
+    rest, skip = [], False
+    for a in argv:  # the same arguments without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "qtrain", *rest]
+    os.execv(sys.executable, cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and args.command == "train" and "WORLD_SIZE" not in os.environ:
+        _exec_torchrun(args.nproc, argv)
     from qtrain.config import ConfigError
     from qtrain.errors import QtrainError
 

@@ -1,9 +1,10 @@
-"""What each `qtrain` verb does, given its parsed arguments: train, eval, generate, export, estimate.
+"""What each `qtrain` verb does, given its parsed arguments: train, prepare, eval, generate, export, estimate, plot.
 
 Commands that read a run (eval, generate, export) take everything from the run directory: its recipe.toml,
-its tokenizer and its checkpoints. The corpus is never read to rebuild a tokenizer, so a moved or edited
-corpus cannot silently change the token ids; eval reads the corpus only for its validation split, with
-the run's own tokenizer, and says so when the corpus changed since training.
+its tokenizer and its checkpoints. The corpus is never read: generate and export need only the run, and
+eval reads the validation shards the run trained on (recorded in its data.json). Only when those shards are
+gone does eval tokenize the corpus again, with the run's own tokenizer, and says so when the corpus changed
+since training.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import torch
 from qtrain.build import build
 from qtrain.checkpoint import load_latest
 from qtrain.config import TrainConfig
-from qtrain.data import prepare_data
+from qtrain.data import fingerprint_now, open_run_data, prepare_data
+from qtrain.finetune_data import prepare_run_data
 from qtrain.device import autocast_dtype, resolve_device
 from qtrain.errors import TrainingError
 from qtrain.estimate import estimate, fit_gpu, format_breakdown, format_fit
 from qtrain.evaluation import evaluate
 from qtrain.export import export_hf
 from qtrain.model import dequantized_copy
-from qtrain.run_dir import RECIPE_FILE
+from qtrain.run_dir import INIT_CONFIG_DIR, RECIPE_FILE
 from qtrain.run_state import load_run
 from qtrain.sampling import generate_text
 from qtrain.shipped_recipes import find_recipe
@@ -53,7 +55,11 @@ def load_trained(run: Path, device_name: str | None = None) -> TrainedRun:
     recipe = run / RECIPE_FILE
     if not recipe.is_file():
         raise TrainingError(f"{run} is not a run directory (no {RECIPE_FILE}); pass the --out DIR of `qtrain train`")
-    cfg = TrainConfig.from_toml(recipe, [f"train.device={device_name}"] if device_name else [])
+    overrides = [f"train.device={device_name}"] if device_name else []
+    copied = run / INIT_CONFIG_DIR
+    if (copied / "config.json").is_file():  # a run from a HF checkpoint: its architecture, without the checkpoint
+        overrides.append(f"model.init={json.dumps(str(copied))}")
+    cfg = TrainConfig.from_toml(recipe, overrides)
     tokenizer_path = run_tokenizer_path(run)
     if tokenizer_path is None:
         raise TrainingError(f"{run} holds no tokenizer (tokenizer.model or tokenizer/): its token ids cannot be "
@@ -63,7 +69,7 @@ def load_trained(run: Path, device_name: str | None = None) -> TrainedRun:
     if found is None:
         raise TrainingError(f"{run} has no checkpoint yet; train it first (`qtrain train --out {run}`)")
     path, tensors, meta = found
-    model = build(cfg, device, updater=False).model
+    model = build(cfg, device, updater=False, weights=False).model  # the checkpoint fills every weight
     load_run(path, tensors, meta, model, None, cfg, device)
     model.eval()
     return TrainedRun(cfg, model, device, path, meta, tokenizer_path)
@@ -84,19 +90,58 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     r = load_trained(Path(args.run), args.device)
     cfg = r.cfg
-    if args.batches:
-        cfg.train.eval_batches = args.batches
     # the run's tokenizer, never one re-derived from the corpus: the token cache is keyed by it
     data_cfg = dataclasses.replace(cfg.data, tokenizer=str(r.tokenizer_path))
-    data = prepare_data(data_cfg, cfg.model.vocab_size, cfg.train.seq_len, None)
+    if args.batches:
+        cfg.train.eval_batches = args.batches
+        data_cfg = dataclasses.replace(data_cfg, eval_tokens=0)  # --batches wins over [data] eval_tokens
     trained_on = r.meta.get("data", {}).get("corpus")
-    if trained_on and trained_on != data.corpus_sha256:
-        print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
-              f"{trained_on[:16]} then, {data.corpus_sha256[:16]} now): the loss below is on the current "
-              f"corpus's validation split, tokenized with the run's own tokenizer")
+    data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
+    if data is not None:
+        now = fingerprint_now(cfg.data) if trained_on else None
+        if now and now != trained_on:
+            print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
+                  f"{trained_on[:16]} then, {now[:16]} now): the loss below is on the validation shards the run "
+                  f"trained with")
+    else:
+        data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)  # plain text or fine-tuning records
+        if trained_on and trained_on != data.corpus_sha256:
+            print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
+                  f"{trained_on[:16]} then, {data.corpus_sha256[:16]} now): the loss below is on the current "
+                  f"corpus's validation split, tokenized with the run's own tokenizer")
     loss = evaluate(r.model, data, cfg.train, r.device, autocast_dtype(cfg.train.dtype, r.device))
     print(f"{r.checkpoint.name}: val loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
           f"({cfg.train.eval_batches} batches of {cfg.train.batch_size} x {cfg.train.seq_len})")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """`qtrain prepare RECIPE [--set k=v]`: tokenizer and token shards now, so `qtrain train` starts at once."""
+    cfg = load_config(args.recipe, args.set)
+    if args.workers:
+        cfg.data.prepare_workers = args.workers
+    data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, None, progress=not args.quiet)
+    t = cfg.train
+    per_step = t.batch_size * t.seq_len * t.grad_accum_steps
+    for name, weight, stats in zip(data.names, data.weights, data.stats["train"]):
+        print(f"{name} (weight {weight:g}): {stats['train_tokens']:,} training tokens in {stats['train_docs']:,} "
+              f"documents, {stats['val_tokens']:,} validation tokens in {stats['val_docs']:,}")
+    if cfg.data.validation:
+        v = data.stats["val"][0]
+        print(f"validation {cfg.data.validation}: {v['val_tokens']:,} tokens in {v['val_docs']:,} documents")
+    print(f"shards: {', '.join(str(d) for d in data.shard_dirs)}")
+    print(f"tokenizer: {data.tokenizer_path} ({data.tokenizer.get_piece_size()} pieces)")
+    print(f"the recipe's {t.steps:,} steps x {per_step:,} tokens cover {t.steps * per_step / data.num_train_tokens:.2f} "
+          f"epochs of the training tokens")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """`qtrain plot RUN [--out PNG]`: train/val loss, LR, tokens/s and gradient norm of a run, as a PNG."""
+    from qtrain.plot import plot_run
+
+    out = plot_run(Path(args.run), Path(args.out) if args.out else None)
+    print(f"wrote {out}")
     return 0
 
 
@@ -120,8 +165,12 @@ def cmd_export(args) -> int:
 def cmd_estimate(args) -> int:
     """`qtrain estimate RECIPE [--set k=v] [--gpu-gib N] [--json]`."""
     cfg = load_config(args.recipe, args.set)
-    b = estimate(cfg, "cpu" if cfg.train.device == "cpu" else "cuda")
-    b.recipe = str(find_recipe(args.recipe)) + "".join(f" --set {s}" for s in args.set)
+    if args.fsdp:
+        raise TrainingError("--fsdp: FSDP2 sharding is not built yet; qtrain runs data parallel with replicated "
+                            "weights (drop --fsdp: the per-GPU figure is then the single-GPU one plus buffers)")
+    b = estimate(cfg, "cpu" if cfg.train.device == "cpu" else "cuda", nproc=args.nproc)
+    b.recipe = (str(find_recipe(args.recipe)) + "".join(f" --set {s}" for s in args.set)
+                + (f" (per GPU of {args.nproc}, data parallel)" if args.nproc > 1 else ""))
     fit = fit_gpu(cfg, args.gpu_gib, b) if args.gpu_gib is not None else None
     if args.json:
         out = b.to_dict()

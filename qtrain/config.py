@@ -46,10 +46,21 @@ def _choice(default: str, *allowed: str) -> Any:
     return field(default=default, metadata={"choices": (default, *allowed)})
 
 
+# transformers model types qtrain trains (qtrain.model maps each to its *ForCausalLM class)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @dataclass
 class ModelConfig:
-    """[model]: the LLaMA architecture (becomes a transformers LlamaConfig)."""
+    """[model]: the architecture (becomes a transformers config), or a Hugging Face checkpoint to start from."""
 
+    init: str = ""
+    """"" = random init from the keys below. Else a local Hugging Face model directory (config.json +
+    *.safetensors): its config.json sets family and every shape key (a key the recipe sets to another value is
+    an error), its weights are loaded tensor by tensor and its tokenizer is the run's (qtrain.pretrained)."""
+    family: str = _choice(*FAMILIES)
+    """"llama". The transformers model: "llama", "mistral", "qwen2" (q/k/v biases) or "qwen3" (q/k RMSNorm);
+    from the checkpoint's model_type with init."""
     hidden_size: int = _bounded(64, ge=1)
     """64. Width d of the residual stream; weight memory grows as d², activations as d."""
     intermediate_size: int = _bounded(176, ge=1)
@@ -60,6 +71,8 @@ class ModelConfig:
     """4. Query heads; must divide hidden_size, and head_dim = hidden_size / num_heads must be even (RoPE)."""
     num_kv_heads: int = _bounded(0, ge=0)
     """0 = same as num_heads (multi-head attention). Fewer key/value heads (GQA) must divide num_heads."""
+    head_size: int = _bounded(0, ge=0)
+    """0 = hidden_size / num_heads. The per-head width where a checkpoint sets its own (Qwen3: 128 at any width)."""
     vocab_size: int = _bounded(2048, ge=1)
     """2048. Tokenizer vocabulary; the embedding and lm_head are vocab_size × d float tensors."""
     max_seq_len: int = _bounded(256, ge=1)
@@ -86,8 +99,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """Per-head width: hidden_size / num_heads."""
-        return self.hidden_size // self.num_heads
+        """Per-head width: head_size, or hidden_size / num_heads when it is 0."""
+        return self.head_size or self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -185,22 +198,72 @@ class LoopConfig:
     """48. Tokens generated as a text sample at each evaluation; 0 = no sample."""
     legacy_eval_divisor: bool = False
     """false. true divides the summed eval loss by n + 1 as the official code does (biased low)."""
+    dp_overlap: int = _bounded(2, ge=0)
+    """2. Data parallel (torchrun) with release: gradients whose all-reduce may be in flight while backward goes
+    on; each holds one gradient alive until its update. 0 = reduce and update each gradient at once (no overlap)."""
 
 
 @dataclass
 class DataConfig:
-    """[data]: corpus, tokenizer, validation split and on-disk cache."""
+    """[data]: corpus sources, tokenizer, validation, token shards and their cache."""
 
     corpus: str = "default"
-    """"default" = the embedded corpus; else a text file, a directory of .txt/.md, or .jsonl(.gz) with "text"."""
-    tokenizer: str = ""
-    """"" = train a sentencepiece model on the corpus with model.vocab_size; else a path to a .model file."""
+    """"default" = the embedded corpus; else a file, a directory or a glob of .txt/.md, JSON lines
+    (.jsonl/.json, .gz/.zst), Parquet, or a dataset saved with datasets.save_to_disk (see docs/recipes.md)."""
+    sources: dict[str, Any] = field(default_factory=dict)
+    """{} ([data.sources] table). A mixture: source -> weight (or {weight, text_field, split_blank_lines});
+    replaces corpus. Each training window comes from a source with probability proportional to its weight."""
+    validation: str = ""
+    """"" = hold out val_fraction of the documents of each source; else a separate validation source."""
+    text_field: str = "text"
+    """"text". The JSON field / Parquet or Arrow column that holds each document's text."""
+    split_blank_lines: int = _bounded(0, ge=0)
+    """0 = one document per text file; N = a run of at least N blank lines ends a document."""
     val_fraction: float = _bounded(0.05, gt=0, lt=0.5)
-    """0.05. The last val_fraction of the corpus tokens is held out for validation."""
+    """0.05. Fraction of the documents held out for validation (whole documents, spread through every file)."""
+    eval_tokens: int = _bounded(0, ge=0)
+    """0 = train.eval_batches × batch_size × seq_len. Tokens per evaluation, in windows spread over the whole
+    validation set."""
+    tokenizer: str = ""
+    """"" = train a sentencepiece BPE with model.vocab_size on a sample of the training documents; else a
+    sentencepiece .model, a tokenizer.json or a Hugging Face tokenizer directory."""
+    tokenizer_sample_mb: int = _bounded(200, ge=1)
+    """200. Millions of characters of training documents fed to the tokenizer trainer (from up to 16 files
+    spread through each source)."""
+    tokenizer_sentences: int = _bounded(2_000_000, ge=1)
+    """2000000. sentencepiece input_sentence_size: at most this many lines are kept, sampled uniformly
+    (shuffle_input_sentence, seeded); bounds the trainer's memory."""
+    prepare_workers: int = _bounded(0, ge=0)
+    """0 = one per CPU core. Processes that tokenize the corpus into shards."""
+    fingerprint: str = _choice("stat", "content")
+    """"stat": a corpus is identified by its files' paths, sizes and mtimes; "content": by the sha256 of their bytes."""
     cache_dir: str = ""
-    """"" = $QTRAIN_CACHE, else ~/.cache/qtrain. Holds the default corpus, tokenizers and token files."""
+    """"" = $QTRAIN_CACHE, else ~/.cache/qtrain. Holds the default corpus, tokenizers and token shards."""
     max_corpus_chars: int = _bounded(0, ge=0)
-    """0 = no limit. Truncate the corpus text to this many characters before tokenizing."""
+    """0 = no limit. Read only this many characters of each source (quick runs and tests)."""
+
+    SOURCE_KEYS = ("weight", "text_field", "split_blank_lines")
+
+    def source_problems(self) -> list[str]:
+        """What is wrong with [data.sources] (checked with the other cross-key constraints)."""
+        out = []
+        if self.sources and self.corpus != "default":
+            out.append(f'[data] corpus = "{self.corpus}" and [data.sources] are both set; list every source in '
+                       f'[data.sources] (the embedded corpus is "default") and leave corpus = "default"')
+        for spec, value in self.sources.items():
+            opts = value if isinstance(value, dict) else {"weight": value}
+            unknown = sorted(set(opts) - set(self.SOURCE_KEYS))
+            if unknown:
+                out.append(f'[data.sources] "{spec}": unknown key {unknown[0]!r}{_suggest(unknown[0], self.SOURCE_KEYS)}')
+            w = opts.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w > 0 and math.isfinite(w)):
+                out.append(f'[data.sources] "{spec}": the weight must be a number > 0, got {_show(w)}')
+            if not isinstance(opts.get("text_field", ""), str):
+                out.append(f'[data.sources] "{spec}": text_field must be a string')
+            b = opts.get("split_blank_lines", 0)
+            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+                out.append(f'[data.sources] "{spec}": split_blank_lines must be an integer >= 0')
+        return out
 
     def cache_root(self) -> Path:
         """The cache directory: cache_dir if set, else $QTRAIN_CACHE, else ~/.cache/qtrain."""
@@ -275,6 +338,9 @@ class TrainConfig:
                 kwargs[key] = value
             sections[name] = section_cls(**kwargs)
         cfg = cls(**sections)
+        if cfg.model.init and "model.init" not in bad:
+            model_table = d.get("model")
+            problems += _init_problems(cfg, set(model_table) if isinstance(model_table, dict) else set(), bad)
         problems += cfg._cross_field_problems(bad)
         if problems:
             raise ConfigError(problems, source)
@@ -288,7 +354,10 @@ class TrainConfig:
             return not bad.intersection(keys)
 
         out = []
-        if ok("model.hidden_size", "model.num_heads"):
+        if m.head_size:
+            if m.head_size % 2 and ok("model.head_size"):
+                out.append(f"[model] head_size = {m.head_size} must be even (RoPE rotates pairs of dimensions)")
+        elif ok("model.hidden_size", "model.num_heads"):
             if m.hidden_size % m.num_heads:
                 out.append(f"[model] num_heads = {m.num_heads} must divide hidden_size = {m.hidden_size}; "
                            f"choose a divisor of {m.hidden_size}")
@@ -308,6 +377,8 @@ class TrainConfig:
             out.append('[optim] method = "": name an optimizer method, e.g. "apollo" or "apollo_mini"')
         if ok("data.corpus") and not dc.corpus.strip():
             out.append('[data] corpus = "": use "default" for the embedded corpus or give a path')
+        if ok("data.sources", "data.corpus"):
+            out += dc.source_problems()
         return out
 
     def apply_overrides(self, overrides: Iterable[str]) -> TrainConfig:
@@ -329,6 +400,106 @@ class TrainConfig:
                 lines += ["", f"[{name}.{sub}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
             lines.append("")
         return "\n".join(lines)
+
+
+# --- [model] init: a Hugging Face checkpoint's config.json, read with the standard library (no torch) ---------
+# transformers' defaults, per family, for the keys a config.json may leave out (older Llama checkpoints omit
+# num_key_value_heads and rope_theta); tests/test_pretrained.py checks them against transformers' own classes
+CHECKPOINT_DEFAULTS = {
+    "llama": {"num_key_value_heads": None, "head_dim": None, "max_position_embeddings": 2048, "sliding_window": None},
+    "mistral": {"num_key_value_heads": 8, "head_dim": None, "max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+    "qwen2": {"num_key_value_heads": 32, "head_dim": None, "max_position_embeddings": 32768, "sliding_window": None},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "sliding_window": None},
+}
+CHECKPOINT_COMMON_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+REQUIRED_CHECKPOINT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def read_checkpoint_config(init: str) -> dict:
+    """The config.json of the checkpoint directory `init`, checked to be a supported model type.
+
+    Raises ValueError with the message a user sees (it names [model] init and the fix).
+    """
+    path = Path(init).expanduser()
+    where = f'[model] init = "{init}"'
+    if not path.is_dir():
+        raise ValueError(f'{where}: no such directory; point it at a local Hugging Face model directory '
+                         f'(config.json + *.safetensors), or set it to "" for a random init')
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{where}: the directory has no config.json, so it is not a Hugging Face model directory; "
+                         f"point init at the directory that holds config.json and the *.safetensors weights")
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: config.json is not valid JSON ({e})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in FAMILIES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported; qtrain trains {', '.join(FAMILIES)} "
+                         f"(transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")
+    missing = [k for k in REQUIRED_CHECKPOINT_KEYS if not isinstance(raw.get(k), int)]
+    if missing:
+        raise ValueError(f"{where}: config.json has no integer {missing[0]}; is it a complete {model_type} config?")
+    return raw
+
+
+def checkpoint_model_keys(raw: dict) -> tuple[dict[str, Any], int | None]:
+    """([model] keys as a checkpoint's config.json sets them, the attention window of its sliding layers or None)."""
+    defaults = {**CHECKPOINT_COMMON_DEFAULTS, **CHECKPOINT_DEFAULTS[raw["model_type"]]}
+
+    def get(key: str):
+        return raw[key] if raw.get(key) is not None else defaults.get(key)
+
+    heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
+    head_dim = get("head_dim") or hidden // heads
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    keys = {
+        "family": raw["model_type"],
+        "hidden_size": hidden,
+        "intermediate_size": raw["intermediate_size"],
+        "num_layers": raw["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": get("num_key_value_heads") or heads,
+        "head_size": 0 if head_dim == hidden // heads else head_dim,
+        "vocab_size": raw["vocab_size"],
+        "max_seq_len": get("max_position_embeddings"),
+        "rope_theta": float(theta if theta is not None else get("rope_theta")),
+        "rms_norm_eps": float(get("rms_norm_eps")),
+        "tie_embeddings": bool(get("tie_word_embeddings")),
+    }
+    window = get("sliding_window")
+    sliding = (raw["model_type"] == "mistral" or bool(raw.get("use_sliding_window"))
+               or "sliding_attention" in (raw.get("layer_types") or []))
+    return keys, window if sliding and window else None
+
+
+def _init_problems(cfg: TrainConfig, given: set[str], bad: set[str]) -> list[str]:
+    """[model] init: family and shape keys come from the checkpoint's config.json. A recipe may repeat them
+    (a run's recipe.toml does), never contradict them: each disagreeing key is a problem naming both values."""
+    m = cfg.model
+    path = Path(m.init).expanduser()
+    if not path.exists():  # an error when the model is built; `qtrain estimate` can size the recipe's own keys first
+        return []
+    try:
+        keys, sliding_window = checkpoint_model_keys(read_checkpoint_config(m.init))
+    except ValueError as e:
+        return [str(e)]
+    heads, width = keys["num_heads"], keys["hidden_size"] // keys["num_heads"]
+    same = {"num_kv_heads": lambda a, b: (a or heads) == (b or heads),  # 0 means num_heads
+            "head_size": lambda a, b: (a or width) == (b or width)}  # 0 means hidden_size / num_heads
+    out = []
+    for key, value in keys.items():
+        now = getattr(m, key)
+        if key in given and f"model.{key}" not in bad and not same.get(key, operator.eq)(now, value):
+            out.append(f"[model] {key} = {_show(now)} but the checkpoint's config.json ({path}) has {_show(value)}: "
+                       f"remove model.{key} from the recipe (the checkpoint sets it) or set it to {_show(value)}")
+        else:
+            setattr(m, key, value)
+    if sliding_window and cfg.train.seq_len > sliding_window and "train.seq_len" not in bad:
+        out.append(f"[train] seq_len = {cfg.train.seq_len} exceeds the checkpoint's sliding_window = {sliding_window} "
+                   f"({path}); qtrain attends causally over the whole sequence, so lower train.seq_len to "
+                   f"<= {sliding_window}")
+    return out
 
 
 # --- parsing helpers -----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from qtrain.optim.alice import AliceMethod
 from qtrain.optim.apollo import Apollo, project_with_column_norms
 from qtrain.optim.apollo_svd import ApolloSVDMethod
 from qtrain.optim.base import apply_update_
+from qtrain.optim.fused_adam import FusedAdamWSlot
 from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.stochastic_round import rows_per_chunk
 from qtrain.build import build_updater
@@ -50,6 +51,9 @@ APOLLO_CHUNK = inspect.signature(project_with_column_norms).parameters["max_chun
 # Outside what this machine can measure: assumptions for CUDA, to calibrate with
 # tools/validate_estimator.py on a GPU (it prints the measured context and reserved - allocated).
 CUDA_CONTEXT_BYTES = 600 * MiB  # CUDA context + cuBLAS/cuDNN handles of a torch 2.x process (nvidia-smi)
+# NCCL's own buffers for a data-parallel process (an assumption until measured: NCCL_BUFFSIZE 4 MiB x up to
+# 16 channels x send + receive); outside the torch allocator, like the context.
+NCCL_BUFFER_BYTES = 128 * MiB
 ALLOCATOR_SLACK = 0.05  # share of the step's transients held in cached blocks too small for the next request
 # CUDACachingAllocator (c10/cuda/CUDACachingAllocator.cpp): blocks are multiples of 512 B; a request of
 # 10 MiB or more gets its own segment rounded up to 2 MiB, and a tail of at most 1 MiB is not split off,
@@ -183,7 +187,8 @@ def _persistent(cfg: TrainConfig, device_type: str):
     by_opt: dict[str, list] = {}
     for opt in updater.float_opts.values():
         kind = type(opt)
-        by_opt.setdefault(kind.__name__, [f"{kind.__module__}.{kind.__name__}", []])[1].extend(
+        label = getattr(kind, "STATE_LABEL", kind.__name__)  # FusedAdamWSlot: the group's flat buffers, by slice
+        by_opt.setdefault(label, [f"{kind.__module__}.{kind.__name__}", []])[1].extend(
             _tensors(list(opt.state.values())))
     for label, (path, tensors) in sorted(by_opt.items()):
         groups_of.append((Component(f"{label} states", 0, "persistent", f"{path}.step on meta"), tensors))
@@ -227,12 +232,14 @@ class Activations:
     causal_mask: int  # eager only: the (B, 1, T, T) mask in F, alive through the forward (and with
     # checkpointing until the last block's backward: the checkpoints keep their arguments)
     weight_copies: int = 0  # quant.enabled = false: autocast's c copies of a block's F projection weights
+    q_norm: int = 0  # Qwen3: the q RMSNorm's saved tensors (per head), freed before k_proj's backward
+    k_norm: int = 0  # Qwen3: the k RMSNorm's, freed before q_norm's backward
 
     @property
     def block(self) -> int:
         """Everything autograd keeps from one decoder block's forward."""
         return (2 * self.norm + self.qkv_inputs + self.attention + self.mlp_inputs + 4 * self.mlp_unit
-                + self.weight_copies)
+                + self.weight_copies + self.q_norm + self.k_norm)
 
     @property
     def recomputed_block(self) -> int:
@@ -252,14 +259,17 @@ class Activations:
         """
         first = self.norm - (self.block_input if recomputed and self.x32_is_input else 0)
         attention_half = first + self.qkv_inputs
-        mlp_half = attention_half + self.attention + self.norm + self.mlp_inputs
+        qk = self.q_norm + self.k_norm  # v_proj (created after them) back-propagates before the q/k norms
+        mlp_half = attention_half + self.attention + qk + self.norm + self.mlp_inputs
         alive = {"down_proj": mlp_half + 4 * self.mlp_unit, "up_proj": mlp_half + self.mlp_unit,
-                 "gate_proj": mlp_half, "o_proj": attention_half + self.attention}.get(projection, attention_half)
+                 "gate_proj": mlp_half, "o_proj": attention_half + self.attention + qk,
+                 "v_proj": attention_half + qk, "k_proj": attention_half + self.q_norm}.get(projection, attention_half)
         return alive + self.weight_copies  # (float projections only; freed one by one, counted whole)
 
 
 def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int, attn: str,
-                     compute: torch.dtype, float_dtype: torch.dtype, quantized: bool = True) -> Activations:
+                     compute: torch.dtype, float_dtype: torch.dtype, quantized: bool = True, head_dim: int = 0,
+                     qk_norm: bool = False) -> Activations:
     """Saved-tensor bytes of transformers' LlamaDecoderLayer with qtrain's Int8Linear, in train mode.
 
     Derivation (N = B·T tokens, hd = d/h; s, r, f = bytes per element of the compute dtype c, the
@@ -288,8 +298,12 @@ def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int
       cached c copy of the weight (s·d·(2d + 2·kv·hd + 3·ff) per block when F != c).
     - Checkpointing (non-reentrant): a block keeps only its input (rNd); its recompute in backward allocates
       the block's saved tensors again, except `x.to(fp32)` when R is fp32 (that is the kept input).
+    - Checkpoints ([model] init): head_dim (Qwen3's own) makes the query width h·hd instead of d in the
+      attention terms above; Qwen3's q/k RMSNorms save (4 + s)·N·width + 4·N·heads each (qk_norm); Qwen2's
+      q/k/v biases are added to the c output (`y + b.to(c)`) and save nothing.
     """
-    N, hd = B * T, d // h
+    N, hd = B * T, head_dim or d // h
+    q = h * hd  # query width: d, unless a checkpoint sets its own head_dim (Qwen3)
     s, f = compute.itemsize, float_dtype.itemsize
     R = torch.promote_types(float_dtype, compute)
     r = R.itemsize
@@ -298,11 +312,11 @@ def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int
     qkv_inputs = s * N * d * (1 if shared else 3)
     mlp_inputs = s * N * d * (1 if shared else 2)
     if attn == "sdpa":
-        attention = s * N * d + 2 * s * N * kv * hd + s * N * d + F32 * N * h
+        attention = s * N * q + 2 * s * N * kv * hd + s * N * q + F32 * N * h
         scores = mask = 0
     else:
         probs = B * h * T * T
-        attention = 3 * s * N * d + F32 * probs + (s * probs if compute != torch.float32 else 0) + s * N * d
+        attention = 3 * s * N * q + F32 * probs + (s * probs if compute != torch.float32 else 0) + s * N * q
         scores = r * probs
         mask = f * B * T * T
     return Activations(
@@ -320,7 +334,11 @@ def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int
         constant=2 * T * hd * f + 2 * N * torch.int64.itemsize + F32,
         attn_scores=scores,
         causal_mask=mask,
-        weight_copies=0 if quantized or float_dtype == compute else s * d * (2 * d + 2 * kv * hd + 3 * ff),
+        weight_copies=0 if quantized or float_dtype == compute else s * d * (2 * q + 2 * kv * hd + 3 * ff),
+        # Qwen3RMSNorm of each head's q (k): x.to(fp32) saved by pow and mul, rsqrt per head, the normalised
+        # x in its input dtype c saved by `weight * x`
+        q_norm=(F32 + s) * N * q + F32 * N * h if qk_norm else 0,
+        k_norm=(F32 + s) * N * kv * hd + F32 * N * kv if qk_norm else 0,
     )
 
 
@@ -427,8 +445,14 @@ def float_update_peak(name: str, updater, device_type: str) -> int:
         else:
             dir_peak, dense, _ = direction_peak(method, shape, dtype)
         direction = _grad_copy(method, dtype, numel) + dir_peak
+        if device_type == "cuda" and updater.kernels != "torch" and dtype in (torch.float32, torch.bfloat16):
+            return max(direction, dense)  # qtrain.optim.float_update: one in-place kernel, no fp32 chunks
         return max(direction, dense + apply_update_peak(shape, dtype, dtype, dense > 0))
     opt = updater.float_opts[name]
+    if isinstance(opt, FusedAdamWSlot):
+        # the hook only copies the gradient into the group's (persistent) buffer; the fused update runs in
+        # finish_step, after backward: its flat transients (a few x 4 B per vector element) are never the peak
+        return 0
     if isinstance(opt, torch.optim.AdamW):
         # torch _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         return 2 * numel * dtype.itemsize
@@ -482,7 +506,7 @@ def _phases(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) -
     N = B * T
     act = activation_bytes(B=B, T=T, d=d, ff=m.intermediate_size, h=m.num_heads, kv=m.kv_heads, V=V,
                            attn=m.attn_implementation, compute=compute, float_dtype=F,
-                           quantized=cfg.quant.enabled)
+                           quantized=cfg.quant.enabled, head_dim=m.head_dim, qk_norm=m.family == "qwen3")
     triton = _triton_int8(cfg, device_type)
     release, ckpt = t.release, t.activation_checkpointing
     tl = _Timeline()
@@ -657,7 +681,7 @@ def _notes(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) ->
                      "projection refresh) are approximated; APOLLO / APOLLO-Mini are exact")
     a = activation_bytes(B=t.batch_size, T=t.seq_len, d=m.hidden_size, ff=m.intermediate_size, h=m.num_heads,
                          kv=m.kv_heads, V=m.vocab_size, attn=m.attn_implementation, compute=compute,
-                         float_dtype=META_DTYPES[m.float_dtype])
+                         float_dtype=META_DTYPES[m.float_dtype], head_dim=m.head_dim, qk_norm=m.family == "qwen3")
     notes.append(f"block activations for {t.batch_size} x {t.seq_len}: {m.num_layers * a.block / GiB:.3f} GiB without "
                  f"checkpointing, {(m.num_layers * a.block_input + a.recomputed_block) / GiB:.3f} GiB with "
                  f"(block inputs + one recomputed block)")
@@ -682,8 +706,12 @@ def _load(recipe_or_cfg) -> tuple[TrainConfig, str]:
     return TrainConfig.from_toml(path), str(path)
 
 
-def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda") -> Breakdown:
+def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda", nproc: int = 1) -> Breakdown:
     """Predicted peak memory of one training step; `recipe_or_cfg` is a TrainConfig, a recipe path or name.
+
+    nproc: data-parallel processes (one GPU each). Weights and optimizer states are replicated and each
+    gradient is all-reduced in place inside its release hook (qtrain.distributed), so the per-GPU figure is
+    the single-GPU one plus NCCL's communication buffers; nothing is sharded.
 
     device_type "cuda": bf16 compute for dtype = "auto", Triton int8 kernels, bitsandbytes' CUDA kernels,
     allocator rounding and CUDA context. "cpu": fp32 for "auto", the torch references, no allocator
@@ -713,13 +741,17 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda")
         Component("allocator fragmentation (reserved - allocated)", slack, "overhead",
                   "CUDACachingAllocator: cached blocks not reusable for later sizes (assumed share)"),
         Component("CUDA context (outside max_memory_allocated)", context, "overhead", "cuda init, cuBLAS/cuDNN"),
+        Component("communication buffers (outside max_memory_allocated)",
+                  NCCL_BUFFER_BYTES if device_type == "cuda" and nproc > 1 else 0, "overhead",
+                  "qtrain.distributed: in-place all_reduce of each gradient; NCCL's own buffers"),
     ]
     persistent = sum(c.bytes for c in comps if c.kind == "persistent")
     peak_allocated = persistent + rounding + peak_phase.bytes
     return Breakdown(
         recipe=source, device_type=device_type, compute_dtype=str(compute).removeprefix("torch."),
         components=comps, phases=tl.phases, persistent_bytes=persistent, peak_allocated=peak_allocated,
-        peak_reserved=peak_allocated + slack, total_on_gpu=peak_allocated + slack + context,
+        peak_reserved=peak_allocated + slack,
+        total_on_gpu=peak_allocated + slack + context + (NCCL_BUFFER_BYTES if device_type == "cuda" and nproc > 1 else 0),
         peak_phase=peak_phase.name, peak_component=max(peak_phase.parts.items(), key=lambda kv: kv[1])[0],
         largest_component=max((c for c in comps if c.kind != "overhead"), key=lambda c: c.bytes).name,
         notes=_notes(cfg, updater, device_type, compute),

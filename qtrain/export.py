@@ -1,4 +1,9 @@
-"""Hugging Face export: a float LlamaForCausalLM + our sentencepiece model -> a directory transformers loads alone.
+"""Hugging Face export: a float model + its tokenizer -> a directory transformers loads alone.
+
+The model is a plain transformers model of a family qtrain trains (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM): its config, model_type included, is written as it is. A run that started
+from a Hugging Face checkpoint ([model] init) has that checkpoint's tokenizer files in its run directory:
+they are copied as they are. A run with qtrain's own sentencepiece tokenizer gets it converted, as follows.
 
 The output loads with `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`
 without qtrain, sentencepiece or protobuf installed: the weights are model.safetensors, the tokenizer is a
@@ -24,11 +29,13 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
 from qtrain.atomic import fsync_path, replace_dir
-from qtrain.errors import ExportError
+from qtrain.config import FAMILIES
+from qtrain.errors import DataError, ExportError
+from qtrain.hf_tokenizer import HFTokenizer, is_hf_tokenizer
 
 EXPORT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPACE = "\u2581"  # "▁", sentencepiece's visible whitespace
@@ -184,7 +191,7 @@ def hf_tokenizer(tokenizer_model: Path, model_max_length: int | None = None) -> 
 # --- model ------------------------------------------------------------------------------------------------------
 
 
-def _cast_copy(model: LlamaForCausalLM, dtype: torch.dtype, special_ids: dict[str, int | None]) -> LlamaForCausalLM:
+def _cast_copy(model: PreTrainedModel, dtype: torch.dtype, special_ids: dict[str, int | None]) -> PreTrainedModel:
     """A CPU copy of model with every weight cast to dtype; the caller's model, config and devices are untouched.
 
     Built on the meta device and filled by assignment, so peak memory is one CPU copy in dtype (no deepcopy on GPU).
@@ -212,7 +219,7 @@ def _name_portable_tokenizer_class(config_path: Path) -> None:
 
 
 def export_hf(
-    model: LlamaForCausalLM,
+    model: PreTrainedModel,
     tokenizer_model: Path,
     out_dir: Path,
     dtype: torch.dtype = torch.float32,
@@ -220,13 +227,17 @@ def export_hf(
 ) -> Path:
     """Write model (weights cast to dtype) and tokenizer as a Hugging Face directory at out_dir; return out_dir.
 
+    tokenizer_model: qtrain's sentencepiece .model (converted to tokenizer.json, its special ids written into
+    the config), or a Hugging Face tokenizer directory (its files copied as they are, the model's config and
+    special ids kept) or tokenizer.json.
     The directory is built beside out_dir (.tmp-<name>-<pid>) and renamed into place, so out_dir is either
     absent/old or complete. A non-empty out_dir is replaced only with overwrite=True.
     Raises ExportError for a non-float model, a dtype other than EXPORT_DTYPES, or a vocab smaller than the tokenizer's.
     """
-    if not isinstance(model, LlamaForCausalLM):
-        raise ExportError(f"export_hf takes a transformers LlamaForCausalLM, got {type(model).__name__}; "
-                          "dequantize the qtrain model into a float Llama first")
+    if not (isinstance(model, PreTrainedModel) and getattr(model.config, "model_type", None) in FAMILIES):
+        raise ExportError(f"export_hf takes a transformers model of a family qtrain trains ({', '.join(FAMILIES)}), "
+                          f"got {type(model).__name__}; dequantize the qtrain model into a float model first "
+                          f"(qtrain.model.dequantized_copy)")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype {dtype} cannot be exported; choose one of {[str(d) for d in EXPORT_DTYPES]}")
     not_float = [n for n, t in model.state_dict().items() if not t.is_floating_point()]
@@ -241,15 +252,24 @@ def export_hf(
                           "or choose a new directory")
 
     # the tokenizer first: a conversion problem fails the export before any weights are copied
-    tokenizer = hf_tokenizer(tokenizer_model, model_max_length=model.config.max_position_embeddings)
+    tokenizer_model = Path(tokenizer_model)
+    copied = is_hf_tokenizer(tokenizer_model)
+    if copied:  # a checkpoint's tokenizer: its files as they are; the checkpoint's config keeps its special ids
+        try:
+            tokenizer = HFTokenizer(tokenizer_model).hf
+        except DataError as e:
+            raise ExportError(str(e)) from None
+        special_ids = {}
+    else:
+        tokenizer = hf_tokenizer(tokenizer_model, model_max_length=model.config.max_position_embeddings)
+        special_ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     if model.config.vocab_size < len(tokenizer):
         raise ExportError(f"model vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} pieces; set [model] vocab_size >= {len(tokenizer)}")
-    special_ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
@@ -257,9 +277,14 @@ def export_hf(
     try:
         tmp.mkdir()
         _cast_copy(model, dtype, special_ids).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _name_portable_tokenizer_class(tmp / "tokenizer_config.json")
-        shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+        if copied and tokenizer_model.is_dir():
+            for f in HFTokenizer(tokenizer_model).files():
+                shutil.copyfile(f, tmp / f.name)
+        else:  # converted from sentencepiece, or a bare tokenizer.json: written with its tokenizer_config.json
+            tokenizer.save_pretrained(tmp)
+            _name_portable_tokenizer_class(tmp / "tokenizer_config.json")
+        if not copied:
+            shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
         for path in tmp.iterdir():
             fsync_path(path)
         fsync_path(tmp)

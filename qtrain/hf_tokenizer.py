@@ -17,6 +17,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
+# The EOS of a bare tokenizer.json (no tokenizer_config.json beside it): the first of these that it defines as
+# a special token (LLaMA / Mistral, GPT-2 / Qwen, Gemma, LLaMA 3).
+EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+
+
 class HFTokenizer:
     """encode/decode like sentencepiece; `.hf` is the transformers tokenizer (chat templates, special tokens)."""
 
@@ -32,9 +37,20 @@ class HFTokenizer:
         except Exception as e:  # transformers raises OSError, ValueError, or its own errors
             raise DataError(f'[data] tokenizer = "{path}" could not be loaded as a Hugging Face tokenizer ({e})') from None
         self.path = path
+        if self.hf.eos_token_id is None:
+            self._guess_eos()
         if self.eos_id() < 0:
             raise DataError(f'[data] tokenizer = "{path}" defines no EOS token; qtrain separates documents with '
                             f'EOS, so use a tokenizer that defines eos_token')
+
+    def _guess_eos(self) -> None:
+        """A bare tokenizer.json (or a directory with no tokenizer_config.json) names no EOS: take its special
+        token with a conventional EOS name, if any."""
+        special = {t.content for t in self.hf.backend_tokenizer.get_added_tokens_decoder().values() if t.special}
+        for name in EOS_NAMES:
+            if name in special:
+                self.hf.eos_token = name
+                return
 
     def encode(self, text, num_threads: int = 0):
         """Token ids without special tokens: a list for a str, a list of lists for a list of str."""

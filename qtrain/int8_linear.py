@@ -46,16 +46,21 @@ class _Int8LinearFn(torch.autograd.Function):
 
 
 class Int8Linear(nn.Module):
-    """y = x Ŵᵀ with Ŵ = codes * scale + offset per group of `group_size` consecutive weights."""
+    """y = x Ŵᵀ (+ b) with Ŵ = codes * scale + offset per group of `group_size` consecutive weights.
+
+    The optional bias (Qwen2's q/k/v) is an ordinary float Parameter: the float optimizer trains it.
+    """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128,
-                 meta_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 meta_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         G = num_groups((out_features, in_features), group_size)
         self.register_buffer("codes", torch.zeros((out_features, in_features), dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(G, dtype=meta_dtype, device=device))
         self.register_buffer("offset", torch.zeros(G, dtype=meta_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self.weight_grad: Tensor | None = None  # accumulated dW when no sink is attached
         self.grad_sink: GradSink | None = None
         self.kernels = "auto"  # dequantize backend ("auto" | "torch" | "triton"), set from [quant] kernels
@@ -102,8 +107,11 @@ class Int8Linear(nn.Module):
             self.weight_grad = self.weight_grad.float().add_(dw)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Int8LinearFn.apply(x, self._anchor, self)
+        if self._anchor.device != x.device:  # on the activations' device: a CPU anchor beside CUDA tensors would
+            self._anchor = torch.empty(0, device=x.device, requires_grad=True)  # hand every backward to the CPU thread
+        y = _Int8LinearFn.apply(x, self._anchor, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # in the compute dtype, as nn.Linear
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
-                f"meta={self.scale.dtype}, matmul={self.matmul}")
+                f"meta={self.scale.dtype}, matmul={self.matmul}, bias={self.bias is not None}")

@@ -15,11 +15,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from qtrain import distributed
 from qtrain.checkpoint import TrainingProgress
 from qtrain.device import to_device
+from qtrain.distributed import World
 from qtrain.errors import TrainingError
 from qtrain.evaluation import evaluate, lm_loss
-from qtrain.metrics import MetricsLog
+from qtrain.metrics import Clock, GradNorm, MetricsLog, header, log_line, peak_memory, plain_output, summary
 from qtrain.sampling import generate_text
 from qtrain.schedule import lr_at
 from qtrain.stop_request import StopRequest
@@ -49,35 +51,56 @@ def memory_report(predicted, allocated: int, reserved: int) -> str:
 
 def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: TrainingProgress, device,
         dtype, save: Callable[[TrainingProgress], Path], last_saved: Path | None, quiet: bool,
-        predicted=None) -> RunResult:
-    """Train from progress.step to cfg.train.steps; save(progress) writes a checkpoint and returns its path."""
-    t = cfg.train
-    result = RunResult(run_dir, progress.step)
-    log = MetricsLog(run_dir, progress.step)
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum_steps
-    pending: list[tuple[int, torch.Tensor, float, int]] = []  # (step, loss on device, lr, tokens): synced at log time
-    first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, kept on device
-    bar = tqdm(total=t.steps, initial=progress.step, disable=quiet, dynamic_ncols=True, unit="step")
-    t0, tokens0 = time.perf_counter(), progress.tokens_seen
-    start_step = progress.step
+        predicted=None, world: World = World()) -> RunResult:
+    """Train from progress.step to cfg.train.steps; save(progress) writes a checkpoint and returns its path.
 
-    def flush() -> None:  # one host sync for log_every steps of losses
-        nonlocal t0, tokens0
+    With world.size > 1 this runs on every rank: each draws its own micro-batches of the global stream, and
+    rank 0 alone logs, evaluates and saves (the other ranks' weights are identical, checked at log time).
+    """
+    t = cfg.train
+    W, A = world.size, t.grad_accum_steps
+    result = RunResult(run_dir, progress.step)
+    log = MetricsLog(run_dir, progress.step, enabled=world.main)
+    tokens_per_step = W * t.batch_size * t.seq_len * A
+    # (step, loss on device, lr, tokens, grad norm on device, host time): synced at log time
+    pending: list[tuple[int, torch.Tensor, float, int, torch.Tensor, float]] = []
+    lines = not quiet and plain_output()  # stdout is a file or a pipe: plain log lines, no progress bar
+    bar = tqdm(total=t.steps, initial=progress.step, disable=quiet or lines, dynamic_ncols=True, unit="step")
+    say = tqdm.write if world.main else (lambda text: None)
+    tokens0 = start_tokens = progress.tokens_seen
+    start_step = progress.step
+    grad_norm = GradNorm(device)
+    updater.add_grad_hook(grad_norm)  # after any gradient reduction: it sees the final gradient
+    clock = Clock()
+    say(header(cfg, model, data, device, dtype, run_dir, W, start_step))
+
+    def flush() -> None:  # one host sync (and one all-reduce) for log_every steps of losses
+        nonlocal tokens0
         if not pending:
             return
-        losses = torch.stack([p[1] for p in pending]).tolist()
-        bad = int(first_bad.item())
-        elapsed = time.perf_counter() - t0
-        tok_s = (progress.tokens_seen - tokens0) / max(elapsed, 1e-9)
-        for (step, _, lr, tokens), loss in zip(pending, losses):
-            log.write({"step": step, "loss": loss, "lr": lr, "tokens": tokens}, {"train/loss": loss, "train/lr": lr})
+        losses = distributed.sum_across_ranks(torch.stack([p[1] for p in pending])).tolist()  # global means
+        bad = next((step for (step, *_), loss in zip(pending, losses) if not math.isfinite(loss)), -1)
+        distributed.check_replicas(model, world, progress.step)
+        norms = torch.stack([p[4] for p in pending]).tolist()
+        elapsed = clock.window()  # training seconds since the last flush (evaluations and saves excluded)
+        tok_s = (progress.tokens_seen - tokens0) / elapsed
+        step_s = elapsed / len(pending)
+        peak, mem = peak_memory(device)
+        for i, ((step, _, lr, tokens, _, stamp), loss, norm) in enumerate(zip(pending, losses, norms)):
+            row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "grad_norm": norm, "time": round(stamp, 3)}
+            scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}
+            if i == len(pending) - 1:
+                row.update(tok_s=tok_s, step_s=step_s, peak_mem_gib=peak, mem=mem)
+                scalars.update({"perf/tokens_per_s": tok_s, "perf/step_time_s": step_s, "perf/peak_mem_gib": peak})
+            log.write(row, scalars)
         log.flush()
-        post = {"loss": f"{losses[-1]:.3f}", "lr": f"{pending[-1][2]:.2e}", "tok/s": f"{tok_s:,.0f}"}
-        if device.type == "cuda":
-            post["peak"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
+        post = {"loss": f"{losses[-1]:.3f}", "lr": f"{pending[-1][2]:.2e}", "tok/s": f"{tok_s:,.0f}",
+                "gnorm": f"{norms[-1]:.3g}", "peak": f"{peak:.2f}GiB"}
         bar.set_postfix(post)
+        if lines:
+            say(log_line(progress.step, t.steps, losses[-1], pending[-1][2], tok_s, step_s, norms[-1], peak, mem))
         pending.clear()
-        t0, tokens0 = time.perf_counter(), progress.tokens_seen
+        tokens0 = progress.tokens_seen
         if bad >= 0:
             kept = f"the last good checkpoint is {last_saved.name}" if last_saved else "no checkpoint was written yet"
             raise TrainingError(f"loss became NaN/Inf at step {bad}; stopped without saving ({kept}). "
@@ -87,17 +110,22 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
         nonlocal last_saved
         flush()  # never save after a non-finite loss
         progress.sampler = sampler.state_dict()
-        last_saved = save(progress)
+        if world.main:  # replicas are identical: one copy, written by rank 0 alone
+            with clock.excluded():
+                last_saved = save(progress)
 
     def run_eval() -> None:
-        loss = evaluate(model, data, t, device, dtype)
+        if not world.main:
+            return
+        with clock.excluded():
+            loss = evaluate(model, data, t, device, dtype)
+            sample = (generate_text(model, data.tokenizer, "The", t.sample_tokens, device, seed=progress.step)
+                      if t.sample_tokens else "")
         result.eval_losses.append((progress.step, loss))
-        sample = (generate_text(model, data.tokenizer, "The", t.sample_tokens, device, seed=progress.step)
-                  if t.sample_tokens else "")
         result.sample = sample
         log.write({"step": progress.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "sample": sample},
                   {"val/loss": loss})
-        tqdm.write(f"step {progress.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
+        say(f"step {progress.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f})"
                    + (f" | {sample!r}" if sample else ""))
 
     try:
@@ -110,33 +138,41 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
                 float_lr = lr_at(k, cfg.optim.float_lr_value, t.steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
                 updater.begin_step(lr, float_lr)
                 step_loss = torch.zeros((), device=device)
-                for _ in range(t.grad_accum_steps):
-                    x, y = (to_device(b, device) for b in sampler.next_batch())
+                for a in range(A):  # rank r takes micro-batches r*A .. r*A + A-1 of the step's W*A
+                    x, y = (to_device(b, device) for b in sampler.batch_at(sampler.batches_drawn + world.rank * A + a))
                     loss = lm_loss(model, x, y, dtype)
-                    (loss / t.grad_accum_steps).backward()  # release mode: every tensor is updated in here
-                    step_loss += loss.detach() / t.grad_accum_steps
+                    # 1/(A*W) before backward: gradients summed over micro-batches and ranks are the global mean
+                    (loss / (A * W)).backward()  # release mode: every tensor is updated in here
+                    step_loss += loss.detach() / (A * W)
                 updater.finish_step()
+                sampler.batches_drawn += W * A
                 progress.step += 1
                 progress.tokens_seen += tokens_per_step
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), progress.step, first_bad)
-                pending.append((progress.step, step_loss, lr, progress.tokens_seen))
+                pending.append((progress.step, step_loss, lr, progress.tokens_seen, grad_norm.take(), time.time()))
                 bar.update(1)
                 if predicted is not None and progress.step == start_step + MEASURE_AFTER_STEPS:
-                    tqdm.write(memory_report(predicted, torch.cuda.max_memory_allocated(device),
+                    say(memory_report(predicted, torch.cuda.max_memory_allocated(device),
                                              torch.cuda.max_memory_reserved(device)))
                 if progress.step % t.log_every == 0:
                     flush()
+                    if W > 1:  # a Ctrl-C reaches the ranks at different steps: they agree at log time
+                        stop.requested = bool(distributed.sum_across_ranks(
+                            torch.tensor([float(stop.requested)], device=device)).item())
                 if progress.step % t.eval_every == 0 or progress.step == t.steps:
                     flush()
                     run_eval()
                 if (t.save_every and progress.step % t.save_every == 0) or progress.step == t.steps:
                     checkpoint()
-                if stop.requested:
+                if stop.requested and (W == 1 or progress.step % t.log_every == 0):
                     checkpoint()
                     result.interrupted = True
-                    tqdm.write(f"saved {last_saved} at step {progress.step}; continue with --resume")
+                    say(f"saved {last_saved} at step {progress.step}; continue with --resume")
                     break
             flush()
+        if progress.step > start_step:
+            text, row = summary(progress.step - start_step, progress.tokens_seen - start_tokens, clock)
+            log.write({"step": progress.step, "summary": row})
+            say(text)
     except torch.OutOfMemoryError as e:
         raise TrainingError(f"out of GPU memory at step {progress.step + 1}: {str(e).splitlines()[0]}. "
                             f"Run `qtrain estimate` with this recipe and --gpu-gib to see what fits "

@@ -11,15 +11,26 @@ from qtrain.updater import Updater
 
 
 class Release:
-    """Hooks of one Updater's model; `detach()` removes them (the loop looks the same with release on or off)."""
+    """Hooks of one Updater's model; `detach()` removes them (the loop looks the same with release on or off).
 
-    def __init__(self, updater: Updater):
+    reducer: data parallel's OverlappedReducer, or None. With one, each gradient's all-reduce starts in its
+    hook and the update runs when the reducer applies it (a few gradients later, or at the end of backward).
+    """
+
+    def __init__(self, updater: Updater, reducer=None):
         self.updater = updater
         self._handles: list = []
         for layer in updater.int8.values():
-            layer.grad_sink = updater.update_int8
+            if reducer is None:
+                layer.grad_sink = updater.update_int8
+            else:
+                layer.grad_sink = lambda layer, g: reducer.submit(g, lambda: updater.update_int8(layer, g))
         for name, p in updater.floats.items():
-            self._handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: updater.update_float(name, p)))
+            if reducer is None:
+                hook = lambda p, name=name: updater.update_float(name, p)  # noqa: E731
+            else:
+                hook = lambda p, name=name: reducer.submit(p.grad, lambda: updater.update_float(name, p))  # noqa: E731
+            self._handles.append(p.register_post_accumulate_grad_hook(hook))
 
     def detach(self) -> None:
         for layer in self.updater.int8.values():
@@ -29,6 +40,6 @@ class Release:
         self._handles.clear()
 
 
-def attach_release(updater: Updater) -> Release:
+def attach_release(updater: Updater, reducer=None) -> Release:
     """Start layer-wise release on updater's model; returns the handle that detaches it."""
-    return Release(updater)
+    return Release(updater, reducer)

@@ -16,6 +16,7 @@ from qtrain.errors import TrainingError
 
 LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.toml"
+INIT_CONFIG_DIR = "init"  # the [model] init checkpoint's config.json, copied: the run's architecture
 
 
 class RunDir:
@@ -60,3 +61,6 @@ class RunDir:
 
     def write_recipe(self, toml_text: str) -> None:
         write_atomic(self.path / RECIPE_FILE, toml_text.encode())
+
+    def write_init_config(self, config_json: Path) -> None:
+        write_atomic(self.path / INIT_CONFIG_DIR / "config.json", Path(config_json).read_bytes())

@@ -11,7 +11,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, se
 
     tokenizer: a sentencepiece processor (encode, decode, bos_id, eos_id).
     """
-    ids = [tokenizer.bos_id()] + tokenizer.encode(prompt)
+    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []  # Qwen's tokenizers define no BOS
+    ids = bos + tokenizer.encode(prompt)
     x = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     model.eval()
@@ -24,4 +25,4 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, se
             break
         x = torch.cat([x, nxt[None]], dim=1)
     model.train()
-    return tokenizer.decode(x[0, 1:].tolist())
+    return tokenizer.decode(x[0, len(bos):].tolist())

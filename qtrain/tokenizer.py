@@ -24,7 +24,7 @@ from qtrain.errors import DataError
 from qtrain.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, is_hf_tokenizer
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-MAX_TRAINING_LINES = 2_000_000  # sentencepiece holds its input in memory: at most this many lines (~100 bytes each)
+MAX_TRAINING_LINES = 2_000_000  # default [data] tokenizer_sentences: sentencepiece keeps at most this many lines
 LINE_CHARS = 4096  # longer lines are cut: sentencepiece silently skips sentences over max_sentence_length bytes
 
 # Everything that decides the trained model; its hash is part of the tokenizer cache key.
@@ -37,8 +37,8 @@ TRAINER_OPTIONS = dict(
     split_digits=True,
     allow_whitespace_only_pieces=True,
     character_coverage=0.99995,  # the rarest 0.005% of characters become byte pieces
-    input_sentence_size=MAX_TRAINING_LINES,
-    shuffle_input_sentence=True,  # a uniform sample of lines when the corpus has more; seeded below
+    input_sentence_size=MAX_TRAINING_LINES,  # replaced by the `sentences` argument of train_tokenizer
+    shuffle_input_sentence=True,  # a uniform sample of lines when the input has more; seeded below
     max_sentence_length=4 * LINE_CHARS,  # bytes: a LINE_CHARS line of 4-byte characters still fits
 )
 TRAINER_SEED = 0
@@ -54,11 +54,14 @@ def _training_lines(documents: Iterable[str]) -> Iterator[str]:
                     yield piece
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path) -> spm.SentencePieceProcessor:
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path,
+                    sentences: int = MAX_TRAINING_LINES) -> spm.SentencePieceProcessor:
     """Train a BPE sentencepiece model with vocab_size pieces on documents; write it atomically to out_path.
 
-    Deterministic for the same documents and vocab_size. Raises DataError, naming [model] vocab_size,
-    when the corpus cannot support that many pieces (or needs more).
+    The documents are cut into lines; sentencepiece keeps a uniform sample of `sentences` of them
+    (input_sentence_size with shuffle_input_sentence, seeded) when there are more, so its memory is bounded
+    by that number, not by the input. Deterministic for the same documents, vocab_size and sentences.
+    Raises DataError, naming [model] vocab_size, when the corpus cannot support that many pieces (or needs more).
     """
     model = io.BytesIO()
     spm.set_random_generator_seed(TRAINER_SEED)  # the line sample (shuffle_input_sentence) is reproducible
@@ -69,7 +72,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path) -
             vocab_size=vocab_size,
             num_threads=min(os.cpu_count() or 1, 16),
             minloglevel=2,  # errors only: sentencepiece logs every step at INFO
-            **TRAINER_OPTIONS,
+            **{**TRAINER_OPTIONS, "input_sentence_size": sentences},
         )
     except RuntimeError as e:
         raise _vocab_error(str(e), vocab_size) from None
@@ -94,9 +97,9 @@ def _vocab_error(message: str, vocab_size: int) -> DataError:
     return DataError(f"sentencepiece training failed with [model] vocab_size = {vocab_size}: {message}")
 
 
-def trainer_fingerprint() -> str:
+def trainer_fingerprint(sentences: int = MAX_TRAINING_LINES) -> str:
     """A short stable hash of the training options, for cache keys."""
-    blob = json.dumps({**TRAINER_OPTIONS, "seed": TRAINER_SEED}, sort_keys=True).encode()
+    blob = json.dumps({**TRAINER_OPTIONS, "input_sentence_size": sentences, "seed": TRAINER_SEED}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
 
 

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from qtrain.int8_linear import Int8Linear
 from qtrain.model import float_parameters, int8_layers, is_quantized_projection
-from qtrain.optim.base import Method, apply_update_
+from qtrain.optim.base import Method
 from qtrain.quant import dispatch
+from qtrain.optim.float_update import float_update_
 from qtrain.seeding import name_uid, seeded_generator, update_seed
 from qtrain.quant.int8_update import int8_scaled_update_
 
@@ -28,7 +29,9 @@ class Updater:
     """Optimizer state and update rules for every trainable tensor of a qtrain model.
 
     matrix_method: the method for the seven projections, int8 or float (and lm_head if `lm_head_method`).
-    float_optimizer: builds one torch optimizer per other float tensor (embedding, norms, lm_head).
+    float_optimizer: builds one torch optimizer per other float tensor (embedding, lm_head; norms and biases
+        too unless it has a `fused` method, see qtrain.optim.float_adam.FloatAdam: then the vectors, 1-D float
+        tensors, share one FusedAdamW per dtype, applied once in finish_step).
     rounding: "stochastic" (SR, seeded by (seed, tensor, step)) or "nearest" (for comparison only).
     kernels: int8 update backend, "auto" (Triton on CUDA), "torch" (reference) or "triton".
     """
@@ -52,6 +55,7 @@ class Updater:
         # embedding optionally. bf16 float tensors get `low_precision_adam` when given (fp32 Adam state, SR
         # on apply); torch's AdamW would keep bf16 moments and round every update to nearest.
         self.method_floats: dict[str, Method] = {}
+        fused = getattr(float_optimizer, "fused", None)
         for n, p in self.floats.items():
             if is_quantized_projection(n.removesuffix(".weight")):
                 self.method_floats[n] = matrix_method
@@ -59,9 +63,17 @@ class Updater:
                 self.method_floats[n] = lm_head_method
             elif embedding_method is not None and n.endswith("embed_tokens.weight"):
                 self.method_floats[n] = embedding_method
-            elif p.dtype != torch.float32 and low_precision_adam is not None:
+            elif p.dtype != torch.float32 and low_precision_adam is not None and not (fused and p.dim() < 2):
                 self.method_floats[n] = low_precision_adam
-        self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items() if n not in self.method_floats}
+        # Vectors (norm weights, biases): one fused AdamW per dtype, staged by their hooks, applied once in
+        # finish_step (qtrain.optim.fused_adam: no launches per tensor beyond a copy, no sync). Their slots sit
+        # in float_opts like per-tensor optimizers (state, state_dict, step stages the gradient).
+        vectors = {n: p for n, p in self.floats.items() if n not in self.method_floats and fused and p.dim() < 2}
+        self.fused_floats = [fused({n: p for n, p in vectors.items() if p.dtype == dtype})
+                             for dtype in dict.fromkeys(p.dtype for p in vectors.values())]
+        self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items()
+                           if n not in self.method_floats and n not in vectors}
+        self.float_opts.update({n: slot for group in self.fused_floats for n, slot in group.slots.items()})
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
         self.grad_hooks: list[Callable[[str, Tensor], None]] = []  # see add_grad_hook
@@ -112,10 +124,12 @@ class Updater:
             method = self.method_floats[name]
             state = self.method_state(name, method, tuple(p.shape), p.device)
             lr = self.float_lr if method is self.low_precision_adam else self.lr
-            gen = self._generator(name, p.device) if p.dtype == torch.bfloat16 else None
-            apply_update_(p, method.direction(_grad_for(method, p.grad), state), p.grad, lr, method.weight_decay, gen)
+            seed = update_seed(self.seed, name_uid(name), self.step) if p.dtype == torch.bfloat16 else None
+            # one kernel on CUDA (qtrain.optim.float_update), else apply_update_ with the seed's generator
+            float_update_(p, method.direction(_grad_for(method, p.grad), state), p.grad, lr, method.weight_decay, seed,
+                          self.kernels)
         else:
-            opt = self.float_opts[name]
+            opt = self.float_opts[name]  # a per-tensor optimizer steps; a FusedAdamW slot stages the gradient
             for group in opt.param_groups:
                 group["lr"] = self.float_lr
             opt.step()
@@ -143,6 +157,8 @@ class Updater:
         self.lr = lr
         self.float_lr = lr if float_lr is None else float_lr
         self.updated.clear()
+        for group in self.fused_floats:
+            group.received.clear()
 
     def finish_step(self) -> None:
         """Apply the updates of every gradient still present (all of them without release, none with it),
@@ -158,6 +174,9 @@ class Updater:
         if missing:
             raise RuntimeError(f"step {self.step + 1}: no gradient reached {sorted(missing)[:5]} "
                                f"({len(missing)} tensors); every trainable tensor must be updated each step")
+        for group in self.fused_floats:  # the vectors' staged gradients, one update for all (both modes)
+            sr = group.dtype == torch.bfloat16  # SR like every bf16 float tensor's update (update_float)
+            group.step(self.float_lr, self._generator(f"fused_adamw/{group.dtype}", group.device) if sr else None)
         self.step += 1
 
     # ---- checkpointing ----------------------------------------------------------------------------

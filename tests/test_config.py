@@ -219,6 +219,8 @@ EXPECTED_ARCH = {  # hidden, intermediate, heads, layers, vocab (docs/algorithms
     "1b": (2048, 5461, 32, 24, 32000),
     "7b": (4096, 11008, 32, 32, 32000),
     "7b-8gb": (4096, 11008, 32, 32, 32000),
+    "finetune-tiny": (64, 176, 4, 2, 2048),  # the tiny shape, repeated from the checkpoint it starts from
+    "finetune-8b": (4096, 14336, 32, 32, 128256),  # Meta-Llama-3-8B's config.json
 }
 
 
@@ -231,6 +233,9 @@ def test_recipe_loads_with_expected_values(path):
     cfg = TrainConfig.from_toml(path)
     m, o, t = cfg.model, cfg.optim, cfg.train
     assert (m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers, m.vocab_size) == EXPECTED_ARCH[path.stem]
+    if path.stem.startswith("finetune"):  # from a Hugging Face checkpoint ([model] init): tests/test_finetune.py
+        assert m.init and o.method == "apollo_mini" and o.lr < 0.01 and cfg.quant.enabled and t.release
+        return
     assert (o.lr, o.warmup_frac, o.min_lr_ratio, o.weight_decay) == (0.01, 0.1, 0.1, 0.0)
     assert cfg.quant.enabled and cfg.quant.rounding == "stochastic"
     assert t.release and t.grad_accum_steps == 1

@@ -1,4 +1,4 @@
-"""Corpus readers, tokenizer, token cache, sampler and validation windows (all on tiny data)."""
+"""Corpus readers, tokenizer, token shards, sampler and validation windows (all on tiny data)."""
 
 import gzip
 import hashlib
@@ -11,14 +11,13 @@ import pytest
 import torch
 
 import qtrain.data
+import qtrain.sources
 from qtrain.config import DataConfig
-from qtrain.corpus import (
-    DataError,
-    UndecodableBytesWarning,
-    default_corpus_path,
-    iter_documents,
-)
+from qtrain.corpus import DataError, UndecodableBytesWarning, default_corpus_path
+from qtrain.sources import iter_documents
 from qtrain.data import TokenSampler, prepare_data, val_batches
+from qtrain.shards import ShardSet
+from qtrain.sources import file_phase, held_out
 from qtrain.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, check_vocab, load_tokenizer, train_tokenizer
 
 SMALL_CHARS = 150_000  # a prefix of the default corpus: sentencepiece trains 512 pieces on it in ~0.1 s
@@ -80,13 +79,14 @@ def test_text_file_is_one_document(tmp_path, cache):
 
 
 def test_directory_reads_txt_and_md_recursively_sorted(tmp_path, cache):
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "z.md").write_text("zed")
-    (tmp_path / "b" / "a.txt").write_text("ay")
-    (tmp_path / "c.txt").write_text("see")
-    (tmp_path / "skip.json").write_text("{}")
-    (tmp_path / "empty.txt").write_text("\n \n")  # empty documents are dropped
-    assert list(iter_documents(str(tmp_path), cache)) == ["ay", "zed", "see"]
+    d = tmp_path / "corpus"
+    (d / "b").mkdir(parents=True)
+    (d / "b" / "z.md").write_text("zed")
+    (d / "b" / "a.txt").write_text("ay")
+    (d / "c.txt").write_text("see")
+    (d / "skip.json").write_text("{}")  # a plain .json in a directory is not JSON lines (dataset_info.json ...)
+    (d / "empty.txt").write_text("\n \n")  # empty documents are dropped
+    assert list(iter_documents(str(d), cache)) == ["ay", "zed", "see"]
 
 
 def test_jsonl_plain_and_gz(tmp_path, cache):
@@ -175,41 +175,58 @@ def test_load_tokenizer_errors(tmp_path):
 # --- prepare_data -------------------------------------------------------------------------------------
 
 
-def test_prepare_data_tokens_split_and_run_dir(tmp_path, cache):
+def _packed(tokenizer, docs):
+    return np.concatenate([np.asarray(tokenizer.encode(d) + [EOS_ID]) for d in docs])
+
+
+def test_prepare_data_holds_out_whole_documents_and_fills_the_run_dir(tmp_path, cache):
     cfg = DataConfig(max_corpus_chars=SMALL_CHARS, val_fraction=0.1)
     ds = prepare_data(cfg, VOCAB, 64, run_dir=tmp_path / "run")
     docs = list(iter_documents("default", cache, SMALL_CHARS))
-    tokens = np.fromfile(ds.token_path, dtype=np.uint16)
-    # documents packed with one EOS after each; the file is exactly the concatenation
-    expected = np.concatenate([np.asarray(ds.tokenizer.encode(d) + [EOS_ID]) for d in docs])
-    np.testing.assert_array_equal(tokens, expected)
-    assert ds.train.dtype == np.uint16 and ds.token_path.name.endswith(".uint16.bin")
-    n_val = int(len(tokens) * 0.1)
-    assert len(ds.val) == n_val and len(ds.train) == len(tokens) - n_val
-    np.testing.assert_array_equal(ds.val, tokens[-n_val:])  # the LAST val_fraction
-    (x, y), = ds.val_batches(1, 2, 64)  # the first two windows of the validation split
-    torch.testing.assert_close(x, torch.from_numpy(tokens[-n_val:][:128].astype(np.int64)).view(2, 64), rtol=0, atol=0)
+    held = [held_out(j, file_phase(0), 0.1) for j in range(len(docs))]
+    assert sum(held) in (len(docs) // 10, len(docs) // 10 + 1)  # one document in ten, never a cut through one
+    # each split is its documents packed with one EOS after each, in corpus order
+    np.testing.assert_array_equal(ds.train[:], _packed(ds.tokenizer, [d for d, h in zip(docs, held) if not h]))
+    np.testing.assert_array_equal(ds.val[:], _packed(ds.tokenizer, [d for d, h in zip(docs, held) if h]))
+    assert ds.train.dtype == np.uint16 and (ds.token_path / "train-00000.bin").is_file()
+    shards = ShardSet(ds.token_path)  # the index: where every document ends
+    ends = shards.doc_ends("val")
+    assert len(ends) == sum(held) and ends[-1] == len(ds.val) and (ds.val[:][ends - 1] == EOS_ID).all()
+    # evaluation windows: non-overlapping, spread from the first token to near the last
+    tiles = (len(ds.val) - 1) // 64
+    (x, y), = ds.val_batches(1, 2, 64)
+    torch.testing.assert_close(x[1], torch.from_numpy(ds.val[(tiles // 2) * 64 : (tiles // 2 + 1) * 64]), rtol=0, atol=0)
+    torch.testing.assert_close(y[:, :-1], x[:, 1:], rtol=0, atol=0)
     x, y = ds.sampler(batch_size=3, seq_len=64, seed=0).next_batch()
     assert x.shape == (3, 64) and int(x.max()) < VOCAB
     assert (tmp_path / "run" / "tokenizer.model").read_bytes() == ds.tokenizer_path.read_bytes()
-    assert ds.corpus_sha256 == qtrain.data._corpus_sha256(docs)
-    assert not list(cache.rglob("*.tmp"))  # atomic writes leave no temp files
+    record = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert record["identity"] == ds.identity() and record["sources"][0]["shards"] == str(ds.token_path)
+    assert not list(cache.rglob(".tmp-*")) and not list(cache.rglob("*.partial"))  # atomic writes only
 
 
-def test_prepare_data_reuses_cached_tokenizer_and_tokens(cache, monkeypatch):
+def test_eval_tokens_sets_the_evaluation_size(cache):
+    ds = prepare_data(DataConfig(max_corpus_chars=SMALL_CHARS, eval_tokens=64 * 5), VOCAB, 64)
+    assert [x.shape[0] for x, _ in ds.val_batches(100, 2, 64)] == [2, 2, 1]  # 5 windows, whatever eval_batches
+
+
+def test_a_second_start_reads_no_corpus_and_trains_nothing(cache, monkeypatch):
     cfg = DataConfig(max_corpus_chars=SMALL_CHARS)
     first = prepare_data(cfg, VOCAB, 64)
-    stamps = (first.tokenizer_path.stat().st_mtime_ns, first.token_path.stat().st_mtime_ns)
+    stamps = (first.tokenizer_path.stat().st_mtime_ns, (first.token_path / "index.json").stat().st_mtime_ns)
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("the tokenizer was retrained despite the cache")
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the corpus was read, or the tokenizer retrained, despite the cache")
 
-    monkeypatch.setattr(qtrain.data, "train_tokenizer", no_training)
+    monkeypatch.setattr(qtrain.data, "train_tokenizer", forbidden)
+    monkeypatch.setattr(qtrain.data, "tokenize_source", forbidden)
+    monkeypatch.setattr(qtrain.sources, "read_file", forbidden)
     second = prepare_data(cfg, VOCAB, 64)
     assert (second.tokenizer_path, second.token_path) == (first.tokenizer_path, first.token_path)
-    assert (second.tokenizer_path.stat().st_mtime_ns, second.token_path.stat().st_mtime_ns) == stamps
+    assert (second.tokenizer_path.stat().st_mtime_ns, (second.token_path / "index.json").stat().st_mtime_ns) == stamps
+    assert second.identity() == first.identity()
     # a different corpus (another truncation) is a different cache entry
-    with pytest.raises(AssertionError, match="retrained"):
+    with pytest.raises(AssertionError, match="despite the cache"):
         prepare_data(DataConfig(max_corpus_chars=SMALL_CHARS - 1), VOCAB, 64)
 
 
@@ -224,13 +241,17 @@ def test_prepare_data_with_given_tokenizer_checks_vocab(small_tokenizer, tmp_pat
 def test_corpus_shorter_than_one_sequence(small_tokenizer, tmp_path):
     text = "A short corpus. " * 40
     (tmp_path / "short.txt").write_text(text)
-    tok = load_tokenizer(small_tokenizer)
-    n = len(tok.encode(text.strip())) + 1  # + EOS
-    n_val = int(n * 0.05)
     cfg = DataConfig(corpus=str(tmp_path / "short.txt"), tokenizer=str(small_tokenizer))
-    msg = (f"corpus has {n} tokens; the validation split gets {n_val} of them ([data] val_fraction = 0.05) but "
-           f"needs at least seq_len+1 = 129; provide more text or lower train.seq_len")
+    # one file, one document: it trains, and nothing is left to hold out
+    msg = ("the validation split (0 of 1 documents held out: [data] val_fraction = 0.05) holds 0 tokens but needs "
+           "at least seq_len+1 = 129; raise data.val_fraction, split text files into more documents "
+           "(data.split_blank_lines), give a separate data.validation source")
     with pytest.raises(DataError, match=re.escape(msg)):
+        prepare_data(cfg, VOCAB, 128)
+    (tmp_path / "short.txt").write_text("\n\n".join(["A short paragraph."] * 30))
+    cfg = DataConfig(corpus=str(tmp_path / "short.txt"), tokenizer=str(small_tokenizer), split_blank_lines=1)
+    with pytest.raises(DataError, match=r"the validation split \(2 of 30 documents held out: \[data\] val_fraction = "
+                                        r"0.05\) holds \d+ tokens but needs at least seq_len\+1 = 129"):
         prepare_data(cfg, VOCAB, 128)
 
 
@@ -278,7 +299,7 @@ def test_sampler_resume_from_state_dict_is_exact():
         TokenSampler(tokens, 8, 32, seed=7).load_state_dict(state)
 
 
-def test_val_batches_are_fixed_non_overlapping_windows():
+def test_val_batches_are_fixed_non_overlapping_windows_spread_over_the_split():
     tokens = np.arange(100, dtype=np.uint16)
     batches = list(val_batches(tokens, n_batches=5, batch_size=2, seq_len=10))
     # (100 - 1) // 10 = 9 windows fit: batches of 2, 2, 2, 2, 1
@@ -290,3 +311,6 @@ def test_val_batches_are_fixed_non_overlapping_windows():
     again = torch.cat([b[0] for b in val_batches(tokens, 5, 2, 10)])
     torch.testing.assert_close(x, again, rtol=0, atol=0)
     assert len(list(val_batches(tokens, n_batches=2, batch_size=3, seq_len=10))) == 2
+    # fewer windows than fit: evenly spaced tiles from the start to near the end, never overlapping
+    x, _ = next(val_batches(tokens, n_batches=1, batch_size=3, seq_len=10))
+    torch.testing.assert_close(x[:, 0], torch.tensor([0, 30, 60]), rtol=0, atol=0)

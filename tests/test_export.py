@@ -240,3 +240,40 @@ def test_rejects_bad_dtype_small_vocab_and_missing_tokenizer(spm_models, tmp_pat
     with pytest.raises(ExportError, match=r"vocab_size 256 is smaller than the tokenizer's 300 pieces"):
         export_hf(small, spm_models["unigram"], tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+# ---- a run that started from a Hugging Face checkpoint ([model] init) ------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_checkpoint_run_exports_its_architecture_and_tokenizer_files(tmp_path, family):
+    """The original architecture (a Qwen2 stays a Qwen2, biases included), the checkpoint's tokenizer files
+    copied byte for byte, and the logits of qtrain's dequantized model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtrain.config import TrainConfig
+    from qtrain.model import build_model, dequantized_copy
+    from tiny_hf import TOKENIZER_SIZE, make_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, family)
+    cfg = TrainConfig.from_dict({"model": {"init": str(ckpt)}, "quant": {"group_size": 64}, "train": {"seq_len": 32}})
+    model = build_model(cfg.model, cfg.quant, "cpu").eval()
+    out = export_hf(dequantized_copy(model), ckpt, tmp_path / "hf")
+
+    config, original = (json.loads((d / "config.json").read_text()) for d in (out, ckpt))
+    assert config["model_type"] == original["model_type"] == family
+    assert {k: config.get(k) for k in original if k not in ("dtype", "transformers_version")} == {
+        k: v for k, v in original.items() if k not in ("dtype", "transformers_version")}  # no key rewritten
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (ckpt / name).read_bytes()
+    assert not (out / "tokenizer.model").exists()
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+    ids = torch.randint(0, TOKENIZER_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(input_ids=ids).logits, rtol=0, atol=FP32_ATOL)
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in SENTENCES:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

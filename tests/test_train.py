@@ -146,10 +146,12 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     empty.write_text("  \n\n")
     assert "empty" in error_of("train", "--out", str(tmp_path / "b"), "--set", f"data.corpus={empty}")
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"caf\xe9 " + b"Plain English text for the tokenizer to learn from. " * 3000)
+    # one paragraph per document (data.split_blank_lines=1): validation holds out whole documents
+    bad.write_bytes(b"caf\xe9 " + b"Plain English text for the tokenizer to learn from.\n\n" * 3000)
     with pytest.warns(UserWarning, match="bad.txt"):  # non-UTF-8 bytes are dropped with a warning naming the file
         assert cli(["train", "--quiet", "--out", str(tmp_path / "d"), *[f"--set={o}" for o in FAST],
-                    "--set", f"data.corpus={bad}", "--set", "train.steps=2", "--set", "model.vocab_size=300"]) == 0
+                    "--set", f"data.corpus={bad}", "--set", "train.steps=2", "--set", "model.vocab_size=300",
+                    "--set", "data.split_blank_lines=1"]) == 0
     spm_file = tmp_path / "d" / "tokenizer.model"
     short = tmp_path / "short.txt"
     short.write_text("The quick brown fox jumps over the lazy dog. " * 4)

@@ -21,8 +21,10 @@ Memory: on CUDA torch.cuda.max_memory_allocated / max_memory_reserved since a re
 built (so weights, optimizer state and activations all count), everything freed between configs. On CPU
 there is no allocator peak: "n/a". "persistent" = bytes of the model's parameters and buffers plus every
 optimizer state tensor after the last step, summed from the tensors (dtype.itemsize), on every device.
-Host syncs (CUDA only): one extra step under torch.cuda.set_sync_debug_mode("warn"), counting the warnings
-(plus explicit torch.cuda.synchronize calls); for qtrain also one step under "error" mode: pass/fail.
+Host syncs (CUDA only, tools/sync_probe.py): one extra step under torch.cuda.set_sync_debug_mode("warn"),
+counting the warnings, plus explicit synchronize calls (torch.cuda.synchronize, Stream/Event.synchronize,
+bitsandbytes' sync_gpu), which that mode does not report; for qtrain also one step under "error" mode that
+also fails on any explicit synchronize: pass/fail.
 
     python tools/bench_step.py                                   # 60m, 1b, 7b at 1x256 and 8x256 on CUDA
     python tools/bench_step.py --device cpu --sizes tiny,60m --points 1x64 --write-docs
@@ -47,7 +49,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qtrain.shipped_recipes import find_recipe
 from qtrain.config import TrainConfig
-from sync_probe import count_syncs
+from sync_probe import count_syncs, sync_free
 from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
 from qtrain.quant import triton_kernels
 from qtrain.build import build_updater
@@ -130,18 +132,6 @@ def model_bytes(model: torch.nn.Module) -> int:
     return tensor_bytes(list(model.parameters()) + list(model.buffers()))
 
 
-def sync_free(step: Callable[[], object]) -> str:
-    """PASS if one step runs under set_sync_debug_mode("error"), else FAIL with torch's message."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    except RuntimeError as e:
-        return f"FAIL: {str(e).splitlines()[0]}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return "PASS"
-
-
 def float_llama(model_cfg, device: torch.device, dtype: torch.dtype, seed: int) -> LlamaForCausalLM:
     """The plain transformers Llama in `dtype`, built on meta and allocated once on device (no fp32 copy).
 
@@ -208,7 +198,7 @@ def run_path(row: Row, build: Callable[[], tuple[Callable[[], object], Callable[
         if device.type == "cuda":
             row.peak_alloc = torch.cuda.max_memory_allocated(device)
             row.peak_reserved = torch.cuda.max_memory_reserved(device)
-            row.syncs = count_syncs(step)
+            row.syncs = str(count_syncs(step))
             if check_sync:
                 row.sync_check = sync_free(step)
         row.persistent = persistent()
@@ -331,8 +321,8 @@ def ratio_lines(rows: list[Row], device: torch.device) -> list[str]:
                        else f", persistent {q.persistent / other.persistent:.2f}x")
                 out.append(f"{head} {q.path} / {label}: tokens/s {q.tokens_per_s / other.tokens_per_s:.2f}x{mem}")
             if device.type == "cuda":
-                out.append(f"{head} no host-device sync in a {q.path} step (set_sync_debug_mode('error'), logging "
-                           f"excluded): {q.sync_check}")
+                out.append(f"{head} no host-device sync in a {q.path} step (set_sync_debug_mode('error') and no "
+                           f"explicit synchronize, logging excluded): {q.sync_check}")
             quoted = QUOTED.get((size, batch, seq_len))
             if quoted:
                 note = "" if device.type == "cuda" else " (this run is on CPU: the ratios below are not meaningful)"

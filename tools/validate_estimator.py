@@ -19,6 +19,7 @@ The table goes to stdout and, with --write-docs, into its section of docs/estima
 
     python tools/validate_estimator.py                      # CUDA: 60m, 350m, 1b, 7b points
     python tools/validate_estimator.py --cpu --write-docs   # CPU: tiny and 60m (vocabulary 2048) points
+    python tools/validate_estimator.py --point 60m:1x256 --point 7b:1x256   # chosen points, recipes as shipped
 """
 
 from __future__ import annotations
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="CPU validation points (no GPU needed)")
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/estimator.md")
+    p.add_argument("--point", action="append", default=[], metavar="RECIPE:BxT",
+                   help="run only this point (the recipe as shipped at batch B x sequence T), repeatable")
     args = p.parse_args(argv)
     cuda = not args.cpu
     if cuda and not torch.cuda.is_available():
@@ -225,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         torch.set_num_threads(1)
     points = CUDA_POINTS if cuda else CPU_POINTS
+    if args.point:
+        points = [(name, [f"train.batch_size={bt.split('x')[0]}", f"train.seq_len={bt.split('x')[1]}"])
+                  for name, bt in (pt.split(":") for pt in args.point)]
     env = (f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB)"
            if cuda else f"CPU ({platform.processor() or platform.machine()}, 1 thread)")
     peak = "max over steps 2-3" if cuda else "step 2 (after one warm-up step creates the lazy states)"

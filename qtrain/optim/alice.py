@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtrain.optim.adam import Adam
 from qtrain.optim.base import Method, Update
 from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.seeding import mix_seed, seeded_generator
@@ -216,8 +215,7 @@ class Alice(MethodOptimizer):
     Example: Alice(params, lr=0.02, rank=256, leading=40, alpha=0.3, alpha_c=0.4, update_interval=200)
     """
 
-    KEYS = ("rank", "leading", "alpha", "alpha_c", "betas", "beta3", "update_interval", "eps", "gamma",
-            "subspace_iters", "rebase_q", "seed", "weight_decay")
+    method_cls = AliceMethod
 
     def __init__(
         self, params, lr: float = 0.02, rank: int | None = 256, leading: int = 40, alpha: float = 0.3,
@@ -230,15 +228,6 @@ class Alice(MethodOptimizer):
                         rebase_q=rebase_q, weight_decay=weight_decay, adam_betas=adam_betas, adam_eps=adam_eps,
                         seed=seed)
         super().__init__(params, defaults)
-
-    def uses_method(self, group, p) -> bool:
-        return group["rank"] is not None and p.dim() == 2
-
-    def method_for(self, group) -> AliceMethod:
-        return AliceMethod(**{k: group[k] for k in self.KEYS})
-
-    def fallback_for(self, group) -> Adam:
-        return Adam(betas=group["adam_betas"], eps=group["adam_eps"], weight_decay=group["weight_decay"])
 
 
 class Alice0(Alice):

@@ -196,6 +196,8 @@ class APOLLO(MethodOptimizer):
     A group with rank=None is trained by Adam (like apollo-torch's regular group).
     """
 
+    method_cls = Apollo
+
     def __init__(
         self, params, lr: float = 0.01, rank: int | None = 256, scale: float = 1.0, scale_type: str = "channel",
         update_proj_gap: int = 200, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
@@ -207,11 +209,3 @@ class APOLLO(MethodOptimizer):
             official_seed_chain=official_seed_chain,
         )
         super().__init__(params, defaults)
-
-    def uses_method(self, group, p) -> bool:
-        return group["rank"] is not None and p.dim() == 2
-
-    def method_for(self, group) -> Apollo:
-        keys = ("rank", "scale", "scale_type", "update_proj_gap", "betas", "eps", "weight_decay",
-                "bias_correction", "seed", "official_seed_chain")
-        return Apollo(**{k: group[k] for k in keys})

@@ -58,8 +58,7 @@ class APOLLOSVD(MethodOptimizer):
     Same numbers as apollo-torch's APOLLOAdamW with group keys proj="svd", proj_type="std".
     """
 
-    KEYS = ("rank", "scale", "scale_type", "update_proj_gap", "betas", "eps", "bias_correction", "gamma", "seed",
-            "weight_decay")
+    method_cls = ApolloSVDMethod
 
     def __init__(
         self, params, lr: float = 0.01, rank: int | None = 256, scale: float = 1.0, scale_type: str = "channel",
@@ -70,9 +69,3 @@ class APOLLOSVD(MethodOptimizer):
                         betas=betas, eps=eps, bias_correction=bias_correction, gamma=gamma,
                         weight_decay=weight_decay, seed=seed)
         super().__init__(params, defaults)
-
-    def uses_method(self, group, p) -> bool:
-        return group["rank"] is not None and p.dim() == 2
-
-    def method_for(self, group) -> ApolloSVDMethod:
-        return ApolloSVDMethod(**{k: group[k] for k in self.KEYS})

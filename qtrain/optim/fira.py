@@ -97,8 +97,7 @@ class Fira(MethodOptimizer):
     Example: Fira(params, lr=0.01, rank=128, galore_scale=0.25, update_proj_gap=200, fira_residual="official")
     """
 
-    KEYS = ("rank", "galore_scale", "update_proj_gap", "betas", "eps", "gamma", "fira_residual", "i3s", "seed",
-            "weight_decay")
+    method_cls = FiraMethod
 
     def __init__(
         self, params, lr: float = 0.01, rank: int | None = 128, galore_scale: float = 0.25,
@@ -109,9 +108,3 @@ class Fira(MethodOptimizer):
                         eps=eps, gamma=gamma, fira_residual=fira_residual, weight_decay=weight_decay, i3s=i3s,
                         seed=seed)
         super().__init__(params, defaults)
-
-    def uses_method(self, group, p) -> bool:
-        return group["rank"] is not None and p.dim() == 2
-
-    def method_for(self, group) -> FiraMethod:
-        return FiraMethod(**{k: group[k] for k in self.KEYS})

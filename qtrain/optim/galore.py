@@ -115,7 +115,7 @@ class GaLore(MethodOptimizer):
     Same numbers as galore-torch's GaLoreAdamW with group keys rank, update_proj_gap, scale, proj_type="std".
     """
 
-    KEYS = ("rank", "galore_scale", "update_proj_gap", "betas", "eps", "weight_decay", "i3s", "seed")
+    method_cls = GaLoreMethod
 
     def __init__(
         self, params, lr: float = 0.01, rank: int | None = 128, galore_scale: float = 0.25,
@@ -125,9 +125,3 @@ class GaLore(MethodOptimizer):
         defaults = dict(lr=lr, rank=rank, galore_scale=galore_scale, update_proj_gap=update_proj_gap, betas=betas,
                         eps=eps, weight_decay=weight_decay, i3s=i3s, seed=seed)
         super().__init__(params, defaults)
-
-    def uses_method(self, group, p) -> bool:
-        return group["rank"] is not None and p.dim() == 2
-
-    def method_for(self, group) -> GaLoreMethod:
-        return GaLoreMethod(**{k: group[k] for k in self.KEYS})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -12,11 +13,16 @@ from qtrain.optim.base import Method, apply_update_
 
 
 class MethodOptimizer(torch.optim.Optimizer):
-    """A torch.optim.Optimizer that applies `method_for(group)` to each parameter with a gradient.
+    """A torch.optim.Optimizer that applies a method (`method_cls`, built from the group's keys) to each 2-D
+    parameter of a group whose `marker` key is set (rank not None, racs true, ...), and Adam to the rest.
 
-    Groups without the method's marker key (see `uses_method`) fall back to `fallback_for(group)`
-    (Adam), so the usual APOLLO/GaLore pattern of one regular group plus one low-rank group works.
+    That is the usual APOLLO/GaLore pattern of one regular group plus one low-rank group. A subclass names
+    its method and marker and spells out its hyperparameters and defaults in __init__; nothing else.
+    The fallback Adam reads the group's adam_betas (else betas) and adam_eps (else 1e-6).
     """
+
+    method_cls: type[Method]
+    marker = "rank"
 
     def __init__(self, params, defaults: dict[str, Any]):
         super().__init__(params, defaults)
@@ -27,13 +33,15 @@ class MethodOptimizer(torch.optim.Optimizer):
                 self.state[p]["uid"] = uid
 
     def method_for(self, group: dict[str, Any]) -> Method:
-        raise NotImplementedError
+        fields = {f.name for f in dataclasses.fields(self.method_cls)}
+        return self.method_cls(**{k: v for k, v in group.items() if k in fields})
 
     def uses_method(self, group: dict[str, Any], p: Tensor) -> bool:
-        return p.dim() == 2
+        return group[self.marker] not in (None, False) and p.dim() == 2
 
     def fallback_for(self, group: dict[str, Any]) -> Method:
-        return Adam(betas=group["betas"], eps=group.get("adam_eps", 1e-6), weight_decay=group["weight_decay"])
+        return Adam(betas=group.get("adam_betas", group.get("betas")), eps=group.get("adam_eps", 1e-6),
+                    weight_decay=group["weight_decay"])
 
     @torch.no_grad()
     def step(self, closure=None):

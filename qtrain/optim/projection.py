@@ -41,6 +41,7 @@ def random_projection(shape: tuple[int, int], rank: int, seed: int, device: torc
     m, n = shape
     a = min(m, n)
     gen = seeded_generator(device, seed)
-    if m < n:
-        return torch.randn((a, rank), generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)
-    return (torch.randn((rank, a), generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)).t()
+    p = torch.randn((a, rank) if m < n else (rank, a), generator=gen, device=device, dtype=torch.float32)
+    if rank > 1:  # / sqrt(1) is the identity: APOLLO-Mini saves one kernel launch per tensor and step
+        p = p / math.sqrt(rank)
+    return p if m < n else p.t()

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtrain.optim.adam import Adam
 from qtrain.optim.base import Method, Update
 from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.hyperparams import check_choice, check_range
@@ -104,7 +103,8 @@ class RACS(MethodOptimizer):
     Example: RACS(params, lr=0.02, beta=0.9, alpha=0.02)
     """
 
-    KEYS = ("beta", "alpha", "gamma", "fixed_point_iters", "limiter_stores", "seed", "weight_decay")
+    method_cls = RacsMethod
+    marker = "racs"
 
     def __init__(
         self, params, lr: float = 0.02, beta: float = 0.9, alpha: float = 0.02, gamma: float = 1.01,
@@ -115,12 +115,3 @@ class RACS(MethodOptimizer):
                         limiter_stores=limiter_stores, weight_decay=weight_decay, racs=racs, adam_betas=adam_betas,
                         adam_eps=adam_eps, seed=seed)
         super().__init__(params, defaults)
-
-    def uses_method(self, group, p) -> bool:
-        return group["racs"] and p.dim() == 2
-
-    def method_for(self, group) -> RacsMethod:
-        return RacsMethod(**{k: group[k] for k in self.KEYS})
-
-    def fallback_for(self, group) -> Adam:
-        return Adam(betas=group["adam_betas"], eps=group["adam_eps"], weight_decay=group["weight_decay"])

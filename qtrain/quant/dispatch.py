@@ -112,7 +112,7 @@ def dequantize(
 ) -> Tensor:
     """codes uint8 (m, n), scale/offset (G,) -> weights (m, n) in dtype; both backends bit-identical."""
     if _use_triton(backend, (codes, scale, offset), codes, scale, offset, group_size):
-        return triton_kernels.dequantize_triton(codes, scale, offset, group_size, dtype)
+        return triton_kernels.dequantize_triton(codes, scale, offset, group_size, dtype, checked=True)
     return dequantize_groupwise(codes, scale, offset, group_size, dtype)
 
 
@@ -137,8 +137,8 @@ def int8_scaled_update_(
     tensors = (codes, scale, offset, grad, grad_scale) + ((lr,) if isinstance(lr, Tensor) else ())
     if _use_triton(backend, tensors, codes, scale, offset, group_size):
         triton_kernels.int8_scaled_update_triton_(
-            codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator_seed
-        )
+            codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator_seed, checked=True
+        )  # _use_triton ran check_supported: once per launch, not twice
         return
     generator = torch.Generator(codes.device).manual_seed(generator_seed)
     int8_scaled_update_torch_(codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator)

@@ -118,13 +118,16 @@ def _dequantize_kernel(
 
 
 def dequantize_triton(
-    codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, dtype: torch.dtype = torch.float32
+    codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, dtype: torch.dtype = torch.float32, *,
+    checked: bool = False,
 ) -> Tensor:
     """Twin of groupwise.dequantize_groupwise: codes uint8 (m, n), scale/offset fp32 (G,) -> (m, n) dtype.
 
-    Bit-exact with the reference for dtype in {fp32, bf16, fp16}.
+    Bit-exact with the reference for dtype in {fp32, bf16, fp16}. checked: the caller ran check_supported
+    (dispatch does, once per launch).
     """
-    check_supported(codes, scale, offset, group_size)
+    if not checked:
+        check_supported(codes, scale, offset, group_size)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dequantize_triton writes fp32, bf16 or fp16, got {dtype}")
     G = scale.numel()
@@ -261,6 +264,8 @@ def int8_scaled_update_triton_(
     weight_decay: float,
     seed: int,
     uniform: Tensor | None = None,
+    *,
+    checked: bool = False,
 ) -> None:
     """Twin of int8_update.int8_scaled_update_: W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)).
 
@@ -271,8 +276,10 @@ def int8_scaled_update_triton_(
     of tl.randint4x(seed, i // 8), so a (seed, shape) pair reproduces bitwise and nothing of size m*n is
     materialised. uniform: (m, n) fp32 in [0, 1) to use instead (tests; stochastic_round.sr_uniforms draws
     the reference's on the same lattice). Same uniforms as the reference => identical codes, scale and offset.
+    checked: the caller ran check_supported (dispatch does, once per launch).
     """
-    check_supported(codes, scale, offset, group_size)
+    if not checked:
+        check_supported(codes, scale, offset, group_size)
     m, n = codes.shape
     G = scale.numel()
     if grad.shape != codes.shape:

@@ -1,0 +1,7 @@
+"""`python -m qtrain ...` (and `torchrun ... -m qtrain train RECIPE`): the same as the `qtrain` command."""
+
+import sys
+
+from qtrain.cli import main
+
+sys.exit(main())

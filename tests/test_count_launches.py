@@ -1,0 +1,26 @@
+"""tools/count_launches.py: what it counts as a launch, and the launch structure of a tiny release step."""
+
+import count_launches as cl
+import torch
+
+
+def test_views_allocations_and_markers_are_not_launches():
+    aten = torch.ops.aten
+    assert not any(cl.launches(op) for op in (aten.view.default, aten.t.default, aten.transpose.int,
+                                              aten.empty.memory_format, aten.detach.default, aten.split.Tensor,
+                                              aten._unsafe_view.default, aten.expand.default))
+    assert all(cl.launches(op) for op in (aten.add_.Tensor, aten.mm.default, aten._to_copy.default,
+                                          aten.copy_.default, aten.randn.generator, aten._foreach_copy_.default))
+
+
+def test_a_tiny_release_step_counts_the_cuda_path():
+    counts = {n: cl.count_step(cl.recipe_cfg("tiny", [], n, 8), steps=2) for n in (1, 2)}
+    for n, (counter, syncs) in counts.items():
+        assert syncs.total == 0, syncs.where
+        int8 = 7 * n
+        # per int8 weight: dequantize in forward and for dx, APOLLO's two statistics kernels, the fused update
+        assert sum(v for op, v in counter.by_op.items() if op.startswith("triton::")) == 5 * int8
+        assert counter.by_op["aten::randn"] == int8  # the rank-1 projection: one draw, no scaling launch
+    (one, _), (two, _) = counts[1], counts[2]
+    assert one.by_phase["finish_step"] == two.by_phase["finish_step"] > 0  # one fused step for every norm
+    assert two.by_phase["float updates"] - one.by_phase["float updates"] == 2  # a layer's 2 norms: a copy each
