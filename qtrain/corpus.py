@@ -290,6 +290,19 @@ def _read_jsonl(path: Path, field: str, start: int, streams: list | None) -> Ite
     utf8.warn()
 
 
+def first_json_line(path: Path) -> tuple[int, bytes] | None:
+    """(line number, bytes) of the first non-blank line of a JSON-lines file (.gz / .zst too), streamed:
+    sniffing a corpus's record kind reads one buffer, not the file. None for a file with no such line."""
+    s = ByteStream(Path(path))
+    try:
+        for lineno, line in enumerate(s.f, start=1):
+            if line.strip():
+                return lineno, line
+    finally:
+        s.close()
+    return None
+
+
 def _column_texts(batch, path: Path, field: str) -> list:
     names = batch.schema.names
     if field not in names:
@@ -358,4 +371,4 @@ def _read_arrow(path: Path, field: str, start: int) -> Iterator[Item]:
 
 
 __all__ = ["DEFAULT_CORPUS", "DataError", "Item", "UndecodableBytesWarning", "default_corpus_path", "file_kind",
-           "is_data_file", "read_file"]
+           "first_json_line", "is_data_file", "read_file"]

@@ -745,8 +745,18 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
                   NCCL_BUFFER_BYTES if device_type == "cuda" and nproc > 1 else 0, "overhead",
                   "qtrain.distributed: in-place all_reduce of each gradient; NCCL's own buffers"),
     ]
+    # Data parallel with release and dp_overlap: up to dp_overlap gradients wait for their all-reduce while
+    # backward goes on (qtrain.distributed.OverlappedReducer). Bounded by that many of the largest gradient
+    # (an upper bound: which gradients are in flight at the peak is not modelled).
+    in_flight = 0
+    if nproc > 1 and cfg.train.release and cfg.train.dp_overlap > 0:
+        grads = [l.codes.numel() * compute.itemsize for l in updater.int8.values()]
+        grads += [p.numel() * p.element_size() for p in updater.floats.values()]
+        in_flight = cfg.train.dp_overlap * max(grads)
+    comps.append(Component("gradients awaiting their all-reduce (data parallel, upper bound)", in_flight,
+                           "transient", "OverlappedReducer: [train] dp_overlap gradients in flight"))
     persistent = sum(c.bytes for c in comps if c.kind == "persistent")
-    peak_allocated = persistent + rounding + peak_phase.bytes
+    peak_allocated = persistent + rounding + peak_phase.bytes + in_flight
     return Breakdown(
         recipe=source, device_type=device_type, compute_dtype=str(compute).removeprefix("torch."),
         components=comps, phases=tl.phases, persistent_bytes=persistent, peak_allocated=peak_allocated,

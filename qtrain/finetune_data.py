@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from qtrain.data import prepare_data
+from qtrain.corpus import first_json_line
 from qtrain.errors import DataError
 from qtrain.pretrained import checkpoint_tokenizer
 from qtrain.tokenizer import load_tokenizer, save_run_tokenizer, tokenizer_sha256
@@ -106,14 +107,16 @@ def _finetune_kind(data_cfg) -> str | None:
     path = Path(data_cfg.corpus).expanduser()
     if data_cfg.sources or not (path.name.endswith((".jsonl", ".jsonl.gz")) and path.is_file()):
         return None
-    for lineno, line in _lines(path):
-        record = _record(path, lineno, line)
-        kind = _kind_of(record, data_cfg.text_field)
-        if kind == "unknown":
-            raise DataError(f"{path}:{lineno}: the record has fields {sorted(record)[:5]} but none of "
-                            f"{data_cfg.text_field} ([data] text_field), prompt/completion, messages; {FIX}")
-        return kind
-    return None
+    first = first_json_line(path)  # one buffer, not the file: this runs at every start
+    if first is None:
+        return None
+    lineno, line = first
+    record = _record(path, lineno, line.decode("utf-8", errors="replace"))
+    kind = _kind_of(record, data_cfg.text_field)
+    if kind == "unknown":
+        raise DataError(f"{path}:{lineno}: the record has fields {sorted(record)[:5]} but none of "
+                        f"{data_cfg.text_field} ([data] text_field), prompt/completion, messages; {FIX}")
+    return kind
 
 
 def read_records(path: Path, kind: str, minimum: int = 2) -> list[dict]:

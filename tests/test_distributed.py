@@ -171,3 +171,18 @@ def test_a_killed_rank_ends_the_job_and_keeps_the_last_checkpoint(env, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     found = load_latest(run)  # the newest checkpoint is complete and verifies
     assert found is not None and found[2]["progress"]["step"] % 2 == 0
+
+
+def test_estimate_per_gpu_of_a_data_parallel_job():
+    """Replicated weights: one GPU's figure, plus NCCL's buffers outside the allocator, plus (with overlap)
+    up to dp_overlap of the largest gradient waiting for their all-reduce."""
+    from qtrain.config import TrainConfig
+    from qtrain.estimate import NCCL_BUFFER_BYTES, estimate
+
+    cfg = TrainConfig.from_toml(TINY, ["train.dp_overlap=0"])
+    one, two = estimate(cfg, "cuda"), estimate(cfg, "cuda", nproc=2)
+    assert two.peak_allocated == one.peak_allocated and two.persistent_bytes == one.persistent_bytes
+    assert two.total_on_gpu - one.total_on_gpu == NCCL_BUFFER_BYTES
+    overlap = estimate(cfg.apply_overrides(["train.dp_overlap=3"]), "cuda", nproc=2)
+    V, d = cfg.model.vocab_size, cfg.model.hidden_size  # the largest gradient: lm_head's, fp32
+    assert overlap.peak_allocated - one.peak_allocated == 3 * V * d * 4

@@ -14,6 +14,7 @@ import pytest
 import qtrain.corpus
 from qtrain.config import ConfigError, TrainConfig
 from qtrain.errors import DataError
+from qtrain.corpus import first_json_line
 from qtrain.sources import (DocumentStream, Position, file_phase, held_out, iter_documents, resolve_source,
                             resolve_sources, sample_texts)
 
@@ -131,6 +132,12 @@ def test_glob_of_c4_style_shards(tmp_path):
     assert len(src.files) == 3 and texts(src) == DOCS[:30]
     with pytest.raises(DataError, match=r'\[data\] corpus = ".*nope\*": the pattern matches no file'):
         resolve_source(str(tmp_path / "nope*"), tmp_path)
+
+
+def test_first_json_line_is_streamed(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl.zst", DOCS, compress="zst")
+    lineno, line = first_json_line(path)
+    assert lineno == 1 and json.loads(line)["text"] == DOCS[0]
 
 
 def test_no_file_is_read_whole(tmp_path, monkeypatch):

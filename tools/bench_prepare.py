@@ -2,7 +2,7 @@
 
 For each corpus layout it runs, in this one invocation:
   1. `qtrain prepare` in a fresh cache (a subprocess, every core), sampling the resident memory of its whole
-     process tree (main process + tokenizing workers, summed) every 0.1 s;
+     process tree (main process + tokenizing workers, summed) every 0.5 s;
   2. the baseline: one process, one thread, reading the same documents and encoding them with the same
      tokenizer (sentencepiece num_threads=1, ids into numpy), over the first --baseline-mb of text;
   3. the second start: `qtrain train` on the prepared shards (tiny model, log_every=1), timed from the
@@ -137,7 +137,7 @@ def run_measured(cmd: list[str], env: dict, first_line: str | None = None) -> di
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], tree_rss(proc.pid))
-            time.sleep(0.1)
+            time.sleep(0.5)  # memory moves by 8 M-character units: 0.5 s is fine, and the sampling costs little CPU
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
