@@ -36,6 +36,7 @@ from qtrain.data import prepare_data
 from qtrain.corpus import first_json_line
 from qtrain.errors import DataError
 from qtrain.pretrained import checkpoint_tokenizer
+from qtrain.token_loader import BatchStream
 from qtrain.tokenizer import load_tokenizer, save_run_tokenizer, tokenizer_sha256
 
 IGNORE = -100  # F.cross_entropy's default ignore_index: positions without loss
@@ -257,11 +258,14 @@ class FinetuneData:
             yield self.val.batch(range(i, min(i + batch_size, n)), seq_len, self.pad_id)
 
 
-class FinetuneSampler:
+class FinetuneSampler(BatchStream):
     """Shuffled epochs over the training examples; batch k is a pure function of (seed, k): resume is exact.
 
     Position p of the example stream is example perm_e[p mod N] of epoch e = p // N, perm_e seeded by (seed, e).
     """
+
+    SIZE_KEY = "num_examples"
+    SIZE_WHAT = "the fine-tuning file and tokenizer"
 
     def __init__(self, examples: Examples, batch_size: int, seq_len: int, seed: int, pad_id: int):
         self.examples, self.batch_size, self.seq_len, self.seed, self.pad_id = examples, batch_size, seq_len, seed, pad_id
@@ -282,24 +286,8 @@ class FinetuneSampler:
         """Batch k: x (B, T) padded, y (B, T) with IGNORE where no loss is wanted."""
         return self.examples.batch(self.indices(k), self.seq_len, self.pad_id)
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        batch = self.batch_at(self.batches_drawn)
-        self.batches_drawn += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "num_examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        mine = self.state_dict()
-        keys = {"seed": "train.seed", "batch_size": "train.batch_size", "seq_len": "train.seq_len",
-                "num_examples": "the fine-tuning file and tokenizer"}
-        for key, what in keys.items():
-            if state.get(key) != mine[key]:
-                raise DataError(f"sampler state was saved with {key} = {state.get(key)} but this run has {mine[key]}; "
-                                f"resume with the same {what}, or start a fresh run")
-        self.batches_drawn = int(state["batches_drawn"])
+    def size(self) -> int:
+        return len(self.examples)
 
 
 def _examples(encoded: list[tuple[list[int], list[bool]]]) -> Examples:

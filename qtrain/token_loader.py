@@ -70,7 +70,45 @@ def _xy(w: np.ndarray) -> tuple[Tensor, Tensor]:
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-class TokenSampler:
+class BatchStream:
+    """The position of a sampler whose micro-batch k is a pure function of (seed, k): next_batch, and the
+    state a checkpoint keeps (seed, batches drawn, batch shape and data size, each checked on load).
+
+    A subclass sets batch_size, seq_len, seed, batches_drawn = 0, and defines batch_at(k), `size()` and
+    SIZE_KEY / SIZE_WHAT (the state key of its data size and what the user changes to keep it).
+    """
+
+    SIZE_KEY = "num_tokens"
+    SIZE_WHAT = "the corpus and tokenizer"
+
+    def batch_at(self, k: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """Micro-batch number batches_drawn, then count it drawn."""
+        batch = self.batch_at(self.batches_drawn)
+        self.batches_drawn += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "batch_size": self.batch_size,
+                "seq_len": self.seq_len, self.SIZE_KEY: self.size()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        keys = {"seed": "train.seed", "batch_size": "train.batch_size", "seq_len": "train.seq_len",
+                self.SIZE_KEY: self.SIZE_WHAT}
+        for key, what in keys.items():
+            if state.get(key) != mine[key]:
+                raise DataError(f"sampler state was saved with {key} = {state.get(key)} but this run has {mine[key]}; "
+                                f"resume with the same {what}, or start a fresh run")
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+class TokenSampler(BatchStream):
     """Random training windows; batch k's offsets are a pure function of (seed, k): resume is exact and O(1).
 
     tokens: one token array / TokenStream, or a list of them (a mixture) with `weights`. With one source the
@@ -107,25 +145,8 @@ class TokenSampler:
         """Micro-batch k: (x, y), int64 (B, T) each, with y[:, t] = x[:, t+1] and y[:, -1] the token after."""
         return _xy(self.stream.windows(self.offsets(k), self.seq_len + 1))
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """Micro-batch number batches_drawn, then count it drawn."""
-        batch = self.batch_at(self.batches_drawn)
-        self.batches_drawn += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "num_tokens": len(self.stream)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        mine = self.state_dict()
-        keys = {"seed": "train.seed", "batch_size": "train.batch_size", "seq_len": "train.seq_len",
-                "num_tokens": "the corpus and tokenizer"}
-        for key, what in keys.items():
-            if state[key] != mine[key]:
-                raise DataError(f"sampler state was saved with {key} = {state[key]} but this run has {mine[key]}; "
-                                f"resume with the same {what}, or start a fresh run")
-        self.batches_drawn = int(state["batches_drawn"])
+    def size(self) -> int:
+        return len(self.stream)
 
 
 def window_starts(n_tokens: int, n_windows: int, seq_len: int) -> np.ndarray:
