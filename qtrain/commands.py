@@ -20,7 +20,7 @@ from qtrain.build import build
 from qtrain.checkpoint import load_latest
 from qtrain.config import TrainConfig
 from qtrain.data import fingerprint_now, open_run_data, prepare_data
-from qtrain.finetune_data import prepare_run_data
+from qtrain.finetune_data import FinetuneData, finetune_kind, prepare_run_data
 from qtrain.device import autocast_dtype, resolve_device
 from qtrain.errors import TrainingError
 from qtrain.estimate import estimate, fit_gpu, format_breakdown, format_fit
@@ -120,7 +120,14 @@ def cmd_prepare(args) -> int:
     cfg = load_config(args.recipe, args.set)
     if args.workers:
         cfg.data.prepare_workers = args.workers
-    data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, None, progress=not args.quiet)
+    if cfg.model.init or finetune_kind(cfg.data):  # the checkpoint's tokenizer; fine-tuning records
+        data = prepare_run_data(cfg, None)
+        if isinstance(data, FinetuneData):  # records are encoded in memory at each start: nothing to shard
+            print(f"{data.kind} records: {len(data.train):,} training and {len(data.val):,} validation examples "
+                  f"({data.truncated} cut to seq_len, {data.dropped} left out); tokenizer {data.tokenizer_path}")
+            return 0
+    else:
+        data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, None, progress=not args.quiet)
     t = cfg.train
     per_step = t.batch_size * t.seq_len * t.grad_accum_steps
     for name, weight, stats in zip(data.names, data.weights, data.stats["train"]):

@@ -53,7 +53,7 @@ def prepare_run_data(cfg, run_dir: Path | None):
     With [model] init, [data] tokenizer defaults to the checkpoint's tokenizer. Raises DataError.
     """
     data_cfg, pieces = cfg.data, cfg.model.vocab_size
-    kind = _finetune_kind(data_cfg)
+    kind = finetune_kind(data_cfg)
     if cfg.model.init or kind:
         tokenizer_path = data_cfg.tokenizer or (str(checkpoint_tokenizer(cfg.model.init)) if cfg.model.init else "")
         if not tokenizer_path:
@@ -102,7 +102,7 @@ def _kind_of(record: dict, text_field: str = "text") -> str | None:
     return "unknown"
 
 
-def _finetune_kind(data_cfg) -> str | None:
+def finetune_kind(data_cfg) -> str | None:
     """PROMPT_COMPLETION or CHAT for a JSONL corpus whose first record says so; None for plain text (any other
     corpus, a [data.sources] mixture, or records with [data] text_field)."""
     path = Path(data_cfg.corpus).expanduser()
@@ -329,7 +329,7 @@ def prepare_finetune(data_cfg, kind: str, seq_len: int, run_dir: Path | None) ->
     h = hashlib.sha256(kind.encode())
     if data_cfg.validation:  # a separate file of the same kind: all of it validates, all of corpus trains
         val_path = Path(data_cfg.validation).expanduser()
-        if not val_path.is_file() or _finetune_kind(dataclasses.replace(data_cfg, corpus=str(val_path))) != kind:
+        if not val_path.is_file() or finetune_kind(dataclasses.replace(data_cfg, corpus=str(val_path))) != kind:
             raise DataError(f'[data] validation = "{data_cfg.validation}" must be a JSONL file of the same kind of '
                             f'records as [data] corpus ({kind}), or "" to hold out val_fraction of the examples')
         val_records = read_records(val_path, kind, minimum=1)

@@ -261,3 +261,12 @@ def test_separate_validation_file(ckpt, tmp_path):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain"}])
     with pytest.raises(DataError, match=r'validation = ".*text.jsonl" must be a JSONL file of the same kind'):
         prepare_run_data(recipe(ckpt, train_file, tmp_path, f"data.validation={text}"), None)
+
+
+def test_prepare_command_on_a_finetune_recipe(ckpt, tmp_path, capsys):
+    """`qtrain prepare` with [model] init and records: the checkpoint's tokenizer, the records counted."""
+    corpus = write_jsonl(tmp_path / "pairs.jsonl", reverse_task(30))
+    assert cli_main(["prepare", str(RECIPE), "--set", f"model.init={ckpt}", "--set", f"data.corpus={corpus}",
+                     "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt_completion records: 27 training and 3 validation examples" in out and str(ckpt) in out
