@@ -99,16 +99,14 @@ def cmd_eval(args) -> int:
     data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
     if data is not None:
         now = fingerprint_now(cfg.data) if trained_on else None
-        if now and now != trained_on:
-            print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
-                  f"{trained_on[:16]} then, {now[:16]} now): the loss below is on the validation shards the run "
-                  f"trained with")
+        evaluated_on = "the validation shards the run trained with"
     else:
         data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)  # plain text or fine-tuning records
-        if trained_on and trained_on != data.corpus_sha256:
-            print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
-                  f"{trained_on[:16]} then, {data.corpus_sha256[:16]} now): the loss below is on the current "
-                  f"corpus's validation split, tokenized with the run's own tokenizer")
+        now = data.corpus_sha256
+        evaluated_on = "the current corpus's validation split, tokenized with the run's own tokenizer"
+    if trained_on and now and now != trained_on:
+        print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
+              f"{trained_on[:16]} then, {now[:16]} now): the loss below is on {evaluated_on}")
     loss = evaluate(r.model, data, cfg.train, r.device, autocast_dtype(cfg.train.dtype, r.device))
     print(f"{r.checkpoint.name}: val loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
           f"({cfg.train.eval_batches} batches of {cfg.train.batch_size} x {cfg.train.seq_len})")

@@ -22,6 +22,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small CPU workloads: two intra-op threads mostly spin against each other (and against other processes
+    on a 2-core machine, many times slower); one thread computes and allocates the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model_cfg(**over):
     """A 2-layer, hidden-64 Llama config (duck-typed [model] section)."""
     base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=0,

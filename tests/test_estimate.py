@@ -37,14 +37,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PEAK_TOLERANCE = 0.002
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These CPU workloads are small: two intra-op threads mostly spin against each other (and against other
-    processes on a 2-core machine, 10x slower); one thread measures the same bytes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 def recipe(name: str, overrides=()) -> TrainConfig:

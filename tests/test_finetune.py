@@ -33,12 +33,7 @@ TINY_SHAPE = dict(vocab_size=2048, intermediate_size=176, num_key_value_heads=4,
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud tree fire".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 @pytest.fixture(scope="module")
