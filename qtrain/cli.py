@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data parallel on N GPUs of this machine (CPU: N gloo processes): runs torchrun for you")
+    t.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: shard weights and optimizer states across the processes (FSDP2; "
+                        "= --set train.fsdp=true)")
     t.set_defaults(fn=_command("train"))
 
     pr = sub.add_parser("prepare", help="tokenize a recipe's corpus into token shards (train does it when missing)")
@@ -76,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(s)
     s.add_argument("--gpu-gib", type=float, help="GPU memory to fit into; suggests changes when it does not fit")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--nproc", type=int, default=1, help="data-parallel GPUs: the per-GPU peak of a torchrun job")
-    s.add_argument("--fsdp", action="store_true", help="FSDP2 sharding (not built yet: an error)")
+    s.add_argument("--nproc", type=int, default=1, help="GPUs of a torchrun job: the per-GPU peak")
+    s.add_argument("--fsdp", action="store_true", help="with --nproc: weights and optimizer states sharded (FSDP2)")
     s.set_defaults(fn=_command("estimate"))
     return p
 

@@ -76,7 +76,7 @@ def load_trained(run: Path, device_name: str | None = None) -> TrainedRun:
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.recipe, args.set)
+    cfg = load_config(args.recipe, args.set + (["train.fsdp=true"] if getattr(args, "fsdp", False) else []))
     out = Path(args.out) if args.out else Path("runs") / find_recipe(args.recipe).stem
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if result.eval_losses:
@@ -170,12 +170,10 @@ def cmd_export(args) -> int:
 def cmd_estimate(args) -> int:
     """`qtrain estimate RECIPE [--set k=v] [--gpu-gib N] [--json]`."""
     cfg = load_config(args.recipe, args.set)
-    if args.fsdp:
-        raise TrainingError("--fsdp: FSDP2 sharding is not built yet; qtrain runs data parallel with replicated "
-                            "weights (drop --fsdp: the per-GPU figure is then the single-GPU one plus buffers)")
-    b = estimate(cfg, "cpu" if cfg.train.device == "cpu" else "cuda", nproc=args.nproc)
+    fsdp = args.fsdp or cfg.train.fsdp
+    b = estimate(cfg, "cpu" if cfg.train.device == "cpu" else "cuda", nproc=args.nproc, fsdp=fsdp)
     b.recipe = (str(find_recipe(args.recipe)) + "".join(f" --set {s}" for s in args.set)
-                + (f" (per GPU of {args.nproc}, data parallel)" if args.nproc > 1 else ""))
+                + (f" (per GPU of {args.nproc}, {'FSDP2' if fsdp else 'data parallel'})" if args.nproc > 1 else ""))
     fit = fit_gpu(cfg, args.gpu_gib, b) if args.gpu_gib is not None else None
     if args.json:
         out = b.to_dict()

@@ -201,6 +201,13 @@ class LoopConfig:
     dp_overlap: int = _bounded(2, ge=0)
     """2. Data parallel (torchrun) with release: gradients whose all-reduce may be in flight while backward goes
     on; each holds one gradient alive until its update. 0 = reduce and update each gradient at once (no overlap)."""
+    fsdp: bool = False
+    """false. Under torchrun (--nproc N): shard the int8 weights, float tensors and optimizer states across the N
+    ranks with FSDP2 instead of replicating them (qtrain train --fsdp sets it); needs release = true."""
+    cuda_graph: bool = False
+    """false. CUDA only: capture one training step (forward, backward with its release updates) in a CUDA graph
+    and replay it every step. Needs release, one micro-batch, one process, Triton kernels, stochastic rounding
+    and APOLLO / APOLLO-Mini on every matrix, embedding and lm_head (see docs/performance.md)."""
 
 
 @dataclass
@@ -373,6 +380,11 @@ class TrainConfig:
         if ok("train.release", "train.grad_accum_steps") and t.release and t.grad_accum_steps > 1:
             out.append(f"[train] release = true cannot be combined with grad_accum_steps = {t.grad_accum_steps}; "
                        f"set grad_accum_steps = 1 or release = false")
+        if t.cuda_graph:
+            out += self._cuda_graph_problems()
+        if ok("train.fsdp", "train.release") and t.fsdp and not t.release:
+            out.append("[train] fsdp = true updates each shard inside backward: it needs release = true "
+                       "(and grad_accum_steps = 1)")
         if ok("optim.method") and not o.method.strip():
             out.append('[optim] method = "": name an optimizer method, e.g. "apollo" or "apollo_mini"')
         if ok("data.corpus") and not dc.corpus.strip():
@@ -380,6 +392,30 @@ class TrainConfig:
         if ok("data.sources", "data.corpus"):
             out += dc.source_problems()
         return out
+
+    def _cuda_graph_problems(self) -> list[str]:
+        """What keeps [train] cuda_graph = true from capturing the step: each part of its hot path must read its
+        per-step values on the device (qtrain.step_state); the device itself is checked when the run starts."""
+        t, o, q = self.train, self.optim, self.quant
+        need = []
+        if t.device == "cpu":
+            need.append('train.device = "auto" or "cuda" (a CUDA graph needs a CUDA device)')
+        if not t.release:
+            need.append("train.release = true (the release hooks are what the graph captures)")
+        if t.grad_accum_steps != 1:
+            need.append("train.grad_accum_steps = 1 (one backward per step)")
+        if o.method not in ("apollo", "apollo_mini"):
+            need.append('optim.method = "apollo" or "apollo_mini" (the methods whose update reads the step on the '
+                        "device)")
+        if o.lm_head_optimizer != "same_as_matrices" or o.embedding_optimizer != "same_as_matrices":
+            need.append('optim.lm_head_optimizer = "same_as_matrices" and optim.embedding_optimizer = '
+                        '"same_as_matrices" (bitsandbytes\' and torch\'s Adam take the LR and step as host numbers; '
+                        "recipes/7b-8gb.toml does this)")
+        if q.kernels == "torch":
+            need.append('quant.kernels = "auto" (the torch references seed a generator on the host)')
+        if q.rounding != "stochastic":
+            need.append('quant.rounding = "stochastic" (nearest rounding is a comparison mode on the host LR)')
+        return [f"[train] cuda_graph = true needs {n}" for n in need]
 
     def apply_overrides(self, overrides: Iterable[str]) -> TrainConfig:
         """A new, validated config with `section.key=value` overrides applied (self is unchanged)."""

@@ -150,8 +150,20 @@ def _step_float_optimizers_on_meta(updater) -> None:
         p.grad = None
 
 
-def _persistent(cfg: TrainConfig, device_type: str):
-    """(updater on meta, persistent components, the persistent tensors) from the trainer's constructors."""
+def _shard_bytes(t: torch.Tensor, shards: int, dim: int | None) -> int:
+    """Bytes of one rank's torch.chunk block of t along dim (FSDP2's and qtrain.fsdp's split); dim None or a
+    0-dim tensor: replicated."""
+    if shards == 1 or dim is None or t.dim() == 0:
+        return t.numel() * t.element_size()
+    size = t.shape[dim]
+    return -(-size // shards) * (t.numel() // max(size, 1)) * t.element_size()
+
+
+def _persistent(cfg: TrainConfig, device_type: str, shards: int = 1):
+    """(updater on meta, persistent components, the persistent tensors) from the trainer's constructors.
+
+    shards > 1 (FSDP2, qtrain.fsdp): each component counts one rank's blocks: weights, float tensors and
+    optimizer states by rows, APOLLO's moments by columns; the RoPE buffers and scalars are replicated."""
     model = build_model(cfg.model, cfg.quant, META)
     want = META_DTYPES[cfg.model.float_dtype]
     assert all(p.dtype == want for p in model.parameters()), (
@@ -169,6 +181,7 @@ def _persistent(cfg: TrainConfig, device_type: str):
     groups = [t for l in layers for t in (l.scale, l.offset)]
     quantized = {id(t) for t in codes + groups}
     floats = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in quantized]
+    buffers = {id(t) for t in model.buffers()} - quantized  # RoPE tables: replicated under FSDP2
     groups_of = [
         (Component("int8 codes", 0, "persistent", "Int8Linear.codes (build_model on meta)"), codes),
         (Component(f"group scale/offset ({cfg.quant.meta_dtype})", 0, "persistent",
@@ -176,11 +189,13 @@ def _persistent(cfg: TrainConfig, device_type: str):
         (Component(f"float parameters ({cfg.model.float_dtype}: embedding, norms, lm_head) + RoPE buffers", 0,
                    "persistent", "build_model on meta"), floats),
     ]
+    method_tensors: set[int] = set()
     by_method: dict[str, list] = {}
     for name, state in updater.state.items():
         method = updater.method_floats.get(name, updater.matrix_method)
         label = cfg.optim.method if method is updater.matrix_method else f"{type(method).__name__} (bf16 floats)"
         by_method.setdefault(label, [type(method).__name__, []])[1].extend(_tensors(state))
+        method_tensors.update(id(t) for t in _tensors(state))
     for label, (cls, tensors) in by_method.items():
         groups_of.append((Component(f"{label} states", 0, "persistent",
                                     f"{cls}.init_state via Updater.method_state on meta"), tensors))
@@ -195,7 +210,8 @@ def _persistent(cfg: TrainConfig, device_type: str):
     comps, everything = [], []
     for comp, tensors in groups_of:
         tensors = _on_device(tensors, device_type)
-        comp.bytes = _nbytes(tensors)
+        comp.bytes = sum(_shard_bytes(t, shards, None if id(t) in buffers else -1 if id(t) in method_tensors
+                                      and t.dim() == 2 else 0) for t in tensors)
         comps.append(comp)
         everything += tensors
     return updater, comps, everything
@@ -706,12 +722,16 @@ def _load(recipe_or_cfg) -> tuple[TrainConfig, str]:
     return TrainConfig.from_toml(path), str(path)
 
 
-def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda", nproc: int = 1) -> Breakdown:
+def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda", nproc: int = 1,
+             fsdp: bool = False) -> Breakdown:
     """Predicted peak memory of one training step; `recipe_or_cfg` is a TrainConfig, a recipe path or name.
 
     nproc: data-parallel processes (one GPU each). Weights and optimizer states are replicated and each
     gradient is all-reduced in place inside its release hook (qtrain.distributed), so the per-GPU figure is
     the single-GPU one plus NCCL's communication buffers; nothing is sharded.
+    fsdp (with nproc > 1, qtrain.fsdp): every persistent tensor counts one rank's shard, and the step adds
+    what FSDP2 holds beyond one GPU's run: the largest unit gathered (and the next one prefetched) with its
+    gradients and the reduce-scatter's copy of them (see fsdp_unit_bytes).
 
     device_type "cuda": bf16 compute for dtype = "auto", Triton int8 kernels, bitsandbytes' CUDA kernels,
     allocator rounding and CUDA context. "cpu": fp32 for "auto", the torch references, no allocator
@@ -722,7 +742,8 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
     cfg, source = _load(recipe_or_cfg)
     autocast = autocast_dtype(cfg.train.dtype, torch.device(device_type))
     compute = autocast if autocast != torch.float32 else META_DTYPES[cfg.model.float_dtype]
-    updater, comps, persistent_tensors = _persistent(cfg, device_type)
+    shards = nproc if fsdp and nproc > 1 else 1
+    updater, comps, persistent_tensors = _persistent(cfg, device_type, shards)
     tl = _phases(cfg, updater, device_type, compute)
     for name, (kind, code_path) in tl.kinds.items():
         biggest = max((p.parts.get(name, 0) for p in tl.phases), default=0)
@@ -753,10 +774,15 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
         grads = [l.codes.numel() * compute.itemsize for l in updater.int8.values()]
         grads += [p.numel() * p.element_size() for p in updater.floats.values()]
         in_flight = cfg.train.dp_overlap * max(grads)
+    if shards > 1:
+        in_flight = 0  # FSDP2 reduce-scatters; nothing waits for an all-reduce
     comps.append(Component("gradients awaiting their all-reduce (data parallel, upper bound)", in_flight,
                            "transient", "OverlappedReducer: [train] dp_overlap gradients in flight"))
+    gathered = fsdp_unit_bytes(cfg, updater, shards) if shards > 1 else 0
+    comps.append(Component("FSDP2 gathered unit + prefetch, its gradients and reduce-scatter buffers",
+                           gathered, "transient", "fully_shard units (qtrain.fsdp): see estimate.fsdp_unit_bytes"))
     persistent = sum(c.bytes for c in comps if c.kind == "persistent")
-    peak_allocated = persistent + rounding + peak_phase.bytes + in_flight
+    peak_allocated = persistent + rounding + peak_phase.bytes + in_flight + gathered
     return Breakdown(
         recipe=source, device_type=device_type, compute_dtype=str(compute).removeprefix("torch."),
         components=comps, phases=tl.phases, persistent_bytes=persistent, peak_allocated=peak_allocated,
@@ -764,8 +790,36 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
         total_on_gpu=peak_allocated + slack + context + (NCCL_BUFFER_BYTES if device_type == "cuda" and nproc > 1 else 0),
         peak_phase=peak_phase.name, peak_component=max(peak_phase.parts.items(), key=lambda kv: kv[1])[0],
         largest_component=max((c for c in comps if c.kind != "overhead"), key=lambda c: c.bytes).name,
-        notes=_notes(cfg, updater, device_type, compute),
+        notes=_notes(cfg, updater, device_type, compute) + (_fsdp_notes(cfg, shards) if shards > 1 else []),
     )
+
+
+def _fsdp_notes(cfg: TrainConfig, shards: int) -> list[str]:
+    from qtrain.fsdp import problems  # the trainer's own checks, on a meta model
+
+    found = problems(cfg, build_model(cfg.model, cfg.quant, META), shards)
+    note = (f"FSDP2 over {shards} ranks: weights, float tensors and optimizer states are this rank's shards; "
+            f"the gathered unit is an upper bound (one projection's gradient is counted twice)")
+    return [note] + [f"qtrain train --fsdp refuses this recipe as it stands: {p}" for p in found]
+
+
+def fsdp_unit_bytes(cfg: TrainConfig, updater, shards: int) -> int:
+    """What FSDP2 holds beyond a one-GPU step, at its largest unit (qtrain.fsdp: one unit per block, the
+    embedding and lm_head one each). A block: its int8 weights gathered, twice (the next block's all-gather is
+    prefetched), the dW of all its projections (in the float tensors' dtype, which an Int8Weight presents),
+    alive until the block's reduce-scatter, the reduce-scatter's input copy of them and its 1/shards output.
+    The embedding or lm_head: the gathered float weight and the reduce-scatter's copy and output of its
+    gradient (the gradient itself is the one-GPU run's). An upper bound: the one-GPU phases already count one
+    projection's gradient."""
+    block = [l for n, l in updater.int8.items() if ".layers.0." in n]
+    weights = sum(t.numel() * t.element_size() for l in block for t in (l.codes, l.scale, l.offset))
+    g = META_DTYPES[cfg.model.float_dtype].itemsize
+    grads = sum(l.codes.numel() * g for l in block)
+    unit = 2 * weights + grads * (2 + 1 / shards)
+    for name, p in updater.floats.items():
+        if p.dim() == 2 and ".layers." not in name:  # embedding, lm_head
+            unit = max(unit, p.numel() * p.element_size() * (2 + 1 / shards))
+    return int(unit)
 
 
 # ---- report ---------------------------------------------------------------------------------------------

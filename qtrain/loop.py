@@ -24,6 +24,7 @@ from qtrain.evaluation import evaluate, lm_loss
 from qtrain.metrics import Clock, GradNorm, MetricsLog, header, log_line, peak_memory, plain_output, summary
 from qtrain.sampling import generate_text
 from qtrain.schedule import lr_at
+from qtrain.step_graph import CapturedStep
 from qtrain.stop_request import StopRequest
 from qtrain.updater import Updater
 
@@ -69,9 +70,10 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
     say = tqdm.write if world.main else (lambda text: None)
     tokens0 = start_tokens = progress.tokens_seen
     start_step = progress.step
-    grad_norm = GradNorm(device)
+    grad_norm = GradNorm(device, [*updater.int8, *updater.floats], across_ranks=world.sharded)  # FSDP2: shards' norms
     updater.add_grad_hook(grad_norm)  # after any gradient reduction: it sees the final gradient
     clock = Clock()
+    captured = CapturedStep(model, updater, device, dtype, W) if t.cuda_graph else None  # config checked the rest
     say(header(cfg, model, data, device, dtype, run_dir, W, start_step))
 
     def flush() -> None:  # one host sync (and one all-reduce) for log_every steps of losses
@@ -110,17 +112,19 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
         nonlocal last_saved
         flush()  # never save after a non-finite loss
         progress.sampler = sampler.state_dict()
-        if world.main:  # replicas are identical: one copy, written by rank 0 alone
+        if world.main or world.sharded:  # replicas: rank 0 writes its copy; shards: all gather, rank 0 writes
             with clock.excluded():
                 last_saved = save(progress)
 
     def run_eval() -> None:
-        if not world.main:
+        if not world.main and not world.sharded:  # FSDP2: every rank runs the forward (its all-gathers)
             return
         with clock.excluded():
             loss = evaluate(model, data, t, device, dtype)
             sample = (generate_text(model, data.tokenizer, "The", t.sample_tokens, device, seed=progress.step)
                       if t.sample_tokens else "")
+        if not world.main:
+            return
         result.eval_losses.append((progress.step, loss))
         result.sample = sample
         log.write({"step": progress.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "sample": sample},
@@ -137,14 +141,18 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
                 lr = lr_at(k, cfg.optim.lr, t.steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
                 float_lr = lr_at(k, cfg.optim.float_lr_value, t.steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
                 updater.begin_step(lr, float_lr)
-                step_loss = torch.zeros((), device=device)
-                for a in range(A):  # rank r takes micro-batches r*A .. r*A + A-1 of the step's W*A
-                    x, y = (to_device(b, device) for b in sampler.batch_at(sampler.batches_drawn + world.rank * A + a))
-                    loss = lm_loss(model, x, y, dtype)
-                    # 1/(A*W) before backward: gradients summed over micro-batches and ranks are the global mean
-                    (loss / (A * W)).backward()  # release mode: every tensor is updated in here
-                    step_loss += loss.detach() / (A * W)
-                updater.finish_step()
+                if captured is not None:  # one graph replay (after warm-up and capture); A == W == 1
+                    step_loss = captured(*(to_device(b, device) for b in sampler.batch_at(sampler.batches_drawn)))
+                else:
+                    step_loss = torch.zeros((), device=device)
+                    for a in range(A):  # rank r takes micro-batches r*A .. r*A + A-1 of the step's W*A
+                        x, y = (to_device(b, device)
+                                for b in sampler.batch_at(sampler.batches_drawn + world.rank * A + a))
+                        loss = lm_loss(model, x, y, dtype)
+                        # 1/(A*W) before backward: gradients summed over micro-batches and ranks are the global mean
+                        (loss / (A * W)).backward()  # release mode: every tensor is updated in here
+                        step_loss += loss.detach() / (A * W)
+                    updater.finish_step()
                 sampler.batches_drawn += W * A
                 progress.step += 1
                 progress.tokens_seen += tokens_per_step

@@ -11,7 +11,7 @@ with "mem" ("cuda": torch's peak allocated bytes; "rss": the process's peak resi
 An evaluation writes {"step", "val_loss", "val_ppl", "sample"}; the end of a run {"step", "summary": {...}}.
 
 The global gradient norm is accumulated on the device inside the updater's grad hooks (GradNorm): each
-tensor adds the square of its gradient's norm as its update is applied, in release mode inside backward,
+tensor writes its gradient's norm into its own slot as its update is applied, in release mode inside backward,
 so no extra pass over the gradients is made and nothing is read on the host until log time.
 """
 
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from qtrain.atomic import write_atomic
 
@@ -98,19 +99,32 @@ class MetricsLog:
 
 
 class GradNorm:
-    """Updater grad hook: sum of squares of every final gradient of a step, in an fp32 device scalar."""
+    """Updater grad hook: the global norm of every final gradient of a step, on the device, never synced.
 
-    def __init__(self, device):
-        self.sum_sq = torch.zeros((), device=device, dtype=torch.float32)
+    Each tensor's norm goes straight into its own slot of one fp32 buffer (one launch per tensor: norm,
+    square and add into a running sum were three); `take` is the norm of the slots.
+    names: every tensor the hook will see (the updater's int8 layers and float parameters).
+    across_ranks: each rank sees a shard of every gradient (FSDP2): `take` sums the squares over ranks.
+    """
+
+    def __init__(self, device, names, across_ranks: bool = False):
+        self.slot = {name: i for i, name in enumerate(names)}
+        self.norms = torch.zeros(len(self.slot), device=device, dtype=torch.float32)
+        self.across_ranks = across_ranks
 
     def __call__(self, name: str, grad) -> None:
         if grad is not None:
-            self.sum_sq += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            torch.linalg.vector_norm(grad, dtype=torch.float32, out=self.norms[self.slot[name]])
 
     def take(self) -> torch.Tensor:
         """The step's norm (a device scalar, not synced) and a reset for the next step."""
-        norm = self.sum_sq.sqrt()
-        self.sum_sq.zero_()
+        if self.across_ranks:
+            sum_sq = self.norms.square().sum()
+            torch.distributed.all_reduce(sum_sq)  # SUM; asynchronous on the device with NCCL, no host sync
+            norm = sum_sq.sqrt()
+        else:
+            norm = torch.linalg.vector_norm(self.norms)
+        self.norms.zero_()
         return norm
 
 
@@ -184,9 +198,12 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
 
     t = cfg.train
     layers = int8_layers(model)
-    int8_params = sum(layer.codes.numel() for layer in layers.values())
-    int8_bytes = sum(b.numel() * b.element_size() for layer in layers.values() for b in layer.buffers())
-    floats = list(model.parameters())
+    # from the layers' shapes: under FSDP2 (qtrain.fsdp) a rank holds only some rows, inside a `weight` parameter
+    int8_params = sum(layer.out_features * layer.in_features for layer in layers.values())
+    int8_bytes = sum(n + 2 * (n // layer.group_size) * layer.scale.element_size() for layer in layers.values()
+                     for n in [layer.out_features * layer.in_features])
+    quantized = {id(layer._parameters.get("weight")) for layer in layers.values()}
+    floats = [p for p in model.parameters() if id(p) not in quantized]
     float_params = sum(p.numel() for p in floats)
     float_bytes = sum(p.numel() * p.element_size() for p in floats)
     tokens_per_step = world_size * t.batch_size * t.seq_len * t.grad_accum_steps

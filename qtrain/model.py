@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from qtrain.config import FAMILIES, ConfigError
 from qtrain.int8_linear import Int8Linear
 from qtrain.pretrained import checkpoint_config, load_checkpoint_
+from qtrain.rms_norm import fuse_rms_norms
 from qtrain.seeding import mix_seed, name_uid, seeded_generator
 
 # Causal SDPA without a mask object. transformers builds the causal mask for "sdpa" itself, and on the
@@ -109,6 +110,7 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
 
     if quant_cfg.enabled:
         swap_int8_projections(model, quant_cfg, meta_dtype)
+    fuse_rms_norms(model, getattr(quant_cfg, "kernels", "auto"))  # one Triton kernel per norm on CUDA
     param_dtype = META_DTYPES[getattr(model_cfg, "float_dtype", "float32")]
     for p in model.parameters():  # still on meta: free
         p.data = p.data.to(param_dtype)

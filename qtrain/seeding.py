@@ -9,18 +9,24 @@ from __future__ import annotations
 import torch
 
 MASK64 = (1 << 64) - 1
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's constants
+
+
+def mix_rounds(*values: int) -> int:
+    """The 64-bit hash state after one splitmix64 round per value (qtrain.step_state continues it on the device)."""
+    h = GOLDEN
+    for v in values:
+        h = (h ^ (v & MASK64)) & MASK64
+        h = (h + GOLDEN) & MASK64
+        h = ((h ^ (h >> 30)) * MIX1) & MASK64
+        h = ((h ^ (h >> 27)) * MIX2) & MASK64
+        h ^= h >> 31
+    return h
 
 
 def mix_seed(*values: int) -> int:
     """splitmix64-style hash of integers -> a seed in [0, 2^63). Stateless: resume-safe, order-free."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & MASK64)) & MASK64
-        h = (h + 0x9E3779B97F4A7C15) & MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & MASK64
-        h ^= h >> 31
-    return h >> 1
+    return mix_rounds(*values) >> 1
 
 
 def name_uid(name: str) -> int:

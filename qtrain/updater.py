@@ -5,6 +5,8 @@ learning rate read by all tensors. `update_int8` / `update_float` apply one upda
 gradient. Who calls them is the mode's business: layer-wise release (qtrain.release) calls them from hooks the
 moment a gradient is final; otherwise `finish_step()` calls them after backward for every gradient present.
 Both modes run identical arithmetic, which the tests check bit for bit.
+The step's LRs, step number and SR seeds also live on the device (`self.clock`, qtrain.step_state), rewritten by
+begin_step: the kernels read them there, so a step captured in a CUDA graph (qtrain.step_graph) replays correctly.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from qtrain.int8_linear import Int8Linear
 from qtrain.model import float_parameters, int8_layers, is_quantized_projection
 from qtrain.optim.base import Method
 from qtrain.quant import dispatch
-from qtrain.optim.float_update import float_update_
-from qtrain.seeding import name_uid, seeded_generator, update_seed
+from qtrain.optim.float_update import float_update_, round_to_bf16
+from qtrain.seeding import name_uid
 from qtrain.quant.int8_update import int8_scaled_update_
+from qtrain.step_state import StepState
 
 FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
 
@@ -74,6 +77,10 @@ class Updater:
         self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items()
                            if n not in self.method_floats and n not in vectors}
         self.float_opts.update({n: slot for group in self.fused_floats for n, slot in group.slots.items()})
+        # Per-step values on the device (LRs, step, SR seeds): what the kernels read, so a captured step is
+        # replayed with each step's values (qtrain.step_state). self.lr / self.step stay the host's copy.
+        device = next(iter(self.int8.values())).codes.device if self.int8 else next(iter(self.floats.values())).device
+        self.clock = StepState(device, seed, [*self.int8, *self.floats, *map(_fused_name, self.fused_floats)])
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
         self.grad_hooks: list[Callable[[str, Tensor], None]] = []  # see add_grad_hook
@@ -100,17 +107,18 @@ class Updater:
         for hook in self.grad_hooks:
             hook(name, grad)
         state = self.method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
+        _give_clock(self.matrix_method, self.clock)
         update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state)
         if update.dense is not None:
             grad, scale = update.dense, torch.ones((), device=grad.device)
         else:
             scale = update.grad_scale
-        args = (layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale, self.lr,
-                self.matrix_method.weight_decay)
+        args = (layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale)
         if self.rounding == "stochastic":  # fused Triton kernel on CUDA, chunked torch reference elsewhere
-            dispatch.int8_scaled_update_(*args, update_seed(self.seed, name_uid(name), self.step), self.kernels)
-        else:  # nearest rounding: comparison mode, reference path only
-            int8_scaled_update_(*args, None)
+            dispatch.int8_scaled_update_(*args, self.clock.lr_value, self.matrix_method.weight_decay,
+                                         self.clock.seed(name), self.kernels)
+        else:  # nearest rounding: comparison mode, reference path only (not capturable: a host lr)
+            int8_scaled_update_(*args, self.lr, self.matrix_method.weight_decay, None)
         layer.weight_grad = None
         self._mark(name)
 
@@ -123,8 +131,9 @@ class Updater:
         if name in self.method_floats:
             method = self.method_floats[name]
             state = self.method_state(name, method, tuple(p.shape), p.device)
-            lr = self.float_lr if method is self.low_precision_adam else self.lr
-            seed = update_seed(self.seed, name_uid(name), self.step) if p.dtype == torch.bfloat16 else None
+            _give_clock(method, self.clock)
+            lr = self.clock.float_lr_value if method is self.low_precision_adam else self.clock.lr_value
+            seed = self.clock.seed(name) if p.dtype == torch.bfloat16 else None
             # one kernel on CUDA (qtrain.optim.float_update), else apply_update_ with the seed's generator
             float_update_(p, method.direction(_grad_for(method, p.grad), state), p.grad, lr, method.weight_decay, seed,
                           self.kernels)
@@ -135,10 +144,6 @@ class Updater:
             opt.step()
         p.grad = None
         self._mark(name)
-
-    def _generator(self, name: str, device: torch.device) -> torch.Generator:
-        """SR generator of one tensor in one step: seeded by (run seed, tensor, step), nothing to save."""
-        return seeded_generator(device, update_seed(self.seed, name_uid(name), self.step))
 
     def _mark(self, name: str) -> None:
         if name in self.updated:
@@ -156,9 +161,26 @@ class Updater:
         """
         self.lr = lr
         self.float_lr = lr if float_lr is None else float_lr
+        self.clock.set(self.step + 1, self.lr, self.float_lr)
         self.updated.clear()
         for group in self.fused_floats:
             group.received.clear()
+        for name, state in self.state.items():  # kept projections whose window ends (Apollo.keep_projections)
+            method = self.method_floats.get(name, self.matrix_method)
+            if getattr(method, "keep_projections", False):
+                layer = self.int8.get(name)
+                method.prepare(state, tuple(layer.codes.shape if layer is not None else self.floats[name].shape),
+                               self.step + 1)
+
+    def replayed(self) -> None:
+        """A captured step (qtrain.step_graph) was replayed: advance the host counters its Python advanced
+        when it was captured (the device work, state included, ran in the replay)."""
+        for state in self.state.values():
+            if "step" in state:
+                state["step"] += 1
+        for group in self.fused_floats:
+            group.steps += 1
+        self.step += 1
 
     def finish_step(self) -> None:
         """Apply the updates of every gradient still present (all of them without release, none with it),
@@ -175,8 +197,10 @@ class Updater:
             raise RuntimeError(f"step {self.step + 1}: no gradient reached {sorted(missing)[:5]} "
                                f"({len(missing)} tensors); every trainable tensor must be updated each step")
         for group in self.fused_floats:  # the vectors' staged gradients, one update for all (both modes)
-            sr = group.dtype == torch.bfloat16  # SR like every bf16 float tensor's update (update_float)
-            group.step(self.float_lr, self._generator(f"fused_adamw/{group.dtype}", group.device) if sr else None)
+            # SR like every bf16 float tensor's update (update_float); LR, step and seed read on the device
+            seed = self.clock.seed(_fused_name(group))
+            group.step(self.clock.float_lr, t=self.clock.t,
+                       to_bf16=lambda w, seed=seed: round_to_bf16(w, seed, self.kernels))
         self.step += 1
 
     # ---- checkpointing ----------------------------------------------------------------------------
@@ -200,6 +224,18 @@ class Updater:
         self.state = {name: _moved(st, devices[name]) for name, st in sd["method_state"].items()}
         for n, opt in self.float_opts.items():
             opt.load_state_dict(sd["float_optimizers"][n])
+
+
+def _fused_name(group) -> str:
+    """The SR seed name of a FusedAdamW group (one per dtype)."""
+    return f"fused_adamw/{group.dtype}"
+
+
+def _give_clock(method: Method, clock: StepState) -> None:
+    """Methods with device kernels (Apollo) read the step's values from the calling Updater's clock; set per call
+    because one method object may serve several Updaters."""
+    if hasattr(method, "clock"):
+        method.clock = clock
 
 
 def _moved(obj: Any, device: torch.device) -> Any:

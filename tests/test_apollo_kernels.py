@@ -214,13 +214,16 @@ for name, rank, g in [("project_mini_bf16", 1, "bf16"), ("project_r256_fp32", 25
         "rank": "i32", "stride_ga": "i32", "stride_gb": "i32", "stride_pa": "i32", "stride_pr": "i32",
         "BLOCK_A": "constexpr", "BLOCK_R": "constexpr", "BLOCK_B": "constexpr"},
         {"BLOCK_A": ba, "BLOCK_R": br, "BLOCK_B": bb}, num_warps=4, enable_fp_fusion=True)
-for name, channel, inside in [("chain_tensor_inside", False, True), ("chain_channel_outside", True, False)]:
+# the step's constants as host numbers, or (the capturable step) read from an fp64 device vector
+for name, channel, inside, on_device in [("chain_tensor_inside", False, True, False),
+                                         ("chain_channel_outside", True, False, False),
+                                         ("chain_tensor_inside_device_step", False, True, True)]:
     sig = {k: "*fp32" for k in ("r_ptr", "colsq_ptr", "m_ptr", "v_ptr", "phi_ptr", "f_ptr")}
-    sig.update({"rank": "i32", "b": "i32"})
+    sig.update({"rank": "i32", "b": "i32", "step_ptr": "*fp64" if on_device else "*fp32"})
     sig.update({k: "fp32" for k in ("b1", "b2", "one_minus_b1", "one_minus_b2", "eps", "c1", "c2", "gamma", "factor")})
-    sig.update({k: "constexpr" for k in ("BLOCK_R", "BLOCK_B", "CHANNEL", "INSIDE", "FIRST")})
+    sig.update({k: "constexpr" for k in ("BLOCK_R", "BLOCK_B", "CHANNEL", "INSIDE", "FIRST", "STEP_IS_PTR")})
     out[name] = ptx(ak._chain_kernel, sig, {"BLOCK_R": 16, "BLOCK_B": 256, "CHANNEL": channel, "INSIDE": inside,
-                                           "FIRST": False}, num_warps=4)
+                                           "FIRST": False, "STEP_IS_PTR": on_device}, num_warps=4)
 print(json.dumps(out))
 """
 
@@ -230,6 +233,6 @@ def test_kernels_compile_for_sm90(tmp_path):
     for name, code in ptx.items():
         assert "tf32" not in code, f"{name}: TF32 products would break the fp32 bound"
         assert "div.approx" not in code and "div.full" not in code and "sqrt.approx" not in code, name
-    for name in ("chain_tensor_inside", "chain_channel_outside"):
+    for name in ("chain_tensor_inside", "chain_channel_outside", "chain_tensor_inside_device_step"):
         assert "div.rn.f32" in ptx[name] and "sqrt.rn.f32" in ptx[name], name
         assert ptx[name].count("fma.rn.f32") >= 2, f"{name}: the two moment FMAs"

@@ -19,7 +19,12 @@ def test_a_tiny_release_step_counts_the_cuda_path():
         assert syncs.total == 0, syncs.where
         int8 = 7 * n
         # per int8 weight: dequantize in forward and for dx, APOLLO's two statistics kernels, the fused update
-        assert sum(v for op, v in counter.by_op.items() if op.startswith("triton::")) == 5 * int8
+        assert sum(v for op, v in counter.by_op.items() if op.startswith("triton::_")
+                   and "rms" not in op) == 5 * int8
+        # RMSNorm (2 per layer + the final one): one fused kernel forward, one backward (qtrain.rms_norm)
+        assert counter.by_op["triton::_rms_forward_kernel"] == counter.by_op["triton::_rms_backward_kernel"] == 2 * n + 1
+        # the global grad norm: one launch per trainable tensor (its slot of one buffer)
+        assert counter.by_phase["grad-norm hook"] == counter.by_op["aten::linalg_vector_norm"] - 1 == int8 + 2 * n + 3
         assert counter.by_op["aten::randn"] == int8  # the rank-1 projection: one draw, no scaling launch
     (one, _), (two, _) = counts[1], counts[2]
     assert one.by_phase["finish_step"] == two.by_phase["finish_step"] > 0  # one fused step for every norm

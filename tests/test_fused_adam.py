@@ -141,7 +141,7 @@ def test_updater_puts_every_vector_in_one_fused_group_stepped_once_per_step():
     assert type(updater.float_opts["lm_head.weight"]).__name__ == "Adam8bitNoSync"
     calls = []
     real = updater.fused_floats[0].step
-    updater.fused_floats[0].step = lambda *a: calls.append(updater.step) or real(*a)
+    updater.fused_floats[0].step = lambda *a, **k: calls.append(updater.step) or real(*a, **k)
     x = torch.randint(0, 64, (2, 16))
     for _ in range(2):
         updater.begin_step(0.01)

@@ -55,6 +55,9 @@ def test_both_parts_dry_run_and_every_tool_command_parses():
     assert pytest_cmd[:3] == ["python", "-m", "pytest"] and "-k" in pytest_cmd
     assert all((ROOT / f).is_file() for f in pytest_cmd if f.startswith("tests/"))
     tools = [" ".join(c[1:]) for c in commands[1:]]
+    graph = dry_run("part3")  # the cuda_graph step bench, a device call of its own
+    assert [line.split(",")[0].lstrip("[") for line in graph] == ["bench-step-graph"]
+    tools += [" ".join(shlex.split(line.split("] ", 1)[1])[1:]) for line in graph]
     assert all(t.startswith("tools/") for t in tools)
     run = subprocess.run([sys.executable, "-c", PARSE_ONLY], cwd=ROOT, input="\n".join(tools), capture_output=True,
                          text=True, timeout=240, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -289,17 +289,21 @@ out = {"dequantize_bf16": ptx(
     {"codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "num_groups": "i32",
      "GROUP": "constexpr", "BLOCK_G": "constexpr", "OUT_BF16": "constexpr"},
     {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "OUT_BF16": True}, num_warps=tk.NUM_WARPS)}
-for name, mode, lr_ptr, wd, uniform, meta in [("update_scalar_philox", 0, False, False, False, "fp32"),
-                                              ("update_row_tensor_lr_uniform", 2, True, True, True, "fp32"),
-                                              ("update_scalar_philox_bf16_meta", 0, False, False, False, "bf16")]:
+# lr: a float, an fp32 pointer or (qtrain.step_state, a capturable step) an fp64 pointer with an int64 seed pointer
+for name, mode, lr, wd, uniform, meta, seed in [
+        ("update_scalar_philox", 0, "fp32", False, False, "fp32", "i32"),
+        ("update_row_tensor_lr_uniform", 2, "*fp32", True, True, "fp32", "i32"),
+        ("update_scalar_philox_bf16_meta", 0, "fp32", False, False, "bf16", "i32"),
+        ("update_scalar_philox_device_lr_and_seed", 0, "*fp64", False, False, "bf16", "*i64")]:
     out[name] = ptx(tk._update_kernel, {
         "codes_ptr": "*u8", "scale_ptr": f"*{meta}", "offset_ptr": f"*{meta}", "grad_ptr": "*bf16", "s_ptr": "*fp32",
-        "lr": "*fp32" if lr_ptr else "fp32", "decay": "fp32", "weight_decay": "fp32",
-        "uniform_ptr": "*fp32" if uniform else "constexpr", "seed": "i32", "num_groups": "i32", "n_cols": "i32",
+        "lr": lr, "decay": "fp32", "weight_decay": "fp32",
+        "uniform_ptr": "*fp32" if uniform else "constexpr", "seed": seed, "num_groups": "i32", "n_cols": "i32",
         "GROUP": "constexpr", "BLOCK_G": "constexpr", "SCALE_MODE": "constexpr", "LR_IS_PTR": "constexpr",
-        "HAS_WD": "constexpr", "USE_UNIFORM": "constexpr", "META_BF16": "constexpr"},
-        {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "SCALE_MODE": mode, "LR_IS_PTR": lr_ptr, "HAS_WD": wd,
-         "USE_UNIFORM": uniform, "META_BF16": meta == "bf16", **({} if uniform else {"uniform_ptr": None})},
+        "HAS_WD": "constexpr", "USE_UNIFORM": "constexpr", "META_BF16": "constexpr", "SEED_IS_PTR": "constexpr"},
+        {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "SCALE_MODE": mode, "LR_IS_PTR": lr.startswith("*"), "HAS_WD": wd,
+         "USE_UNIFORM": uniform, "META_BF16": meta == "bf16", "SEED_IS_PTR": seed.startswith("*"),
+         **({} if uniform else {"uniform_ptr": None})},
         num_warps=tk.NUM_WARPS)
 print(json.dumps(out))
 """

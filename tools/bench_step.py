@@ -55,6 +55,7 @@ from qtrain.quant import triton_kernels
 from qtrain.build import build_updater
 from qtrain.release import attach_release
 from qtrain.evaluation import lm_loss
+from qtrain.step_graph import CapturedStep
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -222,7 +223,8 @@ def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, dev
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen).to(device)  # (B, T+1)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each
     o = cfg.optim
-    qtrain_cfgs = {qtrain_path(m): dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, matmul=m))
+    graph = " cuda_graph" if cfg.train.cuda_graph else ""
+    qtrain_cfgs = {qtrain_path(m) + graph: dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, matmul=m))
                    for m in args.matmul}
     rows = [Row(size, batch, seq_len, name) for name in (*qtrain_cfgs, "bf16 floor", "apollo-torch")]
 
@@ -238,9 +240,14 @@ def bench_point(size: str, cfg: TrainConfig, batch: int, seq_len: int, args, dev
         updater = build_updater(model, cfg)
         if cfg.train.release:
             attach_release(updater)
+        # [train] cuda_graph: eager warm-up, then the capture in the last untimed step, then one replay per step
+        captured = (CapturedStep(model, updater, device, dtype, warmup=max(1, args.warmup - 1))
+                    if cfg.train.cuda_graph else None)
 
         def step():
             updater.begin_step(o.lr, o.float_lr_value)
+            if captured is not None:
+                return captured(x, y)
             loss = lm_loss(model, x, y, dtype)
             loss.backward()  # release: every tensor is updated and its gradient freed in here
             updater.finish_step()
@@ -454,6 +461,7 @@ def main() -> None:
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
     if cuda or args.write_docs:
         title = dev_name if cuda else f"CPU smoke test ({dev_name}): not GPU numbers"
+        title += f" ({' '.join(args.overrides)})" if args.overrides else ""  # its own section
         write_docs(title, body)
         print(f"wrote section '{title}' of {DOCS}")
 

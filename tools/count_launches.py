@@ -88,6 +88,10 @@ class LaunchCounter(TorchDispatchMode):
         self.by_op[op] += n
         self.by_phase_op[self.phase, op] += n
 
+    def triton(self, name: str, args: tuple, kwargs: dict) -> None:
+        """One intercepted Triton launch (its arguments, for subclasses that record them)."""
+        self.add(f"triton::{name}")
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
         if func._schema.name.endswith("_local_scalar_dense"):
@@ -134,7 +138,7 @@ class CudaDecisions:
 
             def counted(*args, **kwargs):
                 if counter.counter is not None:
-                    counter.counter.add(f"triton::{name}")
+                    counter.counter.triton(name, args, kwargs)
             return counted
 
         dispatch.use_triton, dispatch._use_triton = use_triton, _use_triton
@@ -172,7 +176,7 @@ def step_function(cfg: TrainConfig, counter_ref: list, device: torch.device | st
     updater.update_int8 = in_phase("int8 updates", updater.update_int8)
     updater.update_float = in_phase("float updates", updater.update_float)
     finish = in_phase("finish_step", updater.finish_step)
-    grad_norm = GradNorm(device)
+    grad_norm = GradNorm(device, [*updater.int8, *updater.floats])
     updater.add_grad_hook(in_phase("grad-norm hook", grad_norm))
     if cfg.train.release:
         attach_release(updater)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the CUDA path, in two device calls of at most 5 minutes each:
+# One prepared GPU check of the CUDA path, in device calls of at most 5 minutes each:
 #
 #   tools/gpu_check.sh part1      # CUDA kernel tests; launch/sync profile of one 7B and one 7B-8GB step
 #   tools/gpu_check.sh part2      # bench_update, bench_matmul (7B shapes), bench_step (7B 1x256 as shipped),
 #                                 # validate_estimator (60M, 1B, 7B at 1x256)
+#   tools/gpu_check.sh part3      # bench_step of 7B-8GB 1x256 with [train] cuda_graph = true (one replay per step)
 #   tools/gpu_check.sh run NAME.. # only the named checks (names: tools/gpu_check.sh list)
 #   tools/gpu_check.sh summary    # rebuild summary.json / summary.md from every check's result under $OUT
 #   tools/gpu_check.sh --dry-run part1|part2|run NAME..   # print the commands, run nothing (works on CPU)
@@ -32,9 +33,11 @@ CHECKS=(
   "bench-matmul|70|$PY tools/bench_matmul.py --sizes 7b --tokens 256 --write-docs"
   "bench-step|110|$PY tools/bench_step.py --device cuda --sizes 7b --points 1x256 --no-checkpointing --matmul dequantize --write-docs"
   "validate-estimator|65|$PY tools/validate_estimator.py --point 60m:1x256 --point 1b:1x256 --point 7b:1x256"
+  "bench-step-graph|120|$PY tools/bench_step.py --device cuda --sizes 7b-8gb --points 1x256 --no-checkpointing --matmul dequantize --set train.cuda_graph=true"
 )
 PART1=(kernel-tests profile-7b profile-7b-8gb)
 PART2=(bench-update bench-matmul bench-step validate-estimator)
+PART3=(bench-step-graph)
 
 field() { local IFS='|'; read -r -a f <<< "$1"; echo "${f[$2]}"; }
 lookup() { for c in "${CHECKS[@]}"; do [[ "$(field "$c" 0)" == "$1" ]] && { echo "$c"; return 0; }; done; return 1; }
@@ -120,8 +123,9 @@ run_checks() {
 case "${1:-}" in
   part1) run_checks "${PART1[@]}" ;;
   part2) run_checks "${PART2[@]}" ;;
+  part3) run_checks "${PART3[@]}" ;;
   run) shift; run_checks "$@" ;;
   summary) summary ;;
   list) for c in "${CHECKS[@]}"; do echo "$(field "$c" 0) (limit $(field "$c" 1)s): $(field "$c" 2)"; done ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

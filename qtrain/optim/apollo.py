@@ -90,6 +90,7 @@ def apollo_scaling(
     bias_correction: str,
     gamma: float = 1.01,
     backend: str = "auto",
+    step_constants: Tensor | None = None,
 ) -> Tensor:
     """One APOLLO step on the oriented gradient Ĝ (a×b, fp32 or bf16) with projection P (a×r, fp32).
 
@@ -98,15 +99,30 @@ def apollo_scaling(
     "outside", κ_t. The full-size X = Ĝ·Diag(s) is never formed: ‖X‖ comes from column norms.
     backend (qtrain.quant.dispatch's convention): "auto" runs the two fused Triton kernels of
     apollo_kernels when every tensor is on CUDA, the torch reference otherwise (CPU numbers unchanged).
+    step_constants: `step_constants(t, ...)` on the device; the kernels read the bias corrections and the first
+    step from it (capturable), the reference uses the host `step` (the same numbers).
     """
     hyper = dict(betas=betas, eps=eps, scale=scale, scale_type=scale_type, bias_correction=bias_correction,
                  gamma=gamma)
     if dispatch.use_triton(backend, (g_hat, proj, m, v, phi), apollo_kernels.problems(g_hat, proj, m),
                            "the fused APOLLO statistics"):
         r, col_sq = apollo_kernels.project_with_column_norms_triton(proj, g_hat)
-        return apollo_kernels.scaling_chain_triton(r, col_sq, m, v, phi, step, **hyper)
+        return apollo_kernels.scaling_chain_triton(r, col_sq, m, v, phi, step, step_constants=step_constants,
+                                                   **hyper)
     r, col_sq = project_with_column_norms(proj, g_hat)  # (r, b), (b,)    step 4
     return scaling_chain(r, col_sq, m, v, phi, step, **hyper)
+
+
+def step_constants(t: Tensor, betas: tuple[float, float], scale: float, bias_correction: str) -> Tensor:
+    """fp64 (t, c1, c2, factor) of update t (a 0-d int64 device tensor): scaling_chain's per-step numbers,
+    c = 1 - β^t and factor = √scale·κ_t ("outside") or √scale, with the host's fp64 operations (the same bits
+    on the CPU: pow, sqrt and / are correctly rounded or the same libm call)."""
+    b1, b2 = betas
+    td = t.double()
+    c1, c2 = 1 - b1**td, 1 - b2**td
+    root = math.sqrt(scale)
+    factor = root * (c2.sqrt() / c1) if bias_correction == "outside" else torch.full_like(td, root)
+    return torch.stack([td, c1, c2, factor])
 
 
 @dataclass
@@ -134,6 +150,13 @@ class Apollo(ApolloScaling):
     # statistics backend, "auto" | "torch" | "triton" (qtrain.quant.dispatch's convention). A plain class
     # attribute, not a dataclass field: it is [quant] kernels' choice, not an [optim.args] hyperparameter
     kernels = "auto"
+    # The caller's qtrain.step_state.StepState (set per call by the Updater), or None: the kernels then read
+    # the bias corrections from the device instead of taking host numbers (a captured step replays them)
+    clock = None
+    # True ([train] cuda_graph): keep each tensor's P for its window of update_proj_gap steps and redraw it in
+    # place from `prepare`, which the Updater calls before the step, outside a captured region (a per-call
+    # generator cannot be captured). Costs the P's memory (a x r floats per tensor: small at rank 1)
+    keep_projections = False
 
     official_seed_chain: bool = False
 
@@ -170,14 +193,48 @@ class Apollo(ApolloScaling):
             state["proj_seed"] = state["uid"] if window == 0 else official_next_seed(state["proj_seed"])
         return state["proj_seed"]
 
+    def projection(self, state: dict[str, Any], t: int, shape: tuple[int, int], device) -> Tensor:
+        """P (a, r) of update t: drawn from its seed, or the kept one (keep_projections), redrawn in place when
+        t starts a new window."""
+        if not self.keep_projections:
+            return random_projection(shape, self.rank, self.projection_seed(state, t), device)  # discarded after use
+        kept = self._kept().get(state["uid"])
+        window = (t - 1) // self.update_proj_gap
+        if kept is None or kept[0] != window:
+            p = random_projection(shape, self.rank, self.projection_seed(state, t), device)
+            if kept is None:
+                kept = (window, p.clone())  # its own memory, strides as drawn
+            else:
+                kept[1].copy_(p)  # in place: a captured graph reads this very buffer
+                kept = (window, kept[1])
+            self._kept()[state["uid"]] = kept
+        return kept[1]
+
+    def prepare(self, state: dict[str, Any], shape: tuple[int, int], t: int) -> None:
+        """Before update t (outside a captured region): redraw a kept P whose window ends."""
+        if self.keep_projections and state["uid"] in self._kept():
+            self.projection(state, t, shape, self._kept()[state["uid"]][1].device)
+
+    def _kept(self) -> dict[int, tuple[int, Tensor]]:
+        if "_kept_p" not in self.__dict__:
+            self._kept_p: dict[int, tuple[int, Tensor]] = {}  # uid -> (window, P): not a field, not saved
+        return self._kept_p
+
     def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
         state["step"] = t = state["step"] + 1
-        seed = self.projection_seed(state, t)
-        proj = random_projection(tuple(grad.shape), self.rank, seed, grad.device)  # (a, r), discarded after use
+        proj = self.projection(state, t, tuple(grad.shape), grad.device)  # (a, r)
+        constants = None
+        # one fp64 (4,) per step for every tensor with these hyperparameters; the Updater's t is this tensor's t
+        # (it updates every tensor exactly once per step, and saves / restores both counts together)
+        if self.clock is not None:
+            constants = self.clock.derived(
+                ("apollo", tuple(self.betas), self.scale, self.bias_correction),
+                lambda t: step_constants(t, self.betas, self.scale, self.bias_correction))
         f = apollo_scaling(
             orient(grad), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
             bias_correction=self.bias_correction, gamma=self.gamma, backend=self.kernels,
+            step_constants=constants,
         )
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))

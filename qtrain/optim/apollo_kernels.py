@@ -116,10 +116,14 @@ def project_with_column_norms_triton(proj: Tensor, g_hat: Tensor) -> tuple[Tenso
 @_jit
 def _chain_kernel(
     r_ptr, colsq_ptr, m_ptr, v_ptr, phi_ptr, f_ptr, rank, b,
-    b1, b2, one_minus_b1, one_minus_b2, eps, c1, c2, gamma, factor,
+    b1, b2, one_minus_b1, one_minus_b2, eps, c1, c2, gamma, factor, step_ptr,
     BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, CHANNEL: tl.constexpr, INSIDE: tl.constexpr,
-    FIRST: tl.constexpr,
+    FIRST: tl.constexpr, STEP_IS_PTR: tl.constexpr,
 ):
+    if STEP_IS_PTR:  # fp64 (t, c1, c2, factor) on the device (apollo.step_constants): capturable
+        c1 = tl.load(step_ptr + 1).to(tl.float32)  # rounded to fp32 as the host values are at launch
+        c2 = tl.load(step_ptr + 2).to(tl.float32)
+        factor = tl.load(step_ptr + 3).to(tl.float32)
     ranks = tl.arange(0, BLOCK_R)
     rmask = ranks < rank
     x_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)  # channel: Σ_j s_j² ‖Ĝ_j‖²
@@ -166,6 +170,10 @@ def _chain_kernel(
         rho = tl.math.div_rn(tl.math.div_rn(x_norm, phi + 1e-8), gamma)
         eta = tl.math.div_rn(1.0, tl.maximum(rho, 1.0))
         new_phi = x_norm * eta
+        if STEP_IS_PTR:  # the first step decided on the device: the same values as FIRST above
+            first = tl.load(step_ptr) == 1.0
+            eta = tl.where(first, 1.0, eta)
+            new_phi = tl.where(first, x_norm, new_phi)
     tl.store(phi_ptr, new_phi)
     mult = eta * factor  # torch: s * (η * (√scale · κ))
     if CHANNEL:
@@ -180,13 +188,21 @@ def _chain_kernel(
 def scaling_chain_triton(
     r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
     eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01,
+    step_constants: Tensor | None = None,
 ) -> Tensor:
-    """Twin of apollo.scaling_chain: updates m, v (r×b) and phi (0-dim) in place, returns f ((b,) or ())."""
+    """Twin of apollo.scaling_chain: updates m, v (r×b) and phi (0-dim) in place, returns f ((b,) or ()).
+
+    step_constants: fp64 (t, c1, c2, factor) on the device (apollo.step_constants) to read in the kernel
+    instead of the host step's: the same numbers, and a captured graph replays each step's.
+    """
     b1, b2 = betas
     c1, c2 = 1 - b1**step, 1 - b2**step  # fp64 on the host, rounded to fp32 at launch like torch's scalars
     rank, b = r.shape
     outside = bias_correction == "outside"
     factor = math.sqrt(scale) * (math.sqrt(c2) / c1 if outside else 1.0)
+    on_device = step_constants is not None
+    if on_device:  # no per-step number in the launch
+        c1 = c2 = factor = 1.0
     channel = scale_type == "channel"
     f = torch.empty((b,) if channel else (), device=r.device, dtype=torch.float32)
     block_r = triton.next_power_of_2(rank)
@@ -194,7 +210,8 @@ def scaling_chain_triton(
     # one program: the chain is O(r·b) (APOLLO-Mini: b floats) and needs whole-tensor sums before f
     _chain_kernel[(1,)](
         r, col_sq, m, v, phi, f, rank, b, b1, b2, 1 - b1, 1 - b2, eps, c1, c2, gamma, factor,
-        BLOCK_R=block_r, BLOCK_B=block_b, CHANNEL=channel, INSIDE=not outside, FIRST=step == 1,
+        step_constants if on_device else phi, BLOCK_R=block_r, BLOCK_B=block_b, CHANNEL=channel,
+        INSIDE=not outside, FIRST=step == 1 and not on_device, STEP_IS_PTR=on_device,
         num_warps=4, enable_fp_fusion=False,
     )
     return f

@@ -25,8 +25,10 @@ from torch import Tensor
 
 from qtrain.optim.base import Update, apply_update_
 from qtrain.quant import dispatch
+from qtrain.quant.stochastic_round import stochastic_round_to_bf16
 from qtrain.quant.triton_kernels import HAVE_TRITON
 from qtrain.seeding import seeded_generator
+from qtrain.step_state import StepValue, device_form, host_form
 
 if HAVE_TRITON:
     import triton
@@ -44,9 +46,9 @@ def _jit(fn):
 
 @_jit
 def _float_update_kernel(
-    w_ptr, d_ptr, s_ptr, noise_ptr, numel, n_cols, lr, decay, seed,
+    w_ptr, d_ptr, s_ptr, noise_ptr, numel, n_cols, lr, decay, weight_decay, seed,
     BLOCK: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_WD: tl.constexpr, OUT_BF16: tl.constexpr, SR: tl.constexpr,
-    USE_NOISE: tl.constexpr,
+    USE_NOISE: tl.constexpr, LR_IS_PTR: tl.constexpr, SEED_IS_PTR: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -58,6 +60,9 @@ def _float_update_kernel(
     elif SCALE_MODE == 2:
         d = d * tl.load(s_ptr + offs // n_cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if LR_IS_PTR:  # device scalars (qtrain.step_state): a captured graph reads each step's LR and seed
+        lr = tl.load(lr).to(tl.float32)  # fp32 or fp64 -> fp32, as a float lr is rounded at launch
+        decay = 1.0 - lr * weight_decay  # fp32, as the int8 update kernel with a tensor lr
     w = w - d * lr  # the reference: w.sub_(d * lr), two roundings
     if HAS_WD:
         w = w * decay
@@ -66,6 +71,8 @@ def _float_update_kernel(
             if USE_NOISE:
                 noise = tl.load(noise_ptr + offs, mask=mask, other=0).to(tl.uint32)
             else:
+                if SEED_IS_PTR:
+                    seed = tl.load(seed)
                 noise = tl.randint(seed, offs) & 0xFFFF
             bits = (w.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
             w = bits.to(tl.float32, bitcast=True)  # exactly a bf16 value: the cast below is exact
@@ -104,14 +111,16 @@ def _scale_mode(s: Tensor, weight: Tensor) -> int | None:
 
 
 @torch.no_grad()
-def float_update_triton_(weight: Tensor, update: Update, grad: Tensor, lr: float, weight_decay: float,
-                         seed: int | None, noise: Tensor | None = None) -> None:
+def float_update_triton_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tensor, weight_decay: float,
+                         seed: int | Tensor | None, noise: Tensor | None = None) -> None:
     """Twin of apply_update_ in one kernel. seed: the SR seed of a bf16 weight (None: round to nearest);
-    noise: int32 in [0, 2^16) of the weight's shape to use instead of Philox (tests)."""
+    noise: int32 in [0, 2^16) of the weight's shape to use instead of Philox (tests). lr (fp32) and seed (int64)
+    may be 0-d device tensors, read in the kernel: a captured graph then sees each step's values."""
     found = problems(weight, update, grad)
     if found:
         raise ValueError("the float update kernel cannot take this update: " + "; ".join(found))
-    if seed is not None and not 0 <= seed < 2**31:
+    lr_is_ptr, seed_is_ptr = isinstance(lr, Tensor), isinstance(seed, Tensor)
+    if seed is not None and not seed_is_ptr and not 0 <= seed < 2**31:
         raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.seeding.update_seed")
     dense = update.dense is not None
     d = update.dense if dense else grad
@@ -120,20 +129,46 @@ def float_update_triton_(weight: Tensor, update: Update, grad: Tensor, lr: float
     n_cols = weight.shape[-1] if weight.dim() else 1
     sr = weight.dtype == torch.bfloat16 and (seed is not None or noise is not None)
     _float_update_kernel[(triton.cdiv(weight.numel(), BLOCK),)](
-        weight, d, s, noise if noise is not None else weight, weight.numel(), n_cols, float(lr),
-        float(1 - lr * weight_decay), seed or 0,
+        weight, d, s, noise if noise is not None else weight, weight.numel(), n_cols, lr if lr_is_ptr else float(lr),
+        1.0 if lr_is_ptr else float(1 - lr * weight_decay), float(weight_decay), 0 if seed is None else seed,
         BLOCK=BLOCK, SCALE_MODE=mode, HAS_WD=weight_decay > 0, OUT_BF16=weight.dtype == torch.bfloat16, SR=sr,
-        USE_NOISE=noise is not None, num_warps=4, enable_fp_fusion=False,
+        USE_NOISE=noise is not None, LR_IS_PTR=lr_is_ptr, SEED_IS_PTR=seed_is_ptr, num_warps=4,
+        enable_fp_fusion=False,
     )
 
 
-def float_update_(weight: Tensor, update: Update, grad: Tensor, lr: float, weight_decay: float, seed: int | None,
-                  backend: str = "auto") -> None:
+def float_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | StepValue, weight_decay: float,
+                  seed: int | StepValue | None, backend: str = "auto") -> None:
     """In place: W <- (W - lr * D) * (1 - lr * weight_decay), a bf16 W rounded stochastically with `seed`
     (None: to nearest). The kernel on CUDA (backend "auto") or forced ("triton"), else apply_update_ with a
-    generator seeded by `seed`, the reference (the CPU path, unchanged)."""
+    generator seeded by `seed`, the reference (the CPU path, unchanged). StepValues: the kernel reads their
+    device tensors, the reference uses their host numbers."""
     if dispatch.use_triton(backend, (weight, grad), problems(weight, update, grad), "the float update"):
-        float_update_triton_(weight, update, grad, lr, weight_decay, seed)
+        float_update_triton_(weight, update, grad, device_form(lr), weight_decay, device_form(seed))
         return
+    seed = host_form(seed)
     generator = seeded_generator(weight.device, seed) if seed is not None else None
-    apply_update_(weight, update, grad, lr, weight_decay, generator)
+    apply_update_(weight, update, grad, host_form(lr), weight_decay, generator)
+
+
+@(triton.jit if HAVE_TRITON else (lambda fn: fn))
+def _sr_bf16_kernel(x_ptr, out_ptr, seed_ptr, numel, BLOCK: tl.constexpr):
+    """stochastic_round_to_bf16 with the float update's noise: Philox keyed by a device seed."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    noise = tl.randint(tl.load(seed_ptr), offs) & 0xFFFF
+    bits = (x.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
+    tl.store(out_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)  # exact
+
+
+def round_to_bf16(x: Tensor, seed: StepValue, backend: str = "auto") -> Tensor:
+    """fp32 x (contiguous) -> bf16, rounded stochastically with this step's seed: one kernel reading the device
+    seed on CUDA (capturable), else stochastic_round_to_bf16 with a generator seeded by the host number."""
+    found = [] if HAVE_TRITON and x.dtype == torch.float32 and x.is_contiguous() else ["needs contiguous fp32"]
+    if dispatch.use_triton(backend, (x, seed.device), found, "stochastic rounding to bf16"):
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+        _sr_bf16_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, seed.device, x.numel(), BLOCK=BLOCK, num_warps=4)
+        return out
+    return stochastic_round_to_bf16(x, seeded_generator(x.device, seed.host))
+

@@ -25,6 +25,7 @@ torch AdamW loads unchanged; one written by bitsandbytes' 8-bit Adam is dequanti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,17 +74,21 @@ class FusedAdamW:
         return len(self.received) == len(self.names)
 
     @torch.no_grad()
-    def step(self, lr: float, generator: torch.Generator | None = None) -> None:
+    def step(self, lr: float | Tensor, generator: torch.Generator | None = None, *, t: Tensor | None = None,
+             to_bf16: Callable[[Tensor], Tensor] | None = None) -> None:
         """One AdamW update of every tensor from the staged gradients; all of them must have arrived.
 
         generator: the stochastic-rounding generator of this step for bf16 tensors (None: round to nearest).
+        Capturable form (the Updater's, qtrain.step_state): lr an fp32 0-d device tensor, t the update number
+        as an int64 0-d device tensor (bias corrections formed on the device from it, not from the host count),
+        to_bf16 the rounding of the fp32 result to bf16 (stochastic, with a device seed). On the CPU both forms
+        give the same bits.
         """
         if not self.complete:
             missing = sorted(set(self.names) - self.received)
             raise RuntimeError(f"fused AdamW step without the gradients of {missing[:5]} ({len(missing)} tensors)")
         self.received.clear()
         self.steps += 1
-        self.step_t.fill_(self.steps)  # a CPU tensor, as torch AdamW's `step_t += 1`: no device work
         beta1, beta2 = self.betas
         g = self.grad
         w = torch.cat([p.detach().reshape(-1) for p in self.params])  # a flat copy of the weights
@@ -94,13 +99,22 @@ class FusedAdamW:
             w.mul_(1 - lr * self.weight_decay)
         self.exp_avg.lerp_(g, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2 = 1 - beta2**self.steps
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        w.addcdiv_(self.exp_avg, denom, value=-step_size)
-        if self.dtype == torch.bfloat16 and generator is not None:
+        if t is None:
+            bias_correction1 = 1 - beta1**self.steps
+            bias_correction2 = 1 - beta2**self.steps
+            step_size = lr / bias_correction1
+            bias_correction2_sqrt = bias_correction2**0.5
+            denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            w.addcdiv_(self.exp_avg, denom, value=-step_size)
+        else:  # the same fp64 scalars as 0-d device tensors; CPU addcdiv_ is w + (value * m) / denom
+            td = t.double()
+            step_size = lr / (1 - beta1**td)  # lr: fp64, as the host's
+            bias_correction2_sqrt = (1 - beta2**td).sqrt()
+            denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            w.add_(self.exp_avg.mul(-step_size).div_(denom))
+        if self.dtype == torch.bfloat16 and to_bf16 is not None:
+            w = to_bf16(w)
+        elif self.dtype == torch.bfloat16 and generator is not None:
             w = stochastic_round_to_bf16(w, generator)
         elif self.dtype != torch.float32:
             w = w.to(self.dtype)
@@ -128,6 +142,7 @@ class FusedAdamWSlot:
     @property
     def state(self) -> dict[nn.Parameter, dict[str, Any]]:
         """Views into the group's flat buffers (each element counted once by tools that sum tensors)."""
+        self.group.step_t.fill_(self.group.steps)  # a CPU tensor, brought up to date here: no op in the step
         return {self.param: {"step": self.group.step_t, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
                              "staged_grad": self.staged_grad}}
 

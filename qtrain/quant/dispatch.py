@@ -17,6 +17,7 @@ from torch import Tensor
 from qtrain.quant import triton_kernels, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
+from qtrain.step_state import StepValue, device_form, host_form
 
 BACKENDS = ("auto", "torch", "triton")
 MATMULS = ("dequantize", "fused")
@@ -123,9 +124,9 @@ def int8_scaled_update_(
     group_size: int,
     grad: Tensor,
     grad_scale: Tensor,
-    lr: float | Tensor,
+    lr: float | Tensor | StepValue,
     weight_decay: float,
-    generator_seed: int,
+    generator_seed: int | StepValue,
     backend: str = "auto",
 ) -> None:
     """In place: W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)); see int8_update.int8_scaled_update_.
@@ -133,12 +134,17 @@ def int8_scaled_update_(
     generator_seed in [0, 2^31) (update_seed): the Philox key of the Triton kernel, or the seed of a fresh
     torch.Generator on the weight's device for the reference. lr: a float, or a 0-dim tensor on the weight's
     device (the Triton kernel reads it on the device, the reference uses it as a tensor operand).
+    A StepValue (lr or seed) gives the kernel its device tensor (capturable) and the reference its host number
+    (the CPU numbers of a float lr and a seeded generator).
     """
-    tensors = (codes, scale, offset, grad, grad_scale) + ((lr,) if isinstance(lr, Tensor) else ())
+    tensors = (codes, scale, offset, grad, grad_scale) + tuple(
+        t for t in (device_form(lr), device_form(generator_seed)) if isinstance(t, Tensor))
     if _use_triton(backend, tensors, codes, scale, offset, group_size):
         triton_kernels.int8_scaled_update_triton_(
-            codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator_seed, checked=True
+            codes, scale, offset, group_size, grad, grad_scale, device_form(lr), weight_decay, device_form(generator_seed),
+            checked=True,
         )  # _use_triton ran check_supported: once per launch, not twice
         return
-    generator = torch.Generator(codes.device).manual_seed(generator_seed)
-    int8_scaled_update_torch_(codes, scale, offset, group_size, grad, grad_scale, lr, weight_decay, generator)
+    generator = torch.Generator(codes.device).manual_seed(host_form(generator_seed))
+    int8_scaled_update_torch_(codes, scale, offset, group_size, grad, grad_scale, host_form(lr), weight_decay, generator)
+

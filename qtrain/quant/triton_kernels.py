@@ -171,7 +171,7 @@ def _update_kernel(
     codes_ptr, scale_ptr, offset_ptr, grad_ptr, s_ptr, lr, decay, weight_decay, uniform_ptr, seed,
     num_groups, n_cols,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SCALE_MODE: tl.constexpr, LR_IS_PTR: tl.constexpr,
-    HAS_WD: tl.constexpr, USE_UNIFORM: tl.constexpr, META_BF16: tl.constexpr,
+    HAS_WD: tl.constexpr, USE_UNIFORM: tl.constexpr, META_BF16: tl.constexpr, SEED_IS_PTR: tl.constexpr,
 ):
     gid = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
     gmask = gid < num_groups
@@ -227,6 +227,8 @@ def _update_kernel(
         u = tl.load(uniform_ptr + flat, mask=mask, other=0.0)
     else:
         octet = gid[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # (BLOCK_G, GROUP/8)
+        if SEED_IS_PTR:  # an int64 device scalar (qtrain.step_state): a captured graph reads each step's seed
+            seed = tl.load(seed)
         r0, r1, r2, r3 = tl.randint4x(seed, octet)
         # tl.join appends the fastest axis: (q, j1, j0, half) flattens to element 8q + 2(2·j1 + j0) + half
         lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
@@ -262,7 +264,7 @@ def int8_scaled_update_triton_(
     grad_scale: Tensor,
     lr: float | Tensor,
     weight_decay: float,
-    seed: int,
+    seed: int | Tensor,
     uniform: Tensor | None = None,
     *,
     checked: bool = False,
@@ -271,7 +273,8 @@ def int8_scaled_update_triton_(
 
     One kernel, one pass over the weight. codes uint8 (m, n), scale/offset fp32 (G,), updated in place.
     grad (m, n) fp32/bf16/fp16; grad_scale fp32 of shape (), (1, n) or (m, 1); lr a float or a 0-dim
-    tensor on the weight's device (read in the kernel: no host sync). seed in [0, 2^31): Philox key; the
+    tensor on the weight's device (read in the kernel: no host sync). seed in [0, 2^31), a host int or an int64
+    0-d tensor on the weight's device (read in the kernel, like a tensor lr: capturable): Philox key; the
     uniform of flat element i is (k + 1/2)·2⁻¹⁶ with k the 16-bit half i % 2 (low first) of word (i % 8) // 2
     of tl.randint4x(seed, i // 8), so a (seed, shape) pair reproduces bitwise and nothing of size m*n is
     materialised. uniform: (m, n) fp32 in [0, 1) to use instead (tests; stochastic_round.sr_uniforms draws
@@ -284,11 +287,14 @@ def int8_scaled_update_triton_(
     G = scale.numel()
     if grad.shape != codes.shape:
         raise ValueError(f"grad shape {tuple(grad.shape)} != weight shape {(m, n)}")
-    others = [grad, grad_scale, scale, offset] + [t for t in (lr, uniform) if isinstance(t, Tensor)]
+    others = [grad, grad_scale, scale, offset] + [t for t in (lr, uniform, seed) if isinstance(t, Tensor)]
     if any(t.device != codes.device for t in others):  # a kernel cannot read another device's memory
         devices = sorted({str(t.device) for t in others})
         raise ValueError(f"all tensors must be on the weight's device {codes.device}, got {devices}")
-    if not 0 <= seed < 2**31:
+    seed_is_ptr = isinstance(seed, Tensor)
+    if seed_is_ptr and (seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"a tensor seed must be one int64, got {seed.dtype} {tuple(seed.shape)}")
+    if not seed_is_ptr and not 0 <= seed < 2**31:
         raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.seeding.update_seed")
     mode = _scale_mode(grad_scale, (m, n))
     lr_is_ptr = isinstance(lr, Tensor)
@@ -305,5 +311,5 @@ def int8_scaled_update_triton_(
         None if uniform is None else uniform.float().contiguous(), seed, G, n,
         GROUP=group_size, BLOCK_G=block_g, SCALE_MODE=mode, LR_IS_PTR=lr_is_ptr,
         HAS_WD=weight_decay > 0, USE_UNIFORM=uniform is not None, META_BF16=scale.dtype == torch.bfloat16,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        SEED_IS_PTR=seed_is_ptr, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

@@ -1,0 +1,230 @@
+"""FSDP2 on CPU (gloo, world size 2): sharded int8 training equals the one-process run, at half the bytes.
+
+The end-to-end runs are real `qtrain train` processes (torchrun for 2 ranks, one thread each), compared with
+the one-process run that accumulates the same two micro-batches (tests/test_distributed.py's reference).
+The rest runs 2 ranks with torch.multiprocessing in this file: APOLLO's channel-wise variant, the bytes each
+rank keeps, the estimator's figure for them, and the refusals.
+
+Expected equality: bit for bit. The reduce-scatter of two ranks is one fp32 addition per element (the
+one-process accumulation's g1 + g2), Adam is elementwise, APOLLO's statistics are computed per column block
+with the unsharded chunking and their norms taken of all-gathered tensors, and SR skips to the shard's first
+row in the unsharded noise stream (qtrain.fsdp). Only the logged gradient norm is summed in another order.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_distributed import assert_same_run, env, final_state, losses, qtrain  # noqa: F401  (env: a fixture)
+
+TINY = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.toml")
+SMALL = ["train.seq_len=32", "model.max_seq_len=32"]
+KEEP = ["train.steps=6", "train.save_every=2", "train.keep_last=3"]  # checkpoints at steps 2, 4 and 6
+ONE = ["train.grad_accum_steps=2"]  # release = false (FAST): the same two micro-batches, accumulated
+SHARDED = ["train.release=true", "train.fsdp=true"]
+
+
+@pytest.fixture(scope="module")
+def runs(env, tmp_path_factory):  # noqa: F811
+    """The 1-process reference and the 2-rank FSDP2 run, 6 steps each, projections refreshed every 2."""
+    root = tmp_path_factory.mktemp("fsdp_runs")
+    qtrain(env, root / "one", *SMALL, *KEEP, *ONE)
+    qtrain(env, root / "fsdp", *SMALL, *KEEP, *SHARDED, nproc=2)
+    return root
+
+
+def test_fsdp_two_ranks_equal_one_process(runs):
+    """Codes, scales, offsets, float tensors, APOLLO-Mini and AdamW states, data position and losses after
+    2, 4 and 6 steps: bit for bit (the checkpoints are the unsharded format, gathered by rank 0)."""
+    assert_same_run(runs / "one", runs / "fsdp")
+    for step in (2, 4):
+        a, b = (final_state_at(runs / r, step) for r in ("one", "fsdp"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _ in losses(runs / "fsdp")] == list(range(1, 7))
+
+
+def final_state_at(run: Path, step: int) -> dict:
+    from qtrain.checkpoint import load_checkpoint
+
+    return load_checkpoint(run / "checkpoints" / f"step-{step:08d}")[0]
+
+
+def test_resume_between_fsdp_and_one_process(env, runs, tmp_path):  # noqa: F811
+    """An FSDP2 checkpoint continues in one process, and a one-process checkpoint under FSDP2: both end
+    exactly where the uninterrupted run does (the checkpoint is world-size free)."""
+    for run in ("one", "fsdp"):
+        shutil.copytree(runs / run, tmp_path / run)
+        shutil.rmtree(tmp_path / run / "checkpoints" / "step-00000006")
+    qtrain(env, tmp_path / "fsdp", *SMALL, "train.steps=6", *ONE, resume=True)  # 2 shards -> 1 process
+    qtrain(env, tmp_path / "one", *SMALL, "train.steps=6", *SHARDED, nproc=2, resume=True)  # 1 -> 2 shards
+    for run in ("one", "fsdp"):
+        assert_same_run(runs / "one", tmp_path / run)
+
+
+# ---- in-process ranks ----------------------------------------------------------------------------------
+SETS = ["model.vocab_size=256", "train.seq_len=32", "model.max_seq_len=32", "train.batch_size=2",
+        "optim.args.update_proj_gap=2", "train.device=cpu"]
+APOLLO = ["optim.method=apollo", "optim.args.rank=4", "optim.args.scale_type=channel", "optim.args.scale=1",
+          "optim.args.bias_correction=outside", "optim.args.eps=1e-6"]
+STEPS = 3
+VARIANTS = {"apollo_mini": SETS, "apollo": SETS + APOLLO, "adam8bit": SETS + ["optim.float_optimizer=adam8bit"]}
+
+
+def _batches(step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, 256, (2, 2, 33), generator=g)
+    return [(x[i, :, :-1], x[i, :, 1:]) for i in range(2)]
+
+
+def _reference(sets: list[str]):
+    """One process, release = false, the two micro-batches accumulated: weights, Updater state, bytes."""
+    from qtrain.build import build
+    from qtrain.config import TrainConfig
+    from qtrain.evaluation import lm_loss
+    from qtrain.fsdp import persistent_bytes
+
+    cfg = TrainConfig.from_toml(TINY, sets + ["train.release=false", "train.grad_accum_steps=2"])
+    torch.manual_seed(0)
+    built = build(cfg, "cpu")
+    model, updater = built.model, built.updater
+    for k in range(STEPS):
+        updater.begin_step(0.01, 0.01)
+        for x, y in _batches(k):
+            (lm_loss(model, x, y, torch.float32) / 2).backward()
+        updater.finish_step()
+    return model.state_dict(), updater.state_dict(), persistent_bytes(model, updater)
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    from qtrain import distributed
+    from qtrain.build import build
+    from qtrain.config import TrainConfig
+    from qtrain.distributed import World
+    from qtrain.errors import TrainingError
+    from qtrain.evaluation import lm_loss
+    from qtrain.fsdp import ShardedTraining
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    result = {}
+    for label, sets in VARIANTS.items():
+        cfg = TrainConfig.from_toml(TINY, sets)
+        torch.manual_seed(0)
+        sharded = ShardedTraining(build(cfg, "cpu").model, cfg, World(rank, 2, rank, sharded=True), torch.device("cpu"))
+        for k in range(STEPS):
+            sharded.updater.begin_step(0.01, 0.01)
+            x, y = _batches(k)[rank]
+            (lm_loss(sharded.model, x, y, torch.float32) / 2).backward()
+            sharded.updater.finish_step()
+        result[label] = (*sharded.full_state(), sharded.persistent_bytes())
+    refused = {}
+    for label, bad in (("method", ["optim.method=galore"]), ("grad_clip", ["optim.float_grad_clip=1.0"]),
+                       ("float_optimizer", ["optim.float_optimizer=adam8bit", "model.vocab_size=258"])):
+        cfg = TrainConfig.from_toml(TINY, SETS + bad)
+        try:
+            model = build(cfg, "cpu", updater=False).model
+            ShardedTraining(model, cfg, World(rank, 2, rank, sharded=True), torch.device("cpu"))
+            refused[label] = "accepted"
+        except TrainingError as e:
+            refused[label] = str(e)
+    torch.save((result, refused), f"{out}.{rank}")
+    del sharded
+    distributed.release_sharded_state()  # FSDP2's state before the process group (see its docstring)
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_spawn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mp.spawn(_worker, args=(f"file://{tmp / 'rendezvous'}", str(tmp / "out")), nprocs=2, join=True)
+        refs = {label: _reference(sets) for label, sets in VARIANTS.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return [torch.load(f"{tmp / 'out'}.{r}", weights_only=False) for r in (0, 1)], refs
+
+
+def _flat(sd: dict) -> dict:
+    from qtrain.statetree import flatten
+
+    out: dict = {}
+    flatten(sd, "optim", out)
+    return out
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+def test_sharded_update_equals_unsharded(spawned, method):
+    """APOLLO-Mini (tensor-wise), APOLLO (channel-wise, rank 4: the column blocks of down_proj, 88 of 176
+    columns per rank, come through the all-to-all) and 8-bit Adam for the float tensors (its blocks of 256
+    lie inside a shard): weights and states equal, gathered on both ranks."""
+    ranks, refs = spawned
+    ref_model, ref_state, _ = refs[method]
+    for rank in (0, 1):
+        model_sd, state_sd, _ = ranks[rank][0][method]
+        assert model_sd.keys() == ref_model.keys()
+        assert not [k for k in ref_model if not torch.equal(ref_model[k], model_sd[k])]
+        a, b = _flat(ref_state), _flat(state_sd)
+        assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_each_rank_keeps_half_the_persistent_bytes(spawned):
+    """Weights (codes, scales, offsets, float tensors) and every optimizer state, counted on the tensors a
+    rank holds: half the one-process bytes, but for the replicated RoPE tables and step counters."""
+    ranks, refs = spawned
+    single = refs["apollo_mini"][2]
+    per_rank = [ranks[r][0]["apollo_mini"][2] for r in (0, 1)]
+    assert per_rank[0] == per_rank[1]
+    assert abs(per_rank[0] / single - 0.5) < 0.01, (per_rank, single)
+
+
+def test_estimator_predicts_the_sharded_bytes(spawned):
+    """`qtrain estimate --nproc 2 --fsdp` (CPU): its persistent bytes are what each rank measured."""
+    from qtrain.config import TrainConfig
+    from qtrain.estimate import estimate
+
+    ranks, refs = spawned
+    cfg = TrainConfig.from_toml(TINY, SETS)
+    single, sharded = estimate(cfg, "cpu"), estimate(cfg, "cpu", nproc=2, fsdp=True)
+    assert single.persistent_bytes == refs["apollo_mini"][2]
+    assert sharded.persistent_bytes == ranks[0][0]["apollo_mini"][2]
+    assert sharded.component("FSDP2 gathered").bytes > 0
+    assert sharded.peak_allocated < single.peak_allocated + sharded.component("FSDP2 gathered").bytes
+
+
+def test_unsupported_recipes_are_refused_with_the_fix(spawned):
+    ranks, _ = spawned
+    refused = ranks[0][1]
+    assert 'method = "galore": FSDP2 shards APOLLO and APOLLO-Mini only' in refused["method"]
+    assert "float_grad_clip > 0" in refused["grad_clip"] and "set it to 0" in refused["grad_clip"]
+    assert "model.embed_tokens.weight (258, 64): 8-bit Adam's blocks of 256 would straddle" in refused[
+        "float_optimizer"] and 'set optim.float_optimizer = "adamw"' in refused["float_optimizer"]
+
+
+def test_config_and_shapes_refused_before_training():
+    from qtrain.build import build
+    from qtrain.config import ConfigError, TrainConfig
+    from qtrain.fsdp import problems
+
+    with pytest.raises(ConfigError, match=r"fsdp = true updates each shard inside backward: it needs release"):
+        TrainConfig.from_toml(TINY, ["train.fsdp=true", "train.release=false", "train.grad_accum_steps=2"])
+    cfg = TrainConfig.from_toml(TINY, SETS)
+    found = problems(cfg, build(cfg, "meta", updater=False).model, 3)
+    assert any("out_features must be a multiple of the world size 3" in p for p in found), found
+
+
+def test_int8_weight_refuses_float_arithmetic():
+    """The wrapper only supports what FSDP2 does to a parameter: arithmetic on it is an error, not a silent
+    dequantization."""
+    from qtrain.fsdp import Int8Weight
+    from qtrain.quant.groupwise import quantize_groupwise
+
+    w = Int8Weight(*quantize_groupwise(torch.randn(4, 64), 64), 64)
+    top, bottom = torch.chunk(w, 2)
+    assert top.codes.shape == (2, 64) and bottom.scale.shape == (2,)
+    with pytest.raises(NotImplementedError, match="Int8Weight does not support"):
+        w + 1
