@@ -1,23 +1,15 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) for qtrain models: int8 weights sharded by rows.
 
-Each int8 projection's codes, scales and offsets become one `Int8Weight`: a tensor subclass that looks like an
-fp32 (out, in) parameter to FSDP2 and autograd, and holds the uint8 codes and per-group meta inside. FSDP2
-shards it by dim 0 (rows; qtrain's groups lie inside rows when in_features is a multiple of the group size, and
-a shard boundary always falls between groups), all-gathers the int8 pieces for compute (`fsdp_pre_all_gather`
-/ `fsdp_post_all_gather`, the way torchao's int8 training weight does), reduce-scatters the dW (fp32) that the
-layer's backward returns, and calls the post-accumulate-grad hook on the sharded parameter. That hook runs
-the update on the local rows only. Float tensors (embedding, norms, lm_head) are ordinary FSDP2 parameters,
-updated in the same hook on their local shard.
+Each int8 projection's codes, scales and offsets become one `Int8Weight` (qtrain.int8_weight) that FSDP2 shards
+by rows, all-gathers as int8 for compute and whose dW it reduce-scatters; FSDP2 then calls the post-accumulate-
+grad hook on the sharded parameter, and that hook runs the update on the local rows only. Float tensors
+(embedding, norms, lm_head) are ordinary FSDP2 parameters, updated in the same hook on their local shard.
 
 Why a sharded update equals the unsharded one:
   - the reduce-scatter is a SUM (the loss is scaled by 1/world before backward, as in data parallel);
   - Adam is elementwise, so a shard's update is the full update's rows;
-  - APOLLO's statistics live on the columns of the oriented gradient Ĝ. Every rank owns a block of Ĝ's
-    columns: its own rows of G when Ĝ = Gᵀ (m >= n), or a column block fetched with one all-to-all of its
-    gradient shard when Ĝ = G (m < n). R = PᵀĜ, the column norms and the moments of those columns are then
-    computed locally with the unsharded arithmetic (`_project_block`); N, R and the column norms are
-    all-gathered, and every norm (APOLLO-Mini's ‖N‖, ‖R‖, ‖Ĝ‖; APOLLO's per-column ratios and ‖Ĝ·Diag(s)‖)
-    is taken of those unsharded tensors;
+  - APOLLO's statistics span columns of the whole matrix: qtrain.optim.apollo_sharded computes them over
+    column blocks and gathers what the norms need, so every norm is taken of the unsharded tensors;
   - stochastic rounding on the CPU draws one number per element, in row-major order, from the tensor's
     generator: a shard skips the draws of the rows before it and rounds exactly like the same rows of the full
     tensor. On CUDA (Triton's counter-based noise) a shard's seed is mixed with its first row instead: the
@@ -26,7 +18,6 @@ Why a sharded update equals the unsharded one:
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -34,239 +25,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 
 from qtrain.build import build_updater
 from qtrain.errors import TrainingError
-from qtrain.int8_linear import Int8Linear, compute_dtype
+from qtrain.int8_linear import Int8Linear
+from qtrain.int8_weight import Int8Weight, local_tensor, to_sharded_layer
 from qtrain.model import float_parameters, int8_layers
-from qtrain.optim.apollo import project_with_column_norms
-from qtrain.optim.limiter import norm_growth_factor
-from qtrain.optim.projection import random_projection
+from qtrain.optim.apollo_sharded import sharded_apollo_scale
 from qtrain.quant import dispatch
 from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.stochastic_round import UNIFORM_BITS
 from qtrain.seeding import mix_seed, name_uid, update_seed
 
-aten = torch.ops.aten
 MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
 BLOCK_STATISTICS = ("absmax1", "absmax2")  # bitsandbytes' 8-bit Adam: one absmax per block of its flat state
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # its block size, and the size below which a tensor keeps 32-bit state
-# apollo.project_with_column_norms' chunk (its default): the unsharded update's chunk rows
-APOLLO_CHUNK = inspect.signature(project_with_column_norms).parameters["max_chunk_elems"].default
-
-
-class Int8Weight(Tensor):
-    """An int8 weight (codes uint8 (m, n), scale/offset (G,)) that presents itself as an fp32 (m, n) tensor.
-
-    Only the operations FSDP2 applies to a parameter are implemented (chunk, narrow, new_zeros, copy_, view,
-    as_strided, detach, alias); any other operation raises, so a dequantization can never happen by accident.
-    """
-
-    codes: Tensor
-    scale: Tensor
-    offset: Tensor
-    group_size: int
-
-    @staticmethod
-    def __new__(cls, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int,
-                dtype: torch.dtype = torch.float32):
-        return Tensor._make_wrapper_subclass(cls, codes.shape, dtype=dtype, device=codes.device)
-
-    def __init__(self, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int,
-                 dtype: torch.dtype = torch.float32):
-        """dtype: what the weight looks like, the model's float dtype (FSDP2 wants one dtype per unit); its
-        gradient has it too."""
-        self.codes, self.scale, self.offset, self.group_size = codes, scale, offset, group_size
-
-    def __repr__(self) -> str:
-        return f"Int8Weight(shape={tuple(self.shape)}, group_size={self.group_size}, meta={self.scale.dtype})"
-
-    def __tensor_flatten__(self):
-        return ["codes", "scale", "offset"], (self.group_size, self.dtype)
-
-    @staticmethod
-    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        return Int8Weight(inner["codes"], inner["scale"], inner["offset"], *meta)
-
-    def _groups(self, r0: int, r1: int) -> slice:
-        """The groups of rows r0..r1 (a shard never cuts a group: `problems` checks the shapes)."""
-        n = self.codes.shape[1] if self.codes.dim() == 2 else 1
-        g0, g1 = r0 * n, r1 * n
-        if g0 % self.group_size or g1 % self.group_size:
-            raise ValueError(f"rows {r0}:{r1} of a {tuple(self.codes.shape)} int8 weight cut a group of "
-                             f"{self.group_size}")
-        return slice(g0 // self.group_size, g1 // self.group_size)
-
-    def rows(self, r0: int, r1: int) -> Int8Weight:
-        """Rows r0..r1 (views of codes, scale and offset)."""
-        gs = self._groups(r0, r1)
-        return Int8Weight(self.codes[r0:r1], self.scale[gs], self.offset[gs], self.group_size, self.dtype)
-
-    # ---- FSDP2's all-gather extension ----------------------------------------------------------------
-    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        return (self.codes, self.scale, self.offset), (self.group_size, self.dtype)  # as bytes, not dequantized
-
-    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        codes, scale, offset = outputs
-        if out is not None:  # a later gather into the same (re-allocated) buffers: nothing to rebuild
-            return
-        return Int8Weight(codes, scale, offset, *metadata), (codes, scale, offset)
-
-    # ---- the operations FSDP2 and autograd apply to a parameter ----------------------------------
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = _HANDLERS.get(func)
-        if handler is None:
-            raise NotImplementedError(f"Int8Weight does not support {func}: an int8 weight is read only through "
-                                      f"its codes, scale and offset")
-        return handler(*args, **kwargs)
-
-
-def _same(w: Int8Weight, codes: Tensor, scale: Tensor, offset: Tensor) -> Int8Weight:
-    return Int8Weight(codes, scale, offset, w.group_size, w.dtype)
-
-
-def _split(w: Int8Weight, split_size: int, dim: int = 0):
-    if dim != 0:
-        raise NotImplementedError("Int8Weight splits only by rows (dim 0)")
-    m = w.shape[0]
-    return [w.rows(r0, min(m, r0 + split_size)) for r0 in range(0, m, split_size)]
-
-
-def _slice(w: Int8Weight, dim: int = 0, start=None, end=None, step: int = 1):
-    if dim != 0 or step != 1:
-        raise NotImplementedError("Int8Weight slices only contiguous rows (dim 0)")
-    m = w.shape[0]
-    start = 0 if start is None else max(0, min(m, start if start >= 0 else start + m))
-    end = m if end is None else max(start, min(m, end if end >= 0 else end + m))
-    return w.rows(start, end)
-
-
-def _new_zeros(w: Int8Weight, size, **kwargs):
-    size = tuple(size)
-    if size[1:] != tuple(w.shape[1:]):
-        raise NotImplementedError(f"Int8Weight.new_zeros{size} changes the row width of {tuple(w.shape)}")
-    numel = size[0] * (size[1] if len(size) > 1 else 1)
-    G = numel // w.group_size
-    codes = torch.zeros(size, dtype=torch.uint8, device=w.device)
-    return _same(w, codes, w.scale.new_ones(G), w.offset.new_zeros(G))
-
-
-def _copy_(dst: Int8Weight, src, non_blocking: bool = False):
-    if not isinstance(src, Int8Weight):
-        raise NotImplementedError("Int8Weight.copy_ takes another Int8Weight (a float copy would need quantization)")
-    dst.codes.copy_(src.codes)
-    dst.scale.copy_(src.scale)
-    dst.offset.copy_(src.offset)
-    return dst
-
-
-def _view(w: Int8Weight, size):
-    size = list(size)
-    if -1 in size:
-        known = 1
-        for s in size:
-            known *= s if s != -1 else 1
-        size[size.index(-1)] = w.numel() // known
-    if tuple(size) == tuple(w.shape):
-        return _same(w, w.codes, w.scale, w.offset)
-    return _same(w, w.codes.view(size), w.scale, w.offset)  # FSDP2's flat view of the padded shard
-
-
-def _as_strided(w: Int8Weight, size, stride, storage_offset=0):
-    if tuple(size) != tuple(w.shape) or (storage_offset or 0) != 0:
-        raise NotImplementedError(f"Int8Weight.as_strided to {tuple(size)} from {tuple(w.shape)}")
-    return _same(w, w.codes, w.scale, w.offset)
-
-
-def _to_copy(w: Int8Weight, *, dtype=None, device=None, **kwargs):
-    if dtype not in (None, w.dtype):
-        raise NotImplementedError(f"Int8Weight cannot become {dtype}: it is read only through its codes")
-    device = w.device if device is None else device  # FSDP2 moves a CPU-built model to the mesh's device
-    return _same(w, w.codes.to(device), w.scale.to(device), w.offset.to(device))
-
-
-def _detach(w: Int8Weight):
-    return _same(w, w.codes.detach(), w.scale.detach(), w.offset.detach())
-
-
-def _is_same_size(a, b):
-    return tuple(a.shape) == tuple(b.shape)
-
-
-_HANDLERS = {
-    aten.split.Tensor: _split,
-    aten.slice.Tensor: _slice,
-    aten.new_zeros.default: _new_zeros,
-    aten.copy_.default: _copy_,
-    aten.view.default: _view,
-    aten._unsafe_view.default: _view,
-    aten.as_strided.default: _as_strided,
-    aten._to_copy.default: _to_copy,
-    aten.detach.default: _detach,
-    aten.alias.default: _detach,
-    aten.is_same_size.default: _is_same_size,
-}
-
-
-# ---- the layer -----------------------------------------------------------------------------------------
-def _local(t: Tensor) -> Tensor:
-    """The tensor a rank holds: a DTensor's local shard, anything else as is."""
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-class _ShardedInt8LinearFn(torch.autograd.Function):
-    """_Int8LinearFn with the weight as an autograd input: dW is its gradient, which FSDP2 reduce-scatters."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, layer: ShardedInt8Linear) -> Tensor:
-        x = x.to(compute_dtype(x))
-        ctx.layer = layer
-        ctx.save_for_backward(x)  # not the weight: FSDP2 frees the gathered codes after forward
-        return layer.matmul_x(x)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        (x,) = ctx.saved_tensors
-        layer = ctx.layer  # its weight is the one FSDP2 gathered again for backward
-        dx = layer.matmul_grad_input(dy) if ctx.needs_input_grad[0] else None
-        dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (out, in)
-        return dx, dw.to(weight_dtype(layer)), None  # the weight's apparent dtype: reduce-scattered in it
-
-
-class ShardedInt8Linear(Int8Linear):
-    """An Int8Linear whose codes, scale and offset live in one Int8Weight parameter, `weight`, that FSDP2
-    manages: the gathered weight during forward and backward, the local rows otherwise."""
-
-    @property
-    def codes(self) -> Tensor:
-        return _local(self.weight).codes
-
-    @property
-    def scale(self) -> Tensor:
-        return _local(self.weight).scale
-
-    @property
-    def offset(self) -> Tensor:
-        return _local(self.weight).offset
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = _ShardedInt8LinearFn.apply(x, self.weight, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-def weight_dtype(layer: Int8Linear) -> torch.dtype:
-    return _local(layer.weight).dtype
-
-
-def _to_sharded_layer(layer: Int8Linear, dtype: torch.dtype) -> None:
-    w = Int8Weight(layer.codes, layer.scale, layer.offset, layer.group_size, dtype)
-    for key in ("codes", "scale", "offset"):
-        del layer._buffers[key]
-    layer.__class__ = ShardedInt8Linear
-    layer.weight = nn.Parameter(w, requires_grad=True)
 
 
 # ---- what is supported -----------------------------------------------------------------------------------
@@ -316,108 +89,6 @@ def problems(cfg, model: nn.Module, world_size: int) -> list[str]:
     return out
 
 
-# ---- sharded APOLLO -------------------------------------------------------------------------------------
-def _gather_columns(pieces: list[Tensor], group=None) -> list[Tensor]:
-    """Every rank's pieces (each (rows, k) or (k,)) concatenated along their last dim in rank order, with one
-    all-gather for all of them: the unsharded tensors, bit for bit."""
-    flat = torch.cat([p.reshape(-1) for p in pieces])
-    world = dist.get_world_size(group)
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat, group=group)
-    out, at = [], 0
-    for p in pieces:
-        n = p.numel()
-        out.append(torch.cat([g[at:at + n].view(p.shape) for g in gathered], dim=-1))
-        at += n
-    return out
-
-
-def _column_block(grad: Tensor, shape: tuple[int, int], world: int, group=None) -> Tensor:
-    """This rank's block of columns of the oriented gradient Ĝ (a × b/world), from its rows of G.
-
-    Ĝ = Gᵀ (m >= n): the local rows of G are columns of Ĝ already. Ĝ = G (m < n): one all-to-all swaps
-    row blocks for column blocks (each rank sends 1/world of its shard to each other rank).
-    """
-    m, n = shape
-    if m >= n:
-        return grad.t()  # (n, m_local), a view: the strides Ĝ = Gᵀ has in the unsharded update
-    rows, k = grad.shape[0], n // world
-    send = grad.reshape(rows, world, k).transpose(0, 1).contiguous()  # (world, rows, k): block j goes to rank j
-    recv = torch.empty_like(send)  # from rank j: its rows, my columns
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.reshape(m, k)
-
-
-def _project_block(proj: Tensor, g_hat: Tensor, b: int, c0: int) -> tuple[Tensor, Tensor]:
-    """apollo.project_with_column_norms for the columns c0.. of an oriented gradient b wide: R's and the column
-    norms' columns, bit for bit.
-
-    The same chunk rows as the unsharded call. A column of R (one dot product per output, MKL's GEMM) does
-    not depend on the other columns. The column norms of a row-contiguous chunk do: torch's CPU sum over
-    dim 0 vectorizes across columns by their position in the row, so a block that is not a whole number of
-    vectors would sum its last columns in another order. It is summed at its place in a zero row as wide as
-    the unsharded one (one chunk-sized buffer).
-    """
-    a, b_local = g_hat.shape
-    rows = max(1, APOLLO_CHUNK // b)
-    r = torch.zeros((proj.shape[1], b_local), device=g_hat.device, dtype=torch.float32)
-    col_sq = torch.zeros(b_local, device=g_hat.device, dtype=torch.float32)
-    for i in range(0, a, rows):
-        chunk = g_hat[i : i + rows].float()  # (rows, b_local)
-        r.addmm_(proj[i : i + rows].t(), chunk)
-        if chunk.stride(-1) == 1 and b_local != b and chunk.device.type == "cpu":  # (CUDA: not bit-matched anyway)
-            wide = chunk.new_zeros((chunk.shape[0], b))
-            wide[:, c0 : c0 + b_local] = chunk
-            col_sq.add_(wide.square_().sum(dim=0)[c0 : c0 + b_local])
-            del wide
-        else:  # Ĝ = Gᵀ: each column is contiguous and reduced on its own
-            col_sq.add_(chunk.square().sum(dim=0))
-    return r, col_sq
-
-
-def sharded_apollo_scale(method, grad: Tensor, state: dict, shape: tuple[int, int], rank: int, world: int,
-                         group=None) -> Tensor:
-    """Apollo.direction for one rank's rows of G (m × n): the grad_scale of those rows, equal to the unsharded
-    direction's. state holds this rank's column block of the moments (r × b/world).
-
-    apollo.scaling_chain operation for operation: the moments of the column block are updated locally
-    (elementwise), then N, R and the column norms are all-gathered (r × b, r × b, b floats) and every
-    norm is taken of the unsharded tensors, so it has the unsharded bits.
-    """
-    state["step"] = t = state["step"] + 1
-    m, n = shape
-    proj = random_projection(shape, method.rank, method.projection_seed(state, t), grad.device)  # (a, r), full
-    g_hat = _column_block(grad, shape, world, group)  # (a, b_local)
-    b, b_local = max(m, n), g_hat.shape[1]
-    r, col_sq = _project_block(proj, g_hat, b, rank * b_local)
-    b1, b2 = method.betas
-    c1, c2 = 1 - b1**t, 1 - b2**t
-    mom, var, phi = state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"]
-    mom.mul_(b1).add_(r, alpha=1 - b1)
-    var.mul_(b2).addcmul_(r, r, value=1 - b2)
-    if method.bias_correction == "outside":
-        nrm = mom / (var.sqrt() + method.eps)
-        step_factor = math.sqrt(c2) / c1
-    else:
-        nrm = (mom / c1) / ((var / c2).sqrt() + method.eps)
-        step_factor = 1.0
-    nrm, r, col_sq = _gather_columns([nrm, r, col_sq], group)  # (r, b), (r, b), (b,): the unsharded tensors
-    if method.scale_type == "channel":
-        s = nrm.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
-        x_norm = (s.square() * col_sq).sum().sqrt()
-    else:
-        s = nrm.norm() / (r.norm() + 1e-8)
-        x_norm = s * col_sq.sum().sqrt()
-    eta, new_phi = norm_growth_factor(x_norm, phi, first=t == 1, gamma=method.gamma)
-    phi.copy_(new_phi)
-    f = s * (eta * (math.sqrt(method.scale) * step_factor))
-    if method.scale_type != "channel":
-        return f
-    if m < n:
-        return f.reshape(1, n)  # every row takes all n column factors
-    return f[rank * b_local : (rank + 1) * b_local].reshape(b_local, 1)  # this rank's rows
-
-
 def _skip_uniforms(generator: torch.Generator, count: int, device) -> None:
     """Advance a CPU generator past `count` SR uniforms (qtrain.quant.stochastic_round.sr_uniforms draws one
     32-bit number per element, in row-major order, whatever the chunking)."""
@@ -464,7 +135,7 @@ class ShardedTraining:
         self.int8_shapes = {name: (layer.out_features, layer.in_features) for name, layer in int8_layers(model).items()}
         dtype = next(p.dtype for p in model.parameters())  # the float tensors' (build_model stores all alike)
         for layer in int8_layers(model).values():
-            _to_sharded_layer(layer, dtype)
+            to_sharded_layer(layer, dtype)
         mesh = init_device_mesh(device.type, (world.size,))
         # one unit per block, and the embedding and lm_head (the two largest tensors) each their own, so only
         # one of them is gathered at a time; the root keeps the final norm
@@ -487,7 +158,7 @@ class ShardedTraining:
     def _local_updater(self):
         root, int8 = nn.Module(), {}
         for layer_name, (m, n) in self.int8_shapes.items():  # first: a layer's float bias goes inside it
-            w = _local(self.params[f"{layer_name}.weight"])
+            w = local_tensor(self.params[f"{layer_name}.weight"])
             int8[layer_name] = loc = Int8Linear(n, m, w.group_size, w.scale.dtype, device="meta",
                                                 bias=f"{layer_name}.bias" in self.params)
             loc.codes = w.codes.new_empty(1).expand(m, n)  # the unsharded shape on the device, no memory
@@ -495,10 +166,10 @@ class ShardedTraining:
             _place(root, layer_name, loc)
         for name, p in self.params.items():
             if name.removesuffix(".weight") not in self.int8_shapes and p.requires_grad:
-                _place(root, name, nn.Parameter(_local(p), requires_grad=True))  # shares the shard's storage
+                _place(root, name, nn.Parameter(local_tensor(p), requires_grad=True))  # shares the shard's storage
         updater = build_updater(root, self.cfg)  # the method validates the unsharded shapes
         for layer_name, loc in int8.items():  # then each layer holds this rank's rows
-            w = _local(self.params[f"{layer_name}.weight"])
+            w = local_tensor(self.params[f"{layer_name}.weight"])
             loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
         return updater
 
@@ -506,7 +177,7 @@ class ShardedTraining:
     @torch.no_grad()
     def _update_int8(self, name: str, p: nn.Parameter) -> None:
         u = self.updater
-        grad, w = _local(p.grad), _local(p)
+        grad, w = local_tensor(p.grad), local_tensor(p)
         p.grad = None
         loc = u.int8[name]
         if loc.codes is not w.codes:  # FSDP2 re-padded the shard: follow its tensors
@@ -533,10 +204,10 @@ class ShardedTraining:
     @torch.no_grad()
     def _update_float(self, name: str, p: nn.Parameter) -> None:
         shadow = self.updater.floats[name]
-        local = _local(p)
+        local = local_tensor(p)
         if shadow.data_ptr() != local.data_ptr() or shadow.shape != local.shape:
             shadow.data = local  # FSDP2 re-padded the shard: the same Parameter (optimizer state) on its tensor
-        shadow.grad = _local(p.grad)
+        shadow.grad = local_tensor(p.grad)
         p.grad = None
         self.updater.update_float(name, shadow)
 
@@ -563,10 +234,10 @@ class ShardedTraining:
         for key in self.keys:
             layer_name, _, attr = key.rpartition(".")
             if layer_name in self.int8_shapes and attr in ("codes", "scale", "offset"):
-                local = getattr(_local(self.params[f"{layer_name}.weight"]), attr)
+                local = getattr(local_tensor(self.params[f"{layer_name}.weight"]), attr)
                 model_sd[key] = self._gather(local, self.full_shapes[key][0], 0)
             elif key in self.params:
-                model_sd[key] = self._gather(_local(self.params[key]).detach(), self.full_shapes[key][0], 0)
+                model_sd[key] = self._gather(local_tensor(self.params[key]).detach(), self.full_shapes[key][0], 0)
             else:  # a replicated buffer
                 model_sd[key] = self.model.get_buffer(key).detach().cpu()
         sd = self.updater.state_dict()
@@ -615,7 +286,7 @@ def persistent_bytes(model: nn.Module, updater) -> int:
     (a sharded model: this rank's shards), the buffers, the method states and the float optimizers' states."""
     tensors = []
     for p in model.parameters():
-        local = _local(p)
+        local = local_tensor(p)
         tensors += [local.codes, local.scale, local.offset] if isinstance(local, Int8Weight) else [local]
     tensors += list(model.buffers())
     tensors += _tensors(updater.state) + _tensors([list(opt.state.values()) for opt in updater.float_opts.values()])

@@ -44,6 +44,21 @@ def quant_cfg(enabled=True, group_size=64, meta_dtype="float32"):
     return SimpleNamespace(enabled=enabled, group_size=group_size, meta_dtype=meta_dtype)
 
 
+def release_trainer(cfg):
+    """A CPU model and its release-mode Updater for cfg, as fit trains them (checkpointing as the recipe says)."""
+    from qtrain.build import build_updater
+    from qtrain.model import build_model, enable_activation_checkpointing
+    from qtrain.release import attach_release
+
+    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    updater = build_updater(model, cfg)
+    attach_release(updater)
+    return model, updater
+
+
 # ---- Triton kernels: interpreter on CPU, compiled on CUDA ------------------------------------------------
 def triton_interpreted() -> bool:
     from qtrain.quant import triton_kernels
@@ -60,6 +75,21 @@ def triton_interpreted() -> bool:
 def kernel_device(request):
     """Where a Triton-kernel test runs: "cpu" in Triton's interpreter, or "cuda" compiled."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def device(kernel_device):
+    """The kernel tests' device: "cpu" (Triton's interpreter) or "cuda" (compiled)."""
+    return kernel_device
+
+
+def interpreter_process_test(test_file: str):
+    """The test a kernel-test module binds to `test_cpu_cases_in_an_interpreter_process`: where this process
+    imported Triton compiled (a GPU machine), it runs the module's "cpu" cases in an interpreter process."""
+    @pytest.mark.skipif(triton_interpreted(), reason="the cpu cases ran in this process")
+    def test_cpu_cases_in_an_interpreter_process():
+        run_cpu_cases_in_interpreter(test_file)
+    return test_cpu_cases_in_an_interpreter_process
 
 
 def run_cpu_cases_in_interpreter(test_file: str) -> None:

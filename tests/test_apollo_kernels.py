@@ -23,26 +23,25 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` of the process
 triton = pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
 
-from qtrain.optim import apollo_kernels  # noqa: E402
-from qtrain.optim.apollo import Apollo, apollo_mini, apollo_scaling, project_with_column_norms, scaling_chain  # noqa: E402
-from qtrain.optim.projection import orient, random_projection  # noqa: E402
-from qtrain.quant import dispatch, triton_kernels  # noqa: E402
-from conftest import compile_for_sm90, run_cpu_cases_in_interpreter  # noqa: E402
+from conftest import compile_for_sm90, interpreter_process_test
 
-INTERPRETED = triton_kernels.interpret_mode()
+from qtrain.optim import apollo_kernels
+from qtrain.optim.apollo import (
+    Apollo,
+    apollo_mini,
+    apollo_scaling,
+    project_with_column_norms,
+    scaling_chain,
+)
+from qtrain.optim.projection import orient, random_projection
+from qtrain.quant import dispatch, triton_kernels
+
 U = 2.0**-24
 MODES = [("channel", 4), ("tensor", 1), ("channel", 20)]  # APOLLO r=4, APOLLO-Mini, r=20 (R padded to 32 rows)
 SHAPES = [(12, 40), (150, 36)]  # Ĝ = G (a=12, b=40), and Ĝ = Gᵀ, a strided view (a=36 > BLOCK_A, b=150: 2 programs)
 
 
-@pytest.fixture
-def device(kernel_device):  # conftest: "cpu" (interpreter) or "cuda" (compiled)
-    return kernel_device
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the cpu cases ran in this process")
-def test_cpu_cases_in_an_interpreter_process():
-    run_cpu_cases_in_interpreter(__file__)
+test_cpu_cases_in_an_interpreter_process = interpreter_process_test(__file__)
 
 
 def gamma(k):

@@ -16,6 +16,7 @@ import re
 import count_launches as cl
 import pytest
 import torch
+from conftest import release_trainer
 from torch import Tensor
 
 from qtrain import step_graph
@@ -23,7 +24,7 @@ from qtrain.build import build_updater
 from qtrain.config import ConfigError, TrainConfig
 from qtrain.errors import TrainingError
 from qtrain.evaluation import lm_loss
-from qtrain.model import build_model, enable_activation_checkpointing
+from qtrain.model import build_model
 from qtrain.optim.apollo import step_constants
 from qtrain.optim.apollo_kernels import scaling_chain_triton
 from qtrain.optim.base import Update
@@ -74,12 +75,7 @@ class ArgRecorder(cl.LaunchCounter):
 def recorded_steps(recipe: str, extra=(), steps=(3, 4)):
     """The records of release steps `steps` (consecutive) of `recipe` at tiny widths, as fit runs them."""
     cfg = TrainConfig.from_toml(find_recipe(recipe), TINY + list(extra))
-    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    model.train()
-    updater = build_updater(model, cfg)
-    attach_release(updater)
+    model, updater = release_trainer(cfg)
     x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
     records = {}
     with cl.CudaDecisions(None) as decisions:

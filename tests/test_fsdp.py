@@ -220,7 +220,7 @@ def test_config_and_shapes_refused_before_training():
 def test_int8_weight_refuses_float_arithmetic():
     """The wrapper only supports what FSDP2 does to a parameter: arithmetic on it is an error, not a silent
     dequantization."""
-    from qtrain.fsdp import Int8Weight
+    from qtrain.int8_weight import Int8Weight
     from qtrain.quant.groupwise import quantize_groupwise
 
     w = Int8Weight(*quantize_groupwise(torch.randn(4, 64), 64), 64)

@@ -21,23 +21,14 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` of the process
 pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
 
-from conftest import quant_cfg, run_cpu_cases_in_interpreter, tiny_model_cfg
+from conftest import interpreter_process_test, quant_cfg, tiny_model_cfg
 
 from qtrain import rms_norm as rn
-from qtrain.quant import triton_kernels
 
-INTERPRETED = triton_kernels.interpret_mode()
 U = 2.0**-24
 
 
-@pytest.fixture
-def device(kernel_device):  # conftest: "cpu" (interpreter) or "cuda" (compiled)
-    return kernel_device
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the cpu cases ran in this process")
-def test_cpu_cases_in_an_interpreter_process():
-    run_cpu_cases_in_interpreter(__file__)
+test_cpu_cases_in_an_interpreter_process = interpreter_process_test(__file__)
 
 
 def norm_module(d, w_dtype, eps=1e-6):

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import release_trainer
 from sync_probe import cpu_syncs, explicit_syncs
 
-from qtrain.build import build_updater
 from qtrain.config import TrainConfig
 from qtrain.evaluation import lm_loss
-from qtrain.model import build_model, enable_activation_checkpointing
-from qtrain.release import attach_release
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 SHRINK = ["model.init=", "model.hidden_size=128", "model.intermediate_size=256", "model.num_heads=2",
@@ -38,12 +36,7 @@ def shrunk(path: Path, extra=()) -> TrainConfig:
 
 
 def syncs_of_a_release_step(cfg: TrainConfig):
-    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    model.train()
-    updater = build_updater(model, cfg)
-    attach_release(updater)
+    model, updater = release_trainer(cfg)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len),
                       generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}

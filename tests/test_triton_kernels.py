@@ -24,26 +24,19 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
 tl = triton.language
 
-from qtrain.quant import dispatch, triton_kernels  # noqa: E402
-from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
-from qtrain.quant.int8_update import int8_scaled_update_  # noqa: E402
-from qtrain.seeding import update_seed  # noqa: E402
-from conftest import compile_for_sm90, run_cpu_cases_in_interpreter  # noqa: E402
+from conftest import compile_for_sm90, interpreter_process_test
+
+from qtrain.quant import dispatch, triton_kernels
+from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise
+from qtrain.quant.int8_update import int8_scaled_update_
+from qtrain.seeding import update_seed
 
 sr_module = importlib.import_module("qtrain.quant.stochastic_round")  # the module (quant/__init__ exports a function)
-INTERPRETED = triton_kernels.interpret_mode()
 SHAPES = [(16, 64, 32), (12, 40, 32)]  # (m, n, g); 12x40 in groups of 32 straddles rows
 ONE_MINUS_ULP = 1 - 2**-24  # the largest fp32 below 1
 
 
-@pytest.fixture
-def device(kernel_device):  # conftest: "cpu" (interpreter) or "cuda" (compiled)
-    return kernel_device
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the cpu cases ran in this process")
-def test_cpu_cases_in_an_interpreter_process():
-    run_cpu_cases_in_interpreter(__file__)
+test_cpu_cases_in_an_interpreter_process = interpreter_process_test(__file__)
 
 
 def quantized(m, n, g, device, seed=1234, meta_dtype=torch.float32):  # seed not 0: the autouse fixture

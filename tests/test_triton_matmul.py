@@ -15,13 +15,19 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` of the process
 triton = pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[test]'")
 
-from conftest import (  # noqa: E402
-    compile_for_sm90, quant_cfg, run_cpu_cases_in_interpreter, tiny_model_cfg, triton_interpreted)
-from qtrain.int8_linear import Int8Linear  # noqa: E402
-from qtrain.model import build_model  # noqa: E402
-from qtrain.quant import dispatch, triton_matmul  # noqa: E402
-from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise  # noqa: E402
-from qtrain.evaluation import lm_loss  # noqa: E402
+from conftest import (
+    compile_for_sm90,
+    interpreter_process_test,
+    quant_cfg,
+    tiny_model_cfg,
+    triton_interpreted,
+)
+
+from qtrain.evaluation import lm_loss
+from qtrain.int8_linear import Int8Linear
+from qtrain.model import build_model
+from qtrain.quant import dispatch, triton_matmul
+from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise
 
 INTERPRETED = triton_interpreted()
 # (N, K, g): the per-row tiling (groups inside rows; N = 40 leaves a partial tile of rows), then the gathering
@@ -30,14 +36,7 @@ SHAPES = [(48, 64, 32), (40, 96, 32), (32, 64, 64), (12, 40, 32), (32, 45, 16), 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-@pytest.fixture
-def device(kernel_device):
-    return kernel_device
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the cpu cases ran in this process")
-def test_cpu_cases_in_an_interpreter_process():
-    run_cpu_cases_in_interpreter(__file__)
+test_cpu_cases_in_an_interpreter_process = interpreter_process_test(__file__)
 
 
 def weight(N, K, g, device, meta=torch.float32, seed=7):

@@ -8,7 +8,9 @@ gradient reduction qtrain.train installs (OverlappedReducer with [train] dp_over
 hook), and steps of the training loop's shape (batch_at, lm_loss / W, backward, finish_step). One thread per
 rank on CPU, so 2 ranks on 2 cores can ideally reach 2x. Printed: tokens/s (global), ms per step, host time
 per step spent waiting for all-reduces (what was not hidden behind backward), peak RSS (CPU) or peak CUDA
-memory per rank, and the 2-rank / 1-rank ratio measured in the same run.
+memory per rank, the persistent bytes per rank (weights + optimizer states), and the 2-rank / 1-rank ratio
+measured in the same run. `--set train.fsdp=true` shards with FSDP2 instead (qtrain.fsdp); its collectives
+run inside FSDP2, so no wait time is printed for it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def worker(rank: int, world: int, init: str, recipe: str, overrides: list[str], 
     from qtrain.device import autocast_dtype
     from qtrain.distributed import World
     from qtrain.evaluation import lm_loss
+    from qtrain.fsdp import ShardedTraining, persistent_bytes
     from qtrain.release import attach_release
     from qtrain.shipped_recipes import find_recipe
 
@@ -44,12 +47,17 @@ def worker(rank: int, world: int, init: str, recipe: str, overrides: list[str], 
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     dtype = autocast_dtype(cfg.train.dtype, device)
     data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, None)
-    built = build(cfg, device)
+    sharded = cfg.train.fsdp and world > 1
+    built = build(cfg, torch.device("cpu") if sharded else device)  # FSDP2 moves each shard to the device
     model, updater = built.model, built.updater
     sampler = data.sampler(cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
     comm = {"s": 0.0}
     reducer = None
-    if world > 1 and cfg.train.release and cfg.train.dp_overlap > 0:
+    if sharded:  # FSDP2: its hooks update every shard inside backward; its collectives are not timed apart
+        training = ShardedTraining(model, cfg, World(rank, world, rank, sharded=True), device)
+        model, updater = training.model, training.updater
+        comm["s"] = float("nan")
+    elif world > 1 and cfg.train.release and cfg.train.dp_overlap > 0:
         reducer = distributed.OverlappedReducer(cfg.train.dp_overlap)
     elif world > 1:
         def timed_reduce(name, grad):
@@ -57,7 +65,7 @@ def worker(rank: int, world: int, init: str, recipe: str, overrides: list[str], 
             distributed.reduce_grad_(name, grad)
             comm["s"] += time.perf_counter() - t0
         updater.add_grad_hook(timed_reduce)
-    if cfg.train.release:
+    if cfg.train.release and not sharded:
         attach_release(updater, reducer)
     A = cfg.train.grad_accum_steps
 
@@ -74,7 +82,7 @@ def worker(rank: int, world: int, init: str, recipe: str, overrides: list[str], 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    comm["s"] = 0.0
+    comm["s"] = float("nan") if sharded else 0.0
     if reducer is not None:
         reducer.wait_s = 0.0
     t0 = time.perf_counter()
@@ -86,8 +94,9 @@ def worker(rank: int, world: int, init: str, recipe: str, overrides: list[str], 
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     waited = reducer.wait_s if reducer is not None else comm["s"]
-    out[rank] = (elapsed, waited, peak, backend)
-    distributed.check_replicas(model, World(rank, world, rank), steps)
+    out[rank] = (elapsed, waited, peak, backend, persistent_bytes(model, updater))
+    if not sharded:
+        distributed.check_replicas(model, World(rank, world, rank), steps)
     dist.destroy_process_group()
 
 
@@ -105,7 +114,8 @@ def measure(world: int, args) -> dict:
     return {"world": world, "tok_s": tokens / elapsed, "step_ms": 1000 * elapsed / args.steps,
             "comm_ms": 1000 * max(v[1] for v in out.values()) / args.steps,
             "peak": max(v[2] for v in out.values()), "backend": out[0][3], "release": cfg.train.release,
-            "overlap": cfg.train.dp_overlap}
+            "overlap": "fsdp" if cfg.train.fsdp and world > 1 else cfg.train.dp_overlap,
+            "persistent": max(v[4] for v in out.values())}
 
 
 def main() -> int:
@@ -120,11 +130,13 @@ def main() -> int:
     rows = [measure(int(w), args) for w in args.ranks.split(",")]
     print(f"recipe {args.recipe} {' '.join('--set ' + s for s in args.set)}; {args.steps} timed steps after "
           f"{args.warmup} warmup; one thread per rank; {os.cpu_count()} CPUs")
-    print("| ranks | backend | release | dp_overlap | tokens/s | ms/step | comm wait ms/step | peak per rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| ranks | backend | release | dp_overlap / fsdp | tokens/s | ms/step | comm wait ms/step | peak per rank | "
+          "persistent per rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['world']} | {r['backend']} | {r['release']} | {r['overlap']} | {r['tok_s']:,.0f} | "
-              f"{r['step_ms']:.1f} | {r['comm_ms']:.1f} | {r['peak'] / 2**20:,.0f} MiB |")
+              f"{r['step_ms']:.1f} | {r['comm_ms']:.1f} | {r['peak'] / 2**20:,.0f} MiB | "
+              f"{r['persistent'] / 2**20:,.2f} MiB |")
     if len(rows) > 1:
         print(f"scaling: {rows[-1]['world']} ranks / 1 rank tokens/s = {rows[-1]['tok_s'] / rows[0]['tok_s']:.2f}x "
               f"(ideal {rows[-1]['world']}x)")

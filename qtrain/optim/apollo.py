@@ -31,39 +31,59 @@ BIAS_CORRECTION_MODES = ("outside", "inside")
 SCALE_TYPES = ("channel", "tensor")
 
 
-def project_with_column_norms(proj: Tensor, g_hat: Tensor, max_chunk_elems: int = 1 << 22) -> tuple[Tensor, Tensor]:
+def project_with_column_norms(proj: Tensor, g_hat: Tensor, max_chunk_elems: int = 1 << 22, *, width: int = 0,
+                              first_column: int = 0) -> tuple[Tensor, Tensor]:
     """R = PᵀĜ (r×b) and the squared column norms of Ĝ (b,), in fp32, reading Ĝ in row chunks.
 
     A bf16 gradient is upcast one chunk at a time, never as a whole fp32 copy (for a 32000×4096
     embedding gradient that copy alone would be 500 MiB).
+    width, first_column: Ĝ is the columns first_column.. of an oriented gradient `width` wide (one rank's
+    block under FSDP2, qtrain.optim.apollo_sharded); the results are then those columns of the whole
+    gradient's, bit for bit (same chunk rows; see _column_squares).
     """
     a, b = g_hat.shape
-    rows = max(1, max_chunk_elems // b)
+    rows = max(1, max_chunk_elems // (width or b))
     r = torch.zeros((proj.shape[1], b), device=g_hat.device, dtype=torch.float32)
     col_sq = torch.zeros(b, device=g_hat.device, dtype=torch.float32)
     for i in range(0, a, rows):
         chunk = g_hat[i : i + rows].float()  # (rows, b)
-        r.addmm_(proj[i : i + rows].t(), chunk)
-        col_sq.add_(chunk.square().sum(dim=0))
+        r.addmm_(proj[i : i + rows].t(), chunk)  # a column of R does not depend on the other columns
+        col_sq.add_(_column_squares(chunk, width or b, first_column))
     return r, col_sq
 
 
-def scaling_chain(
-    r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
-    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01,
-) -> Tensor:
-    """Steps 5-11 of APOLLO on the statistics R = PᵀĜ (r×b) and ‖Ĝ[:, j]‖² (b,): the torch reference of
-    apollo_kernels.scaling_chain_triton. Updates m, v and phi in place and returns the factor f."""
+def _column_squares(chunk: Tensor, width: int, first_column: int) -> Tensor:
+    """Σ_rows chunk², as the columns first_column.. of a chunk `width` wide would sum them.
+
+    torch's CPU sum over dim 0 of a row-contiguous chunk vectorizes across columns by their position in the
+    row, so a block that is not a whole number of vectors would sum its last columns in another order: such a
+    block is summed at its place in a zero row as wide as the whole one (one chunk-sized buffer).
+    """
+    b = chunk.shape[1]
+    if b == width or chunk.stride(-1) != 1 or chunk.device.type != "cpu":  # CUDA: not bit-matched anyway
+        return chunk.square().sum(dim=0)
+    wide = chunk.new_zeros((chunk.shape[0], width))
+    wide[:, first_column : first_column + b] = chunk
+    return wide.square_().sum(dim=0)[first_column : first_column + b]
+
+
+def update_moments_(r: Tensor, m: Tensor, v: Tensor, step: int, *, betas: tuple[float, float], eps: float,
+                    bias_correction: str) -> tuple[Tensor, float]:
+    """Steps 5-6 of APOLLO: Adam's moments of R, updated in place (elementwise), and N with its step factor κ."""
     b1, b2 = betas
     c1, c2 = 1 - b1**step, 1 - b2**step
     m.mul_(b1).add_(r, alpha=1 - b1)  #                                step 5
     v.mul_(b2).addcmul_(r, r, value=1 - b2)
     if bias_correction == "outside":  # apollo.py: ε outside, κ_t on the step size    step 6
-        n = m / (v.sqrt() + eps)
-        step_factor = math.sqrt(c2) / c1
-    else:  # q_apollo.py (bitsandbytes kernel): bias correction inside, NL sees the κ_t ramp
-        n = (m / c1) / ((v / c2).sqrt() + eps)
-        step_factor = 1.0
+        return m / (v.sqrt() + eps), math.sqrt(c2) / c1
+    # q_apollo.py (bitsandbytes kernel): bias correction inside, NL sees the κ_t ramp
+    return (m / c1) / ((v / c2).sqrt() + eps), 1.0
+
+
+def scale_factor(n: Tensor, r: Tensor, col_sq: Tensor, phi: Tensor, step: int, step_factor: float, *, scale: float,
+                 scale_type: str, gamma: float = 1.01) -> Tensor:
+    """Steps 7-11 of APOLLO from N, R and ‖Ĝ[:, j]‖²: the factor f; updates phi (NL state) in place. Every norm
+    spans whole columns or the whole tensor (FSDP2 gathers N, R and col_sq before calling it: qtrain.fsdp)."""
     if scale_type == "channel":  # s_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)   step 7
         s = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
         x_norm = (s.square() * col_sq).sum().sqrt()  # ‖Ĝ Diag(s)‖ without forming it
@@ -73,6 +93,16 @@ def scaling_chain(
     eta, new_phi = norm_growth_factor(x_norm, phi, first=step == 1, gamma=gamma)  # step 9
     phi.copy_(new_phi)
     return s * (eta * (math.sqrt(scale) * step_factor))  # steps 10-11: α = √scale
+
+
+def scaling_chain(
+    r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
+    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01,
+) -> Tensor:
+    """Steps 5-11 of APOLLO on the statistics R = PᵀĜ (r×b) and ‖Ĝ[:, j]‖² (b,): the torch reference of
+    apollo_kernels.scaling_chain_triton. Updates m, v and phi in place and returns the factor f."""
+    n, step_factor = update_moments_(r, m, v, step, betas=betas, eps=eps, bias_correction=bias_correction)
+    return scale_factor(n, r, col_sq, phi, step, step_factor, scale=scale, scale_type=scale_type, gamma=gamma)
 
 
 def apollo_scaling(
