@@ -187,9 +187,9 @@ def step_function(cfg: TrainConfig, counter_ref: list, device: torch.device | st
 
     def step():
         counter = counter_ref[0]
-        updater.begin_step(cfg.optim.lr, cfg.optim.float_lr_value)
         if counter is not None:
-            counter.phase = "loop"
+            counter.phase = "loop"  # begin_step writes the step's device values (qtrain.step_state)
+        updater.begin_step(cfg.optim.lr, cfg.optim.float_lr_value)
         step_loss = torch.zeros((), device=device)
         if counter is not None:
             counter.phase = "forward + loss"
