@@ -26,7 +26,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 
 # name | time limit (s) | command
 CHECKS=(
-  "kernel-tests|175|$PY -m pytest -q -rfE -p no:cacheprovider -k cuda tests/test_triton_kernels.py tests/test_triton_matmul.py tests/test_apollo_kernels.py tests/test_float_update.py tests/test_release.py"
+  "kernel-tests|175|$PY -m pytest -q -rfE -p no:cacheprovider -k cuda tests/test_triton_kernels.py tests/test_triton_matmul.py tests/test_apollo_kernels.py tests/test_float_update.py tests/test_release.py tests/test_rms_norm.py"
   "profile-7b|60|$PY tools/count_launches.py 7b --profile cuda --json"
   "profile-7b-8gb|50|$PY tools/count_launches.py 7b-8gb --profile cuda --json"
   "bench-update|40|$PY tools/bench_update.py --device cuda"
