@@ -14,9 +14,12 @@ grad_accum_steps = 2 bit for bit (tests/test_distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -69,6 +72,26 @@ def is_peer_failure(e: BaseException) -> bool:
         return True
     text = str(e)
     return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+
+
+@contextlib.contextmanager
+def sigterm_as_error(world: World, message: str):
+    """Under torchrun, SIGTERM raises TrainingError(message) in the main thread instead of ending the process
+    without a word: torchrun stops every other rank with SIGTERM when one rank fails, which may reach a rank
+    before its own collective reports the dead peer (a scheduler preempting the job sends it too)."""
+    if world.size == 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise TrainingError(f"rank {world.rank}: stopped by SIGTERM (torchrun stops every rank when one fails; a "
+                            f"scheduler may have preempted the job). {message}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def shutdown() -> None:

@@ -49,9 +49,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         torch.cuda.set_device(device)
     dtype = autocast_dtype(cfg.train.dtype, device)
     distributed.init(world, device)
+    resume_hint = f"The newest checkpoint in {run_dir} is complete: fix the failed rank (see its log) and relaunch " \
+                  f"with --resume"
     try:
         distributed.check_same_recipe(world, cfg.to_toml())
-        with RunDir(run_dir) if world.main else contextlib.nullcontext() as run:
+        with RunDir(run_dir) if world.main else contextlib.nullcontext() as run, \
+                distributed.sigterm_as_error(world, resume_hint):
             result = _train(cfg, run_dir, run, world, device, dtype, resume, quiet)
         if world.sharded:
             distributed.release_sharded_state()
@@ -59,8 +62,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     except RuntimeError as e:
         if world.size > 1 and distributed.is_peer_failure(e):
             raise TrainingError(f"rank {world.rank}: a collective with the other ranks failed ({str(e).splitlines()[0]}"
-                                f"); a peer rank died or hung. The newest checkpoint in {run_dir} is complete: "
-                                f"fix the failed rank (see its log) and relaunch with --resume") from e
+                                f"); a peer rank died or hung. {resume_hint}") from e
         raise
     finally:
         distributed.shutdown()

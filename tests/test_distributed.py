@@ -142,10 +142,12 @@ def test_divergence_and_recipe_mismatch_fail_on_every_rank(tmp_path):
         assert "ranks [1] were started with a recipe" in result[("recipe", rank)]
 
 
-def test_a_killed_rank_ends_the_job_and_keeps_the_last_checkpoint(env, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_a_killed_rank_ends_the_job_and_keeps_the_last_checkpoint(env, tmp_path, fsdp):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "qtrain", "train", TINY, "--quiet", "--out", str(run), "--nproc=2",
-           *[f"--set={s}" for s in FAST + ["train.steps=100000", "train.save_every=2", "train.release=true"]]]
+           *[f"--set={s}" for s in FAST + ["train.steps=100000", "train.save_every=2", "train.release=true",
+                                           f"train.fsdp={str(fsdp).lower()}"]]]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -165,7 +167,10 @@ def test_a_killed_rank_ends_the_job_and_keeps_the_last_checkpoint(env, tmp_path)
         t0 = time.time()
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0 and time.time() - t0 < 120, out[-3000:]
-        assert "a collective with the other ranks failed" in out and "relaunch with --resume" in out, out[-3000:]
+        # rank 0 reports its failed collective, or torchrun's SIGTERM (sent to every rank once one fails) gets
+        # there first: either way a message that names the cause and the way back
+        reported = "a collective with the other ranks failed" in out or "stopped by SIGTERM" in out
+        assert reported and "relaunch with --resume" in out, out[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -186,3 +191,18 @@ def test_estimate_per_gpu_of_a_data_parallel_job():
     overlap = estimate(cfg.apply_overrides(["train.dp_overlap=3"]), "cuda", nproc=2)
     V, d = cfg.model.vocab_size, cfg.model.hidden_size  # the largest gradient: lm_head's, fp32
     assert overlap.peak_allocated - one.peak_allocated == 3 * V * d * 4
+
+
+def test_sigterm_under_torchrun_is_an_error_that_says_how_to_resume():
+    """torchrun stops the other ranks with SIGTERM when one fails: each says so instead of vanishing silently."""
+    from qtrain.distributed import World, sigterm_as_error
+    from qtrain.errors import TrainingError
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingError, match=r"rank 1: stopped by SIGTERM .*relaunch with --resume"), \
+            sigterm_as_error(World(rank=1, size=2), "relaunch with --resume"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+    with sigterm_as_error(World(), "unused"):  # one process: the default handling is left alone
+        assert signal.getsignal(signal.SIGTERM) is before
