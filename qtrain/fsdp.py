@@ -35,7 +35,7 @@ from qtrain.optim.apollo_sharded import sharded_apollo_scale
 from qtrain.quant import dispatch
 from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.stochastic_round import UNIFORM_BITS
-from qtrain.seeding import mix_seed, name_uid, update_seed
+from qtrain.seeding import mix_seed
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
 BLOCK_STATISTICS = ("absmax1", "absmax2")  # bitsandbytes' 8-bit Adam: one absmax per block of its flat state
@@ -190,7 +190,7 @@ class ShardedTraining:
         scale = sharded_apollo_scale(method, grad, state, shape, self.rank, self.size)
         row0 = self.rank * w.codes.shape[0]
         args = (w.codes, w.scale, w.offset, w.group_size, grad, scale, u.lr, method.weight_decay)
-        seed = update_seed(u.seed, name_uid(name), u.step)
+        seed = u.clock.seed(name).host  # update_seed(run seed, tensor, step), as the unsharded update's
         if u.rounding != "stochastic":
             int8_scaled_update_(*args, None)
         elif w.codes.device.type == "cpu":  # the unsharded stream: skip the rows before this shard
