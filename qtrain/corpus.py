@@ -290,17 +290,26 @@ def _read_jsonl(path: Path, field: str, start: int, streams: list | None) -> Ite
     utf8.warn()
 
 
-def first_json_line(path: Path) -> tuple[int, bytes] | None:
-    """(line number, bytes) of the first non-blank line of a JSON-lines file (.gz / .zst too), streamed:
-    sniffing a corpus's record kind reads one buffer, not the file. None for a file with no such line."""
+def json_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of every non-blank line of a JSON-lines file (.gz / .zst too), streamed. Lines end
+    at b"\\n" only: a JSON string may hold U+2028 and other characters str.splitlines() would break at."""
     s = ByteStream(Path(path))
     try:
         for lineno, line in enumerate(s.f, start=1):
             if line.strip():
-                return lineno, line
+                yield lineno, line
     finally:
         s.close()
-    return None
+
+
+def first_json_line(path: Path) -> tuple[int, bytes] | None:
+    """(line number, bytes) of the first non-blank line of a JSON-lines file, or None: sniffing a corpus's
+    record kind reads one buffer, not the file."""
+    lines = json_lines(path)
+    try:
+        return next(lines, None)
+    finally:
+        lines.close()
 
 
 def _column_texts(batch, path: Path, field: str) -> list:

@@ -21,7 +21,6 @@ The tokenized examples live in memory (int32 ids + a target flag per token), tok
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor
 
 from qtrain.data import prepare_data
-from qtrain.corpus import first_json_line
+from qtrain.corpus import first_json_line, json_lines
 from qtrain.errors import DataError
 from qtrain.pretrained import checkpoint_tokenizer
 from qtrain.token_loader import BatchStream
@@ -74,12 +73,8 @@ def prepare_run_data(cfg, run_dir: Path | None):
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if line.strip():
-            yield lineno, line
+    for lineno, line in json_lines(path):  # streamed; split at newlines only
+        yield lineno, line.decode("utf-8", errors="replace")
 
 
 def _record(path: Path, lineno: int, line: str) -> dict:

@@ -265,3 +265,19 @@ def test_prepare_command_on_a_finetune_recipe(ckpt, tmp_path, capsys):
                      "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
     out = capsys.readouterr().out
     assert "prompt_completion records: 27 training and 3 validation examples" in out and str(ckpt) in out
+
+
+def test_records_are_split_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028, U+0085 or a form feed unescaped: str.splitlines() would cut the record."""
+    import gzip
+
+    from qtrain.finetune_data import PROMPT_COMPLETION, read_records
+
+    records = [{"prompt": "line\u2028separator\x0cfeed\u0085next", "completion": " ok"}, {"prompt": "b", "completion": " c"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    plain = tmp_path / "ft.jsonl"
+    plain.write_text(text, encoding="utf-8")
+    packed = tmp_path / "ft.jsonl.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    assert read_records(plain, PROMPT_COMPLETION) == records
+    assert read_records(packed, PROMPT_COMPLETION) == records
