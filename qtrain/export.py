@@ -35,7 +35,7 @@ from transformers.tokenization_utils_base import generate_merges
 from qtrain.atomic import fsync_path, replace_dir
 from qtrain.config import FAMILIES
 from qtrain.errors import DataError, ExportError
-from qtrain.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+from qtrain.hf_tokenizer import HFTokenizer, is_hf_tokenizer, tokenizer_files
 
 EXPORT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPACE = "\u2581"  # "▁", sentencepiece's visible whitespace
@@ -278,7 +278,7 @@ def export_hf(
         tmp.mkdir()
         _cast_copy(model, dtype, special_ids).save_pretrained(tmp)
         if copied and tokenizer_model.is_dir():
-            for f in HFTokenizer(tokenizer_model).files():
+            for f in tokenizer_files(tokenizer_model):
                 shutil.copyfile(f, tmp / f.name)
         else:  # converted from sentencepiece, or a bare tokenizer.json: written with its tokenizer_config.json
             tokenizer.save_pretrained(tmp)

@@ -72,9 +72,16 @@ class HFTokenizer:
 
     def files(self) -> list[Path]:
         """The files that define this tokenizer (what a run directory and an export copy)."""
-        if self.path.is_file():
-            return [self.path]
-        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        return tokenizer_files(self.path)
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files that define the Hugging Face tokenizer at path (a tokenizer.json, or those of a directory):
+    found by name, without loading the tokenizer."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
 
 
 def is_hf_tokenizer(path: Path) -> bool:

@@ -21,7 +21,7 @@ import sentencepiece as spm
 
 from qtrain.atomic import write_atomic
 from qtrain.errors import DataError
-from qtrain.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, is_hf_tokenizer
+from qtrain.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, is_hf_tokenizer, tokenizer_files
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_TRAINING_LINES = 2_000_000  # default [data] tokenizer_sentences: sentencepiece keeps at most this many lines
@@ -128,7 +128,7 @@ def load_tokenizer(path: str | Path):
 def tokenizer_sha256(path: str | Path) -> str:
     """sha256 of the files that define a tokenizer (name and bytes of each, in order): its identity."""
     path = Path(path).expanduser()
-    files = HFTokenizer(path).files() if is_hf_tokenizer(path) and path.is_dir() else [path]
+    files = tokenizer_files(path) if is_hf_tokenizer(path) and path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
         data = f.read_bytes()
@@ -145,7 +145,7 @@ def save_run_tokenizer(path: str | Path, run_dir: Path) -> Path:
     """Copy the tokenizer at path into run_dir (atomically, file by file); returns its path in the run."""
     path = Path(path).expanduser()
     if is_hf_tokenizer(path):
-        files = HFTokenizer(path).files()
+        files = tokenizer_files(path)
         out = Path(run_dir) / RUN_TOKENIZER_DIR
         for f in files:
             write_atomic(out / (TOKENIZER_JSON if f.suffix == ".json" and path.is_file() else f.name), f.read_bytes())
