@@ -21,7 +21,12 @@ import sentencepiece as spm
 
 from qtrain.atomic import write_atomic
 from qtrain.errors import DataError
-from qtrain.hf_tokenizer import TOKENIZER_JSON, HFTokenizer, is_hf_tokenizer, tokenizer_files
+from qtrain.hf_tokenizer import (
+    TOKENIZER_JSON,
+    HFTokenizer,
+    is_hf_tokenizer,
+    tokenizer_files,
+)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_TRAINING_LINES = 2_000_000  # default [data] tokenizer_sentences: sentencepiece keeps at most this many lines
