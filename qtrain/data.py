@@ -67,13 +67,11 @@ class Dataset:
     @property
     def train(self) -> TokenStream:
         """All training tokens, the sources laid end to end (len() is the training token count)."""
-        return self.train_streams[0] if len(self.train_streams) == 1 else TokenStream(
-            [p for s in self.train_streams for p in s.parts])
+        return TokenStream.concat(self.train_streams)
 
     @property
     def val(self) -> TokenStream:
-        return self.val_streams[0] if len(self.val_streams) == 1 else TokenStream(
-            [p for s in self.val_streams for p in s.parts])
+        return TokenStream.concat(self.val_streams)
 
     @property
     def token_path(self) -> Path:

@@ -129,11 +129,8 @@ class ShardWriter:
         """Close the last shard (if it holds anything) and mark the directory complete."""
         if self._tokens["train"] or self._tokens["val"] or not self.index["shards"]:
             self._close_shard(end, raw_bytes)
-        else:
-            for f in self._files.values():
-                f.close()
-            for split in ("train", "val"):
-                (self.dir / f"{shard_name(split, len(self.index['shards']))}.bin.partial").unlink(missing_ok=True)
+        else:  # nothing in the open shard: abandon it, as close() does
+            self.close()
         self.index["complete"] = True
         self._write_index()
 
@@ -157,13 +154,19 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def is_complete(directory: Path) -> bool:
+    return _complete_index(directory) is not None
+
+
+def _complete_index(directory: Path) -> dict | None:
+    """The directory's index.json when it marks the shards complete, else None (missing, torn, unfinished)."""
     path = Path(directory) / INDEX_FILE
     if not path.is_file():
-        return False
+        return None
     try:
-        return bool(json.loads(path.read_text()).get("complete"))
+        index = json.loads(path.read_text())
     except ValueError:
-        return False
+        return None
+    return index if index.get("complete") else None
 
 
 class ShardSet:
@@ -171,11 +174,11 @@ class ShardSet:
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
-        index_path = self.dir / INDEX_FILE
-        if not is_complete(self.dir):
+        index = _complete_index(self.dir)  # read once
+        if index is None:
             raise DataError(f"{self.dir} holds no complete set of token shards; run `qtrain prepare` with the "
                             f"recipe to (re)build it")
-        self.index = json.loads(index_path.read_text())
+        self.index = index
         self.dtype = np.dtype(self.index["dtype"])
         self.meta = self.index.get("meta", {})
         self.train = [self._map("train", i, s["train_tokens"]) for i, s in enumerate(self.index["shards"])]

@@ -27,6 +27,11 @@ class TokenStream:
         self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)  # (S,) exclusive end of each part
         self.dtype = self.parts[0].dtype if self.parts else np.dtype(np.uint16)
 
+    @staticmethod
+    def concat(streams: Sequence[TokenStream]) -> TokenStream:
+        """The streams laid end to end (one stream is returned as it is)."""
+        return streams[0] if len(streams) == 1 else TokenStream([p for s in streams for p in s.parts])
+
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
@@ -122,7 +127,7 @@ class TokenSampler(BatchStream):
         for s in sources:
             assert len(s) >= seq_len + 1, f"{len(s)} tokens cannot hold one window of seq_len+1 = {seq_len + 1}"
         self.sources = sources
-        self.stream = sources[0] if len(sources) == 1 else TokenStream([p for s in sources for p in s.parts])
+        self.stream = TokenStream.concat(sources)
         sizes = np.array([len(s) for s in sources], dtype=np.int64)
         self.bases = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # (S,) start of each source in self.stream
         self.highs = sizes - seq_len  # (S,) exclusive bound of a start: s + T <= n - 1
