@@ -2,6 +2,6 @@
 
 import sys
 
-from qtrain.cli import main
+from qtrain.cli.main import main
 
 sys.exit(main())

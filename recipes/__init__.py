@@ -1,1 +1,1 @@
-"""The shipped recipes, installed as package data (see qtrain.shipped_recipes)."""
+"""The shipped recipes, installed as package data (see qtrain.config.shipped)."""

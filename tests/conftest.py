@@ -46,9 +46,9 @@ def quant_cfg(enabled=True, group_size=64, meta_dtype="float32"):
 
 def release_trainer(cfg):
     """A CPU model and its release-mode Updater for cfg, as fit trains them (checkpointing as the recipe says)."""
-    from qtrain.build import build_updater
-    from qtrain.model import build_model, enable_activation_checkpointing
-    from qtrain.release import attach_release
+    from qtrain.model.builder import build_model, enable_activation_checkpointing
+    from qtrain.update.build import build_updater
+    from qtrain.update.release import attach_release
 
     model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
     if cfg.train.activation_checkpointing:

@@ -19,22 +19,22 @@ import torch
 from conftest import release_trainer
 from torch import Tensor
 
-from qtrain import step_graph
-from qtrain.build import build_updater
-from qtrain.config import ConfigError, TrainConfig
+from qtrain.config.recipe import ConfigError, TrainConfig
+from qtrain.config.shipped import find_recipe
+from qtrain.core.seeding import name_uid, update_seed
+from qtrain.core.step_state import StepState, StepValue
 from qtrain.errors import TrainingError
-from qtrain.evaluation import lm_loss
-from qtrain.model import build_model
+from qtrain.model.builder import build_model
+from qtrain.model.loss import lm_loss
 from qtrain.optim.apollo import step_constants
 from qtrain.optim.apollo_kernels import scaling_chain_triton
 from qtrain.optim.base import Update
 from qtrain.optim.float_update import float_update_triton_, round_to_bf16
 from qtrain.quant import triton_kernels
-from qtrain.release import attach_release
-from qtrain.schedule import lr_at
-from qtrain.seeding import name_uid, update_seed
-from qtrain.shipped_recipes import find_recipe
-from qtrain.step_state import StepState, StepValue
+from qtrain.train.schedule import lr_at
+from qtrain.update import step_graph
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
 
 TINY = ["model.init=", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=2",
         "model.num_kv_heads=0", "model.head_size=0", "model.num_layers=2", "model.vocab_size=128",

@@ -1,4 +1,4 @@
-"""qtrain.checkpoint: bit-exact round trip, pruning, failure injection, corruption, and a real SIGKILL mid-save."""
+"""qtrain.checkpoint.store: bit-exact round trip, pruning, failure injection, corruption, and a real SIGKILL mid-save."""
 
 import errno
 import hashlib
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain import checkpoint
-from qtrain.checkpoint import (
+from qtrain.checkpoint.store import (
     CheckpointError,
     TrainingProgress,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from qtrain.checkpoint import store as checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_corrupt_newest_is_skipped_with_warning(tmp_path):
 _SAVER = """
 import sys, torch
 from pathlib import Path
-from qtrain.checkpoint import save_checkpoint
+from qtrain.checkpoint.store import save_checkpoint
 for step in range(1, 200):
     tensors = {f"w{i}": torch.full((3_125_000,), float(10 * step + i)) for i in range(4)}
     save_checkpoint(Path(sys.argv[1]), step, tensors, {"payload": step}, keep_last=2)

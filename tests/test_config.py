@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qtrain.config import SECTIONS, ConfigError, TrainConfig, _toml_value
+from qtrain.config.recipe import SECTIONS, ConfigError, TrainConfig, _toml_value
 
 try:
     import tomllib
@@ -61,7 +61,7 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
 
 
 def test_config_does_not_import_torch():
-    code = "import sys, qtrain.config; print('torch' in sys.modules)"
+    code = "import sys, qtrain.config.recipe; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 

@@ -21,7 +21,7 @@ def test_a_tiny_release_step_counts_the_cuda_path():
         # per int8 weight: dequantize in forward and for dx, APOLLO's two statistics kernels, the fused update
         assert sum(v for op, v in counter.by_op.items() if op.startswith("triton::_")
                    and "rms" not in op) == 5 * int8
-        # RMSNorm (2 per layer + the final one): one fused kernel forward, one backward (qtrain.rms_norm)
+        # RMSNorm (2 per layer + the final one): one fused kernel forward, one backward (qtrain.model.rms_norm)
         assert counter.by_op["triton::_rms_forward_kernel"] == counter.by_op["triton::_rms_backward_kernel"] == 2 * n + 1
         # the global grad norm: one launch per trainable tensor (its slot of one buffer)
         assert counter.by_phase["grad-norm hook"] == counter.by_op["aten::linalg_vector_norm"] - 1 == int8 + 2 * n + 3

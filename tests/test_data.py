@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import qtrain.data
-import qtrain.sources
-from qtrain.config import DataConfig
-from qtrain.corpus import DataError, UndecodableBytesWarning, default_corpus_path
-from qtrain.sources import iter_documents
-from qtrain.data import TokenSampler, prepare_data, val_batches
-from qtrain.shards import ShardSet
-from qtrain.sources import file_phase, held_out
-from qtrain.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, check_vocab, load_tokenizer, train_tokenizer
+import qtrain.data.dataset
+import qtrain.data.sources
+from qtrain.config.recipe import DataConfig
+from qtrain.data.dataset import TokenSampler, prepare_data, val_batches
+from qtrain.data.readers import DataError, UndecodableBytesWarning, default_corpus_path
+from qtrain.data.shards import ShardSet
+from qtrain.data.sources import file_phase, held_out, iter_documents
+from qtrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, check_vocab, load_tokenizer, train_tokenizer
 
 SMALL_CHARS = 150_000  # a prefix of the default corpus: sentencepiece trains 512 pieces on it in ~0.1 s
 VOCAB = 512
@@ -218,9 +217,9 @@ def test_a_second_start_reads_no_corpus_and_trains_nothing(cache, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the corpus was read, or the tokenizer retrained, despite the cache")
 
-    monkeypatch.setattr(qtrain.data, "train_tokenizer", forbidden)
-    monkeypatch.setattr(qtrain.data, "tokenize_source", forbidden)
-    monkeypatch.setattr(qtrain.sources, "read_file", forbidden)
+    monkeypatch.setattr(qtrain.data.dataset, "train_tokenizer", forbidden)
+    monkeypatch.setattr(qtrain.data.dataset, "tokenize_source", forbidden)
+    monkeypatch.setattr(qtrain.data.sources, "read_file", forbidden)
     second = prepare_data(cfg, VOCAB, 64)
     assert (second.tokenizer_path, second.token_path) == (first.tokenizer_path, first.token_path)
     assert (second.tokenizer_path.stat().st_mtime_ns, (second.token_path / "index.json").stat().st_mtime_ns) == stamps

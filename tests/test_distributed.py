@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qtrain.checkpoint import checkpoint_dirs, load_checkpoint, load_latest
-from qtrain.default_corpus import default_corpus_path
+from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint, load_latest
+from qtrain.data.default_corpus import default_corpus_path
 
 FAST = ["data.max_corpus_chars=300000", "model.vocab_size=512", "train.sample_tokens=0", "train.eval_batches=2",
         "train.batch_size=2", "train.seq_len=64", "model.max_seq_len=64", "train.eval_every=1000",
@@ -106,10 +106,10 @@ def test_release_mode_overlapped_reduction_equals_synchronous(env, tmp_path):
 
 
 def _replica_worker(rank: int, init: str, result) -> None:
-    from qtrain import distributed
-    from qtrain.distributed import World
     from qtrain.errors import TrainingError
-    from qtrain.model import build_model
+    from qtrain.model.builder import build_model
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import quant_cfg, tiny_model_cfg
@@ -181,8 +181,8 @@ def test_a_killed_rank_ends_the_job_and_keeps_the_last_checkpoint(env, tmp_path,
 def test_estimate_per_gpu_of_a_data_parallel_job():
     """Replicated weights: one GPU's figure, plus NCCL's buffers outside the allocator, plus (with overlap)
     up to dp_overlap of the largest gradient waiting for their all-reduce."""
-    from qtrain.config import TrainConfig
-    from qtrain.estimate import NCCL_BUFFER_BYTES, estimate
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.estimate.memory import NCCL_BUFFER_BYTES, estimate
 
     cfg = TrainConfig.from_toml(TINY, ["train.dp_overlap=0"])
     one, two = estimate(cfg, "cuda"), estimate(cfg, "cuda", nproc=2)
@@ -195,8 +195,8 @@ def test_estimate_per_gpu_of_a_data_parallel_job():
 
 def test_sigterm_under_torchrun_is_an_error_that_says_how_to_resume():
     """torchrun stops the other ranks with SIGTERM when one fails: each says so instead of vanishing silently."""
-    from qtrain.distributed import World, sigterm_as_error
     from qtrain.errors import TrainingError
+    from qtrain.parallel.distributed import World, sigterm_as_error
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingError, match=r"rank 1: stopped by SIGTERM .*relaunch with --resume"), \

@@ -19,17 +19,17 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-
-from qtrain.cli import main as cli_main
-from qtrain.config import TrainConfig
-from qtrain.estimate import GiB, _step_float_optimizers_on_meta, activation_bytes, estimate
 from memory_probe import cpu_peak_bytes
-from qtrain.model import META_DTYPES, build_model
+
+from qtrain.cli.main import main as cli_main
+from qtrain.config.recipe import TrainConfig
+from qtrain.core.device import autocast_dtype
+from qtrain.estimate.memory import GiB, _step_float_optimizers_on_meta, activation_bytes, estimate
+from qtrain.model.builder import META_DTYPES, build_model
+from qtrain.model.loss import lm_loss
 from qtrain.optim import MATRIX_METHODS
-from qtrain.build import build_updater
-from qtrain.release import attach_release
-from qtrain.device import autocast_dtype
-from qtrain.evaluation import lm_loss
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # docs/estimator.md "CPU validation": "largest |error| 0.20 %"; README: "within 0.2 %". The points below
@@ -323,7 +323,7 @@ def test_cli_json_and_gpu_fit(capsys):
 
 def test_trainer_memory_report_line():
     # On CUDA `qtrain train` prints this after a few steps; the numbers here stand in for a measurement.
-    from qtrain.loop import memory_report
+    from qtrain.train.loop import memory_report
 
     b = estimate(recipe("tiny"), "cuda")
     line = memory_report(b, allocated=b.peak_allocated // 2, reserved=b.peak_reserved)

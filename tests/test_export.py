@@ -1,4 +1,4 @@
-"""qtrain.export: the exported directory loads in a python that never imports qtrain and reproduces our numbers."""
+"""qtrain.hf.export: the exported directory loads in a python that never imports qtrain and reproduces our numbers."""
 
 import json
 import os
@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qtrain import export
 from qtrain.errors import ExportError
-from qtrain.export import export_hf, hf_tokenizer
+from qtrain.hf import export
+from qtrain.hf.export import export_hf, hf_tokenizer
 
 # Plain text, uppercase included: the tokenizer is trained on lowercased text, so capitals, accents and CJK
 # go through byte fallback.
@@ -247,11 +247,11 @@ def test_rejects_bad_dtype_small_vocab_and_missing_tokenizer(spm_models, tmp_pat
 def test_checkpoint_run_exports_its_architecture_and_tokenizer_files(tmp_path, family):
     """The original architecture (a Qwen2 stays a Qwen2, biases included), the checkpoint's tokenizer files
     copied byte for byte, and the logits of qtrain's dequantized model."""
+    from tiny_hf import TOKENIZER_SIZE, make_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtrain.config import TrainConfig
-    from qtrain.model import build_model, dequantized_copy
-    from tiny_hf import TOKENIZER_SIZE, make_checkpoint
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.model.builder import build_model, dequantized_copy
 
     ckpt = tmp_path / "ckpt"
     make_checkpoint(ckpt, family)

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from qtrain.cli import main as cli_main
-from qtrain.config import TrainConfig
-from qtrain.errors import DataError
-from qtrain.evaluation import lm_loss
-from qtrain.finetune_data import IGNORE, FinetuneData, encode_prompt_completion, prepare_run_data
-from qtrain.model import build_model, dequantized_copy
-from qtrain.tokenizer import load_tokenizer
 from tiny_hf import TOKENIZER_SIZE, make_checkpoint
+
+from qtrain.cli.main import main as cli_main
+from qtrain.config.recipe import TrainConfig
+from qtrain.data.finetune import IGNORE, FinetuneData, encode_prompt_completion, prepare_run_data
+from qtrain.data.tokenizer import load_tokenizer
+from qtrain.errors import DataError
+from qtrain.model.builder import build_model, dequantized_copy
+from qtrain.model.loss import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune-tiny.toml"
@@ -126,8 +126,8 @@ def test_finetune_lowers_completion_loss_and_exports(ckpt, tmp_path):
     The validation loss is the completion loss (prompts carry no loss). Then `qtrain export` -> transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtrain.commands import load_trained
-    from qtrain.train import train
+    from qtrain.cli.commands import load_trained
+    from qtrain.train.run import train
 
     corpus = write_jsonl(tmp_path / "pairs.jsonl", reverse_task(200))
     cfg = recipe(ckpt, corpus, tmp_path)
@@ -199,8 +199,8 @@ def test_qwen2_chat_finetune_trains_biases_and_exports_a_qwen2(tmp_path):
     (float optimizer, released in backward), evaluation samples text, and the export is a Qwen2 again."""
     from transformers import AutoModelForCausalLM
 
-    from qtrain.commands import load_trained
-    from qtrain.train import train
+    from qtrain.cli.commands import load_trained
+    from qtrain.train.run import train
 
     ckpt = tmp_path / "qwen2"
     ref = make_checkpoint(ckpt, "qwen2")
@@ -234,7 +234,7 @@ def test_qwen2_chat_finetune_trains_biases_and_exports_a_qwen2(tmp_path):
 def test_chat_template_that_rewrites_earlier_turns(ckpt):
     """A Qwen3-like template renders the last answer with a (here empty) reasoning block and earlier answers
     without: the earlier answers are found in the rendered text, each with the EOS token after it."""
-    from qtrain.finetune_data import encode_chat
+    from qtrain.data.finetune import encode_chat
 
     tok = load_tokenizer(ckpt)
     tok.hf.chat_template = (
@@ -271,7 +271,7 @@ def test_records_are_split_at_newlines_only(tmp_path):
     """A JSON string may hold U+2028, U+0085 or a form feed unescaped: str.splitlines() would cut the record."""
     import gzip
 
-    from qtrain.finetune_data import PROMPT_COMPLETION, read_records
+    from qtrain.data.finetune import PROMPT_COMPLETION, read_records
 
     records = [{"prompt": "line\u2028separator\x0cfeed\u0085next", "completion": " ok"}, {"prompt": "b", "completion": " c"}]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -8,7 +8,7 @@ rank keeps, the estimator's figure for them, and the refusals.
 Expected equality: bit for bit. The reduce-scatter of two ranks is one fp32 addition per element (the
 one-process accumulation's g1 + g2), Adam is elementwise, APOLLO's statistics are computed per column block
 with the unsharded chunking and their norms taken of all-gathered tensors, and SR skips to the shard's first
-row in the unsharded noise stream (qtrain.fsdp). Only the logged gradient norm is summed in another order.
+row in the unsharded noise stream (qtrain.parallel.fsdp). Only the logged gradient norm is summed in another order.
 """
 
 import shutil
@@ -47,7 +47,7 @@ def test_fsdp_two_ranks_equal_one_process(runs):
 
 
 def final_state_at(run: Path, step: int) -> dict:
-    from qtrain.checkpoint import load_checkpoint
+    from qtrain.checkpoint.store import load_checkpoint
 
     return load_checkpoint(run / "checkpoints" / f"step-{step:08d}")[0]
 
@@ -81,10 +81,10 @@ def _batches(step: int):
 
 def _reference(sets: list[str]):
     """One process, release = false, the two micro-batches accumulated: weights, Updater state, bytes."""
-    from qtrain.build import build
-    from qtrain.config import TrainConfig
-    from qtrain.evaluation import lm_loss
-    from qtrain.fsdp import persistent_bytes
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.model.loss import lm_loss
+    from qtrain.parallel.fsdp import persistent_bytes
+    from qtrain.train.build import build
 
     cfg = TrainConfig.from_toml(TINY, sets + ["train.release=false", "train.grad_accum_steps=2"])
     torch.manual_seed(0)
@@ -99,13 +99,13 @@ def _reference(sets: list[str]):
 
 
 def _worker(rank: int, init: str, out: str) -> None:
-    from qtrain import distributed
-    from qtrain.build import build
-    from qtrain.config import TrainConfig
-    from qtrain.distributed import World
+    from qtrain.config.recipe import TrainConfig
     from qtrain.errors import TrainingError
-    from qtrain.evaluation import lm_loss
-    from qtrain.fsdp import ShardedTraining
+    from qtrain.model.loss import lm_loss
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
+    from qtrain.parallel.fsdp import ShardedTraining
+    from qtrain.train.build import build
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
@@ -150,7 +150,7 @@ def spawned(tmp_path_factory):
 
 
 def _flat(sd: dict) -> dict:
-    from qtrain.statetree import flatten
+    from qtrain.core.statetree import flatten
 
     out: dict = {}
     flatten(sd, "optim", out)
@@ -184,8 +184,8 @@ def test_each_rank_keeps_half_the_persistent_bytes(spawned):
 
 def test_estimator_predicts_the_sharded_bytes(spawned):
     """`qtrain estimate --nproc 2 --fsdp` (CPU): its persistent bytes are what each rank measured."""
-    from qtrain.config import TrainConfig
-    from qtrain.estimate import estimate
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.estimate.memory import estimate
 
     ranks, refs = spawned
     cfg = TrainConfig.from_toml(TINY, SETS)
@@ -206,9 +206,9 @@ def test_unsupported_recipes_are_refused_with_the_fix(spawned):
 
 
 def test_config_and_shapes_refused_before_training():
-    from qtrain.build import build
-    from qtrain.config import ConfigError, TrainConfig
-    from qtrain.fsdp import problems
+    from qtrain.config.recipe import ConfigError, TrainConfig
+    from qtrain.parallel.fsdp import problems
+    from qtrain.train.build import build
 
     with pytest.raises(ConfigError, match=r"fsdp = true updates each shard inside backward: it needs release"):
         TrainConfig.from_toml(TINY, ["train.fsdp=true", "train.release=false", "train.grad_accum_steps=2"])
@@ -220,7 +220,7 @@ def test_config_and_shapes_refused_before_training():
 def test_int8_weight_refuses_float_arithmetic():
     """The wrapper only supports what FSDP2 does to a parameter: arithmetic on it is an error, not a silent
     dequantization."""
-    from qtrain.int8_weight import Int8Weight
+    from qtrain.parallel.int8_weight import Int8Weight
     from qtrain.quant.groupwise import quantize_groupwise
 
     w = Int8Weight(*quantize_groupwise(torch.randn(4, 64), 64), 64)

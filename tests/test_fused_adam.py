@@ -5,12 +5,12 @@ import torch
 from conftest import quant_cfg, tiny_model_cfg
 from sync_probe import cpu_syncs
 
-from qtrain.model import build_model
+from qtrain.model.builder import build_model
 from qtrain.optim import apollo_mini
 from qtrain.optim.float_adam import adam8bit_no_sync_class, float_optimizer_factory
 from qtrain.optim.fused_adam import FusedAdamW
 from qtrain.quant.stochastic_round import stochastic_round_to_bf16
-from qtrain.updater import Updater
+from qtrain.update.updater import Updater
 
 SHAPES = [(64,), (3,), (4096,), (1000,), (17,)]  # odd sizes: the flat buffers' slices start anywhere
 

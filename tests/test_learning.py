@@ -8,14 +8,14 @@ Measured (150 steps, held-out loss): fp32 1.160, int8+SR 1.187, int8+nearest 1.3
 """
 
 import torch
-
 from conftest import quant_cfg, tiny_model_cfg
-from qtrain.model import build_model
+
+from qtrain.model.builder import build_model
 from qtrain.optim import apollo_mini
 from qtrain.optim.float_adam import float_optimizer_factory
-from qtrain.release import attach_release
-from qtrain.updater import Updater
-from qtrain.schedule import lr_at
+from qtrain.train.schedule import lr_at
+from qtrain.update.release import attach_release
+from qtrain.update.updater import Updater
 
 STEPS, LR = 150, 0.003
 

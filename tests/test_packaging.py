@@ -42,7 +42,7 @@ def test_wheel_installs_and_finds_its_recipes_from_anywhere(tmp_path):
     # asserts below check that it was not the one used.
     env = {**os.environ, "PYTHONPATH": str(site)}
     check = (
-        "import sys; from pathlib import Path; import qtrain; from qtrain.shipped_recipes import find_recipe\n"
+        "import sys; from pathlib import Path; import qtrain; from qtrain.config.shipped import find_recipe\n"
         "site = Path(sys.argv[1]).resolve()\n"
         "assert Path(qtrain.__file__).resolve().is_relative_to(site), qtrain.__file__\n"
         "for name in ('7b', 'tiny'):\n"
@@ -51,6 +51,6 @@ def test_wheel_installs_and_finds_its_recipes_from_anywhere(tmp_path):
     )
     _run([sys.executable, "-c", check, str(site)], cwd=elsewhere, env=env, timeout=60)
 
-    out = _run([sys.executable, "-m", "qtrain.cli", "estimate", "7b", "--json"], cwd=elsewhere, env=env, timeout=90)
+    out = _run([sys.executable, "-m", "qtrain.cli.main", "estimate", "7b", "--json"], cwd=elsewhere, env=env, timeout=90)
     report = json.loads(out.stdout)
     assert Path(report["recipe"]).resolve().is_relative_to(site.resolve()), report["recipe"]

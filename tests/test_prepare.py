@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qtrain.config import DataConfig
-from qtrain.data import prepare_data
+from qtrain.config.recipe import DataConfig
+from qtrain.data.dataset import prepare_data
+from qtrain.data.prepare import tokenize_source
+from qtrain.data.shards import INDEX_FILE, ShardSet
+from qtrain.data.sources import DocumentStream, iter_documents, resolve_source
+from qtrain.data.tokenizer import load_tokenizer, train_tokenizer
 from qtrain.errors import DataError
-from qtrain.prepare import tokenize_source
-from qtrain.shards import INDEX_FILE, ShardSet
-from qtrain.sources import DocumentStream, resolve_source, iter_documents
-from qtrain.tokenizer import load_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 CHARS = 120_000
@@ -84,9 +84,9 @@ KILLED_PREPARE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import numpy as np
-    import qtrain.prepare as prep
-    from qtrain.sources import resolve_source
-    from qtrain.tokenizer import load_tokenizer
+    import qtrain.data.prepare as prep
+    from qtrain.data.sources import resolve_source
+    from qtrain.data.tokenizer import load_tokenizer
 
     real = prep.encode_docs
     def slow(*args, **kwargs):  # slowed down so that the test can kill it in the middle
@@ -173,7 +173,7 @@ def test_a_separate_validation_source_c4_style(docs, spm_path, tmp_path, cache):
 
 
 def test_tokenizer_is_trained_on_a_sample_without_validation_documents(tmp_path, cache, monkeypatch):
-    import qtrain.data
+    import qtrain.data.dataset
 
     marker = "zqxjvalidationonlyzqxj"
     docs = [f"plain training text number {i}, with some words in it." for i in range(200)]
@@ -183,14 +183,14 @@ def test_tokenizer_is_trained_on_a_sample_without_validation_documents(tmp_path,
     docs = [d + (" " + marker) * 20 if h else d for d, h in zip(docs, held)]
     write_jsonl(corpus, docs)
     seen = []
-    real = qtrain.data.train_tokenizer
+    real = qtrain.data.dataset.train_tokenizer
 
     def spy(documents, *args, **kwargs):
         documents = list(documents)
         seen.extend(documents)
         return real(documents, *args, **kwargs)
 
-    monkeypatch.setattr(qtrain.data, "train_tokenizer", spy)
+    monkeypatch.setattr(qtrain.data.dataset, "train_tokenizer", spy)
     ds = prepare_data(DataConfig(corpus=str(corpus), val_fraction=0.1, cache_dir=str(cache)), 300, 16, progress=False)
     assert seen and not any(marker in d for d in seen)
     assert len(seen) == len(docs) - sum(held)
@@ -198,7 +198,7 @@ def test_tokenizer_is_trained_on_a_sample_without_validation_documents(tmp_path,
 
 
 def _hf_tokenizer(docs, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -218,9 +218,9 @@ def _hf_tokenizer(docs, tmp_path):
 
 @pytest.mark.parametrize("kind", ["tokenizer.json", "hf directory"])
 def test_hugging_face_tokenizers_prepare_in_parallel_and_travel_with_the_run(docs, tmp_path, cache, kind, monkeypatch):
-    import qtrain.prepare
+    import qtrain.data.prepare
 
-    monkeypatch.setattr(qtrain.prepare, "UNIT_CHARS", 20_000)  # several units: two worker processes
+    monkeypatch.setattr(qtrain.data.prepare, "UNIT_CHARS", 20_000)  # several units: two worker processes
     bare, directory = _hf_tokenizer(docs, tmp_path)
     given = bare if kind == "tokenizer.json" else directory
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
@@ -235,7 +235,7 @@ def test_hugging_face_tokenizers_prepare_in_parallel_and_travel_with_the_run(doc
 
 
 def test_prepare_command_reports_the_shards(tmp_path, cache, docs, capsys):
-    from qtrain.cli import main as cli
+    from qtrain.cli.main import main as cli
 
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
     args = ["prepare", "--quiet", "--set", f"data.corpus={corpus}", "--set", "model.vocab_size=512",

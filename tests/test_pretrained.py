@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from qtrain.build import build_updater
-from qtrain.config import ConfigError, TrainConfig
-from qtrain.errors import DataError, TrainingError
-from qtrain.finetune_data import prepare_run_data
-from qtrain.model import build_model, int8_layers
-from qtrain.tokenizer import tokenizer_sha256
 from tiny_hf import TOKENIZER_SIZE, make_checkpoint
+
+from qtrain.config.recipe import ConfigError, TrainConfig
+from qtrain.data.finetune import prepare_run_data
+from qtrain.data.tokenizer import tokenizer_sha256
+from qtrain.errors import DataError, TrainingError
+from qtrain.model.builder import build_model, int8_layers
+from qtrain.update.build import build_updater
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 FP32_ATOL = 1e-5
@@ -122,11 +122,11 @@ def test_architecture_details_survive(checkpoints):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_json_is_read_as_transformers_reads_it(tmp_path, family):
-    """qtrain.config reads config.json with the standard library (checking a recipe never imports torch): the
+    """qtrain.config.recipe reads config.json with the standard library (checking a recipe never imports torch): the
     keys it fills in, transformers' defaults for omitted keys included, equal transformers' own reading."""
     from transformers import AutoConfig
 
-    from qtrain.config import checkpoint_model_keys, read_checkpoint_config
+    from qtrain.config.recipe import checkpoint_model_keys, read_checkpoint_config
 
     minimal = {"model_type": family, "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
                "num_attention_heads": 6, "vocab_size": 300}  # everything else omitted, as old checkpoints do
@@ -152,8 +152,8 @@ _RSS_PROBE = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
-from qtrain.config import TrainConfig
-from qtrain.model import build_model
+from qtrain.config.recipe import TrainConfig
+from qtrain.model.builder import build_model
 
 def status(key):  # bytes
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -228,7 +228,7 @@ def test_checkpoint_tokenizer_vocab_and_token_cache(checkpoints, tmp_path):
     """The run's tokenizer is the checkpoint's (more embedding rows than tokenizer pieces is fine), copied into the
     run directory as is, and the token cache file is keyed by its hash."""
     path, ref = checkpoints["qwen2"]
-    corpus = tmp_path / "text.jsonl"  # plain text records: continued pretraining through qtrain.data
+    corpus = tmp_path / "text.jsonl"  # plain text records: continued pretraining through qtrain.data.dataset
     corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20})
                               + "\n" for i in range(40)))
     cfg = init_cfg(path, f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}")
@@ -256,9 +256,10 @@ def test_estimate_of_an_init_run(tmp_path, family, overrides):
     """Shapes, biases and norms from the checkpoint: persistent bytes exact, the step's peak within 0.2 % of the
     profiler's measurement (the bound docs/estimator.md states for random-init recipes)."""
     from memory_probe import cpu_peak_bytes
-    from qtrain.estimate import estimate
-    from qtrain.evaluation import lm_loss
-    from qtrain.release import attach_release
+
+    from qtrain.estimate.memory import estimate
+    from qtrain.model.loss import lm_loss
+    from qtrain.update.release import attach_release
 
     untied = {"tie_word_embeddings": False} if family == "llama" else {}  # qwen2 is the tied point
     make_checkpoint(tmp_path / family, family, max_position_embeddings=512, vocab_size=256, **untied)

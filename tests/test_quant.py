@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from qtrain.int8_linear import Int8Linear
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_
+from qtrain.quant.linear import Int8Linear
 from qtrain.quant.stochastic_round import quantize_groupwise_sr, stochastic_round
 
 

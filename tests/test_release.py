@@ -2,16 +2,16 @@
 
 import pytest
 import torch
-
 from conftest import quant_cfg, tiny_model_cfg
-from qtrain.int8_linear import Int8Linear
-from qtrain.model import build_model, enable_activation_checkpointing
+
+from qtrain.model.builder import build_model, enable_activation_checkpointing
 from qtrain.optim import apollo_mini
 from qtrain.optim.adam import Adam
 from qtrain.optim.float_adam import float_optimizer_factory
-from qtrain.release import attach_release
-from qtrain.updater import Updater
-from qtrain.schedule import lr_at
+from qtrain.quant.linear import Int8Linear
+from qtrain.train.schedule import lr_at
+from qtrain.update.release import attach_release
+from qtrain.update.updater import Updater
 
 STEPS = 5
 
@@ -144,9 +144,9 @@ def test_release_step_through_the_triton_kernels_tracks_the_torch_path(kernel_de
     # is bit-exact, so the first loss is identical; SR draws differ (Philox in the kernel vs torch's generator)
     # and the fused APOLLO statistics sum in another order, so later losses agree statistically: within 0.05
     # nats over 6 steps of the tiny Llama.
-    from qtrain.build import build_updater
-    from qtrain.config import TrainConfig
-    from qtrain.evaluation import lm_loss
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.model.loss import lm_loss
+    from qtrain.update.build import build_updater
 
     losses = {}
     for kernels in ("torch", "triton"):

@@ -1,4 +1,4 @@
-"""The fused RMSNorm (qtrain/rms_norm.py) against transformers' own LlamaRMSNorm.
+"""The fused RMSNorm (qtrain/model/rms_norm.py) against transformers' own LlamaRMSNorm.
 
 Kernel cases run on "cpu" (Triton's interpreter) and "cuda" (compiled; skipped without a GPU); the oracle is
 transformers' module run on CPU copies of the same inputs, in the same dtypes.
@@ -23,7 +23,7 @@ pytest.importorskip("triton", reason="triton is a test extra: pip install -e '.[
 
 from conftest import interpreter_process_test, quant_cfg, tiny_model_cfg
 
-from qtrain import rms_norm as rn
+from qtrain.model import rms_norm as rn
 
 U = 2.0**-24
 
@@ -94,7 +94,7 @@ def test_fused_rms_norm_matches_transformers(device, rows, d, x_dtype, w_dtype):
 
 def test_cpu_auto_is_transformers_own_forward_bit_for_bit(one_thread):
     """On the CPU ("auto") the patched norms run transformers' code: a model is unchanged to the last bit."""
-    from qtrain.model import build_model
+    from qtrain.model.builder import build_model
 
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     outs = []

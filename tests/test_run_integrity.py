@@ -13,20 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quant_cfg, tiny_model_cfg
 from safetensors import safe_open
 
-from qtrain import checkpoint as ckpt_mod
-from qtrain import loop as loop_mod
-from qtrain.build import build
-from qtrain.checkpoint import checkpoint_dirs, load_checkpoint
-from qtrain.cli import main as cli
-from qtrain.config import TrainConfig
-from qtrain.default_corpus import default_corpus_path
+from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint
+from qtrain.checkpoint import store as ckpt_mod
+from qtrain.cli.main import main as cli
+from qtrain.config.recipe import TrainConfig
+from qtrain.data.default_corpus import default_corpus_path
 from qtrain.errors import CheckpointError, TrainingError
-from qtrain.model import build_model, dequantized_copy
-from qtrain.train import train
-
-from conftest import quant_cfg, tiny_model_cfg
+from qtrain.model.builder import build_model, dequantized_copy
+from qtrain.train.build import build
+from qtrain.train import loop as loop_mod
+from qtrain.train.run import train
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["model.vocab_size=512", "train.sample_tokens=0", "train.eval_batches=2", "train.batch_size=4",
@@ -68,7 +67,7 @@ def test_tied_embeddings_are_one_tensor_from_init_to_export(corpus_file, tmp_pat
     tensors, meta = load_checkpoint(checkpoint_dirs(run)[0])
     assert "model/model.embed_tokens.weight" in tensors and "model/lm_head.weight" not in tensors
     r = build(c, "cpu")
-    from qtrain.run_state import load_run
+    from qtrain.checkpoint.run_state import load_run
     load_run(checkpoint_dirs(run)[0], tensors, meta, r.model, r.updater, c, torch.device("cpu"))
     assert r.model.lm_head.weight is r.model.model.embed_tokens.weight
     torch.testing.assert_close(r.model.model.embed_tokens.weight, tensors["model/model.embed_tokens.weight"],
@@ -85,7 +84,7 @@ def test_tied_embeddings_are_one_tensor_from_init_to_export(corpus_file, tmp_pat
 
 
 def test_estimator_counts_a_tied_embedding_once():
-    from qtrain.estimate import estimate
+    from qtrain.estimate.memory import estimate
 
     base = TrainConfig.from_toml(REPO / "recipes" / "tiny.toml", ["optim.float_optimizer=adamw"])
     tied = base.apply_overrides(["model.tie_embeddings=true"])
@@ -128,7 +127,7 @@ def test_int8_gradient_accumulates_in_fp32():
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg(), quant_cfg(), "cpu")
     x = torch.randint(0, 64, (4, 16))
-    from qtrain.evaluation import lm_loss
+    from qtrain.model.loss import lm_loss
 
     def grads(batches, dtype):
         for layer in [m for m in model.modules() if hasattr(m, "weight_grad")]:
@@ -163,7 +162,7 @@ def test_resumed_float_optimizer_state_is_placed_where_torch_expects_it(corpus_f
     train(c, run, quiet=True)
     tensors, meta = load_checkpoint(checkpoint_dirs(run)[0])
     r = build(c, "meta")
-    from qtrain.run_state import load_run
+    from qtrain.checkpoint.run_state import load_run
     load_run(checkpoint_dirs(run)[0], tensors, meta, r.model, r.updater, c, torch.device("meta"))
     states = [s for opt in r.updater.float_opts.values() for s in opt.state.values()]
     assert states and all(s["step"].device.type == "cpu" for s in states)
@@ -228,7 +227,7 @@ def test_a_second_run_on_the_same_directory_is_refused(corpus_file, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from qtrain.run_dir import RunDir\n"
+        "import sys, time; from qtrain.checkpoint.run_dir import RunDir\n"
         f"with RunDir({str(run)!r}):\n    print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -11,12 +11,20 @@ import re
 
 import pytest
 
-import qtrain.corpus
-from qtrain.config import ConfigError, TrainConfig
+import qtrain.data.readers
+from qtrain.config.recipe import ConfigError, TrainConfig
+from qtrain.data.readers import first_json_line
+from qtrain.data.sources import (
+    DocumentStream,
+    Position,
+    file_phase,
+    held_out,
+    iter_documents,
+    resolve_source,
+    resolve_sources,
+    sample_texts,
+)
 from qtrain.errors import DataError
-from qtrain.corpus import first_json_line
-from qtrain.sources import (DocumentStream, Position, file_phase, held_out, iter_documents, resolve_source,
-                            resolve_sources, sample_texts)
 
 DOCS = [f"document {i}: " + " ".join(f"w{i}x{j}" for j in range(i % 7 + 1)) for i in range(40)]
 
@@ -62,8 +70,8 @@ def test_text_files_split_at_blank_line_runs_or_one_per_file(tmp_path):
 
 
 def test_a_long_text_document_is_read_in_pieces_and_resumes_inside_itself(tmp_path, monkeypatch):
-    monkeypatch.setattr(qtrain.corpus, "MAX_DOC_BYTES", 64)
-    monkeypatch.setattr(qtrain.corpus, "MAX_LINE_BYTES", 16)  # over-long lines read in chunks (UTF-8 kept whole)
+    monkeypatch.setattr(qtrain.data.readers, "MAX_DOC_BYTES", 64)
+    monkeypatch.setattr(qtrain.data.readers, "MAX_LINE_BYTES", 16)  # over-long lines read in chunks (UTF-8 kept whole)
     doc = "\n".join(f"line {i} é中 " + "x" * (i % 30) for i in range(60))
     (tmp_path / "big.txt").write_text(doc + "\n\n\nnext document\n")
     src = resolve_source(str(tmp_path / "big.txt"), tmp_path, split_blank_lines=2)

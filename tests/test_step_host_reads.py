@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from qtrain.config import TrainConfig
-from qtrain.model import build_model
-from qtrain.build import build_updater
-from qtrain.release import attach_release
-from qtrain.evaluation import lm_loss
+from qtrain.config.recipe import TrainConfig
+from qtrain.model.builder import build_model
+from qtrain.model.loss import lm_loss
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 RECIPE = TrainConfig.from_toml("recipes/tiny.toml")
@@ -31,7 +31,7 @@ def test_one_release_step_reads_nothing_on_the_host(overrides, monkeypatch):
     cfg = RECIPE.apply_overrides(overrides + ["model.vocab_size=256"])
     model = build_model(cfg.model, cfg.quant, "cpu")
     if cfg.train.activation_checkpointing:
-        from qtrain.model import enable_activation_checkpointing
+        from qtrain.model.builder import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     updater = build_updater(model, cfg)

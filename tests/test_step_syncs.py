@@ -19,8 +19,8 @@ import torch
 from conftest import release_trainer
 from sync_probe import cpu_syncs, explicit_syncs
 
-from qtrain.config import TrainConfig
-from qtrain.evaluation import lm_loss
+from qtrain.config.recipe import TrainConfig
+from qtrain.model.loss import lm_loss
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 SHRINK = ["model.init=", "model.hidden_size=128", "model.intermediate_size=256", "model.num_heads=2",

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtrain import checkpoint as ckpt_mod
-from qtrain import loop as loop_mod
-from qtrain.checkpoint import latest_checkpoint
-from qtrain.shipped_recipes import find_recipe
-from qtrain.cli import main as cli
-from qtrain.config import TrainConfig
-from qtrain.optim.registry import build_method
+from qtrain.checkpoint.store import latest_checkpoint
+from qtrain.checkpoint import store as ckpt_mod
+from qtrain.cli.main import main as cli
+from qtrain.config.recipe import TrainConfig
+from qtrain.config.shipped import find_recipe
 from qtrain.errors import TrainingError
-from qtrain.train import train
+from qtrain.optim.registry import build_method
+from qtrain.train import loop as loop_mod
+from qtrain.train.run import train
 
 REPO = Path(__file__).resolve().parent.parent
 # A small slice of the embedded corpus and a small vocab keep every run here to a few seconds.
@@ -55,7 +55,7 @@ def step_losses(run: Path) -> dict[int, float]:
 
 
 def qtrain_cmd(*args):
-    return [sys.executable, "-m", "qtrain.cli", *args]
+    return [sys.executable, "-m", "qtrain.cli.main", *args]
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
@@ -172,7 +172,7 @@ def test_export_round_trip_eval_and_generate(tmp_path, capsys):
     assert cli(["generate", str(run), "--prompt", "The", "--tokens", "5"]) == 0
     from transformers import AutoModelForCausalLM
 
-    from qtrain.commands import load_trained
+    from qtrain.cli.commands import load_trained
 
     model = load_trained(run, "cpu").model
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -26,10 +26,10 @@ tl = triton.language
 
 from conftest import compile_for_sm90, interpreter_process_test
 
+from qtrain.core.seeding import update_seed
 from qtrain.quant import dispatch, triton_kernels
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_
-from qtrain.seeding import update_seed
 
 sr_module = importlib.import_module("qtrain.quant.stochastic_round")  # the module (quant/__init__ exports a function)
 SHAPES = [(16, 64, 32), (12, 40, 32)]  # (m, n, g); 12x40 in groups of 32 straddles rows
@@ -282,7 +282,7 @@ out = {"dequantize_bf16": ptx(
     {"codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "num_groups": "i32",
      "GROUP": "constexpr", "BLOCK_G": "constexpr", "OUT_BF16": "constexpr"},
     {"GROUP": g, "BLOCK_G": tk.TILE_ELEMS // g, "OUT_BF16": True}, num_warps=tk.NUM_WARPS)}
-# lr: a float, an fp32 pointer or (qtrain.step_state, a capturable step) an fp64 pointer with an int64 seed pointer
+# lr: a float, an fp32 pointer or (qtrain.core.step_state, a capturable step) an fp64 pointer with an int64 seed pointer
 for name, mode, lr, wd, uniform, meta, seed in [
         ("update_scalar_philox", 0, "fp32", False, False, "fp32", "i32"),
         ("update_row_tensor_lr_uniform", 2, "*fp32", True, True, "fp32", "i32"),

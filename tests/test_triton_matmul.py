@@ -23,11 +23,11 @@ from conftest import (
     triton_interpreted,
 )
 
-from qtrain.evaluation import lm_loss
-from qtrain.int8_linear import Int8Linear
-from qtrain.model import build_model
+from qtrain.model.builder import build_model
+from qtrain.model.loss import lm_loss
 from qtrain.quant import dispatch, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise, quantize_groupwise
+from qtrain.quant.linear import Int8Linear
 
 INTERPRETED = triton_interpreted()
 # (N, K, g): the per-row tiling (groups inside rows; N = 40 leaves a partial tile of rows), then the gathering

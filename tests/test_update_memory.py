@@ -7,15 +7,15 @@ for a bf16 gradient, its fp32 copy while the direction is computed (before the c
 """
 
 import torch
+from memory_probe import cpu_peak_bytes
 from torch import nn
 
-from qtrain.int8_linear import Int8Linear
-from memory_probe import cpu_peak_bytes
 from qtrain.optim import Apollo, apollo_mini
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.quant.groupwise import quantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_
-from qtrain.updater import Updater
+from qtrain.quant.linear import Int8Linear
+from qtrain.update.updater import Updater
 
 M, N = 512, 1024
 FP32_BYTES = M * N * torch.float32.itemsize

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain.build import build
-from qtrain.cli import main as cli
-from qtrain.config import TrainConfig
-from qtrain.evaluation import lm_loss
-from qtrain.metrics import GradNorm
-from qtrain.sources import iter_documents
+from qtrain.cli.main import main as cli
+from qtrain.config.recipe import TrainConfig
+from qtrain.data.sources import iter_documents
+from qtrain.model.loss import lm_loss
+from qtrain.train.build import build
+from qtrain.train.metrics import GradNorm
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["model.vocab_size=512", "train.sample_tokens=0", "train.eval_batches=2", "train.batch_size=4",
@@ -94,7 +94,7 @@ def test_grad_norm_hook_is_the_global_norm_in_both_modes():
         meter = GradNorm("cpu", [*updater.int8, *updater.floats])
         updater.add_grad_hook(meter)
         if release:
-            from qtrain.release import attach_release
+            from qtrain.update.release import attach_release
 
             attach_release(updater)
         updater.begin_step(1e-3, 1e-3)

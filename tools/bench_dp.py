@@ -3,13 +3,13 @@
     python tools/bench_dp.py [--recipe tiny] [--steps 20] [--warmup 3] [--ranks 1,2] [--set KEY=VALUE ...]
 
 Each configuration runs in fresh processes (torch.multiprocessing, gloo on CPU; NCCL when every rank has a
-GPU): the recipe's model and updater from qtrain.build, layer-wise release as the recipe says, the same
-gradient reduction qtrain.train installs (OverlappedReducer with [train] dp_overlap, or the synchronous
+GPU): the recipe's model and updater from qtrain.train.build, layer-wise release as the recipe says, the same
+gradient reduction qtrain.train.run installs (OverlappedReducer with [train] dp_overlap, or the synchronous
 hook), and steps of the training loop's shape (batch_at, lm_loss / W, backward, finish_step). One thread per
 rank on CPU, so 2 ranks on 2 cores can ideally reach 2x. Printed: tokens/s (global), ms per step, host time
 per step spent waiting for all-reduces (what was not hidden behind backward), peak RSS (CPU) or peak CUDA
 memory per rank, the persistent bytes per rank (weights + optimizer states), and the 2-rank / 1-rank ratio
-measured in the same run. `--set train.fsdp=true` shards with FSDP2 instead (qtrain.fsdp); its collectives
+measured in the same run. `--set train.fsdp=true` shards with FSDP2 instead (qtrain.parallel.fsdp); its collectives
 run inside FSDP2, so no wait time is printed for it.
 """
 
@@ -32,16 +32,16 @@ def worker(rank: int, world: int, init: str, recipe: str, overrides: list[str], 
     torch.set_num_threads(1)
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
-    from qtrain import distributed
-    from qtrain.build import build
-    from qtrain.config import TrainConfig
-    from qtrain.data import prepare_data
-    from qtrain.device import autocast_dtype
-    from qtrain.distributed import World
-    from qtrain.evaluation import lm_loss
-    from qtrain.fsdp import ShardedTraining, persistent_bytes
-    from qtrain.release import attach_release
-    from qtrain.shipped_recipes import find_recipe
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.config.shipped import find_recipe
+    from qtrain.core.device import autocast_dtype
+    from qtrain.data.dataset import prepare_data
+    from qtrain.model.loss import lm_loss
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
+    from qtrain.parallel.fsdp import ShardedTraining, persistent_bytes
+    from qtrain.train.build import build
+    from qtrain.update.release import attach_release
 
     cfg = TrainConfig.from_toml(find_recipe(recipe), overrides)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
@@ -105,8 +105,8 @@ def measure(world: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(world, f"file://{Path(tmp) / 'rdzv'}", args.recipe, args.set, args.steps,
                                args.warmup, out), nprocs=world, join=True)
-    from qtrain.config import TrainConfig
-    from qtrain.shipped_recipes import find_recipe
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.config.shipped import find_recipe
 
     cfg = TrainConfig.from_toml(find_recipe(args.recipe), args.set)
     tokens = world * cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum_steps * args.steps

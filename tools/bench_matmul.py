@@ -33,8 +33,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from qtrain.shipped_recipes import find_recipe  # noqa: E402
-from qtrain.config import TrainConfig  # noqa: E402
+from qtrain.config.recipe import TrainConfig  # noqa: E402
+from qtrain.config.shipped import find_recipe  # noqa: E402
 from qtrain.quant import dispatch, triton_kernels  # noqa: E402
 from qtrain.quant.groupwise import quantize_groupwise  # noqa: E402
 

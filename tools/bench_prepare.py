@@ -43,9 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qtrain.prepare import available_cores, encode_docs, pack  # noqa: E402
-from qtrain.sources import DocumentStream, iter_documents, resolve_source  # noqa: E402
-from qtrain.tokenizer import load_tokenizer  # noqa: E402
+from qtrain.data.prepare import available_cores, encode_docs, pack  # noqa: E402
+from qtrain.data.sources import DocumentStream, iter_documents, resolve_source  # noqa: E402
+from qtrain.data.tokenizer import load_tokenizer  # noqa: E402
 
 LAYOUTS = ("jsonl-gz-dir", "jsonl-gz", "txt", "txt-dir")
 BLANK_LINES = {"txt": 2, "txt-dir": 2}  # [data] split_blank_lines of the text layouts
@@ -178,9 +178,9 @@ def baseline(corpus: Path, layout: str, tokenizer_path: Path, limit_bytes: int) 
 
 DATA_READY = """
 import sys, time
-from qtrain.config import TrainConfig
-from qtrain.data import prepare_data
-from qtrain.shipped_recipes import find_recipe
+from qtrain.config.recipe import TrainConfig
+from qtrain.data.dataset import prepare_data
+from qtrain.config.shipped import find_recipe
 cfg = TrainConfig.from_toml(find_recipe("tiny"), sys.argv[1:])
 t0 = time.perf_counter()
 data = prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.seq_len)
@@ -211,7 +211,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cores = available_cores()
-    qtrain = [sys.executable, "-m", "qtrain.cli"]
+    qtrain = [sys.executable, "-m", "qtrain.cli.main"]
     layouts = [args.corpus_layout] if args.corpus else args.layouts.split(",")
     print(f"bench_prepare: {args.mb:g} MB of text per layout, {cores} cores, vocab {args.vocab}, work dir {work}")
 

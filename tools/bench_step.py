@@ -1,10 +1,10 @@
 """Step time, tokens/s and peak memory of qtrain's training step against two bf16 baselines, per size and batch.
 
 Rows per (size, batch point): qtrain once per --matmul mode, the bf16 floor, apollo-torch. Same LlamaConfig
-(qtrain.model.llama_config of the size's recipe), same batches (uniform random token ids from a seeded generator: speed and memory only, no corpus), same
+(qtrain.model.builder.llama_config of the size's recipe), same batches (uniform random token ids from a seeded generator: speed and memory only, no corpus), same
 activation checkpointing (transformers' non-reentrant gradient checkpointing, on unless --no-checkpointing):
   qtrain       build_model (int8 projections) -> build_updater -> attach (layer-wise release), the recipe as
-               shipped; a step is begin_step, lm_loss, backward, finish_step (qtrain.train.fit without logging).
+               shipped; a step is begin_step, lm_loss, backward, finish_step (qtrain.train.run.fit without logging).
                Autocast dtype --dtype. "qtrain" = [quant] matmul "dequantize", "qtrain fused" = "fused".
   bf16 floor   the same transformers Llama with --dtype parameters and no optimizer: every gradient is freed
                in a register_post_accumulate_grad_hook the moment it is final. Eager. The fastest a step
@@ -44,18 +44,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from sync_probe import count_syncs, sync_free
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from qtrain.shipped_recipes import find_recipe
-from qtrain.config import TrainConfig
-from sync_probe import count_syncs, sync_free
-from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
+from qtrain.config.recipe import TrainConfig
+from qtrain.config.shipped import find_recipe
+from qtrain.model.builder import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
+from qtrain.model.loss import lm_loss
 from qtrain.quant import triton_kernels
-from qtrain.build import build_updater
-from qtrain.release import attach_release
-from qtrain.evaluation import lm_loss
-from qtrain.step_graph import CapturedStep
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
+from qtrain.update.step_graph import CapturedStep
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"

@@ -1,11 +1,11 @@
 """Tokens/s of qtrain's training step against plain transformers Llama + torch AdamW, same model and batches.
 
-Two rows, one LlamaConfig (qtrain.model.llama_config of the recipe's [model]), the same batches (the
+Two rows, one LlamaConfig (qtrain.model.builder.llama_config of the recipe's [model]), the same batches (the
 recipe corpus through TokenSampler, drawn and moved to the device before any timing) and the same autocast
 dtype (the recipe's [train] dtype as qtrain resolves it):
   qtrain     build_model (int8 projections unless quant.enabled = false) -> build_updater -> attach when
              [train] release = true; a step is begin_step, lm_loss, backward, finish_step, exactly the body
-             of qtrain.train.fit without its logging, evaluation and checkpoints.
+             of qtrain.train.run.fit without its logging, evaluation and checkpoints.
   baseline   transformers.LlamaForCausalLM with fp32 parameters and torch.optim.AdamW over all of them
              (lr = [optim] lr, betas/eps = [optim] float_betas/float_eps, torch's default implementation);
              a step is lm_loss, backward, step, zero_grad(set_to_none=True).
@@ -28,14 +28,14 @@ import time
 import torch
 from transformers import LlamaForCausalLM
 
-from qtrain.shipped_recipes import find_recipe
-from qtrain.config import TrainConfig
-from qtrain.data import prepare_data
-from qtrain.model import build_model, enable_activation_checkpointing, llama_config
-from qtrain.build import build_updater
-from qtrain.release import attach_release
-from qtrain.device import autocast_dtype, resolve_device
-from qtrain.evaluation import lm_loss
+from qtrain.config.recipe import TrainConfig
+from qtrain.config.shipped import find_recipe
+from qtrain.core.device import autocast_dtype, resolve_device
+from qtrain.data.dataset import prepare_data
+from qtrain.model.builder import build_model, enable_activation_checkpointing, llama_config
+from qtrain.model.loss import lm_loss
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
 
 
 def sync(device: torch.device) -> None:

@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from sync_probe import count_syncs
 from torch import Tensor
 
+from qtrain.core.seeding import update_seed
 from qtrain.optim.apollo import apollo_mini
-from sync_probe import count_syncs
 from qtrain.quant import dispatch, triton_kernels
 from qtrain.quant.groupwise import CODE_MAX, quantize_groupwise
-from qtrain.seeding import update_seed
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

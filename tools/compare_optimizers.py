@@ -1,7 +1,7 @@
 """Final validation loss and optimizer-state bytes of every matrix method on one recipe, int8 and fp32 weights.
 
 Each (method, mode) run trains the recipe (default: tiny, on the embedded corpus) for the same steps and
-batches (TokenSampler with the recipe seed), then evaluates once with qtrain.train.evaluate:
+batches (TokenSampler with the recipe seed), then evaluates once with qtrain.train.run.evaluate:
   methods   the registry's matrix methods (apollo, apollo_mini, apollo_svd, galore, fira, racs, alice, alice0)
             plus "adamw", the float baseline: qtrain's Adam (optim/adam.py, dataclass defaults) as the method
             of every matrix. Hyperparameters are each dataclass's defaults except rank (--rank, default
@@ -12,7 +12,7 @@ batches (TokenSampler with the recipe seed), then evaluates once with qtrain.tra
             matrix method changes.
   modes     int8: the recipe as shipped (int8 weights, SR, layer-wise release);
             fp32: quant.enabled = false (fp32 weights), release as the recipe says.
-The loop is qtrain.train.fit's step without its logging, checkpoints and intermediate evaluations (none of
+The loop is qtrain.train.run.fit's step without its logging, checkpoints and intermediate evaluations (none of
 which change the trajectory): the LR schedule spans --steps, begin_step, lm_loss, backward, finish_step.
 A run whose training loss turns non-finite stops there and is reported as diverged.
 State bytes: after training, the sum of dtype.itemsize * numel over every tensor in updater.state of the
@@ -36,20 +36,21 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from qtrain.shipped_recipes import find_recipe
-from qtrain.config import TrainConfig
-from qtrain.data import Dataset, prepare_data
-from qtrain.model import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
+from qtrain.config.recipe import TrainConfig
+from qtrain.config.shipped import find_recipe
+from qtrain.core.device import autocast_dtype, resolve_device
+from qtrain.data.dataset import Dataset, prepare_data
+from qtrain.model.builder import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
+from qtrain.model.loss import lm_loss
 from qtrain.optim.adam import Adam
 from qtrain.optim.base import Method
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.optim.registry import MATRIX_METHODS, build_method
-from qtrain.release import attach_release
-from qtrain.updater import Updater
-from qtrain.schedule import lr_at
-from qtrain.build import build_updater
-from qtrain.device import autocast_dtype, resolve_device
-from qtrain.evaluation import evaluate, lm_loss
+from qtrain.train.evaluation import evaluate
+from qtrain.train.schedule import lr_at
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
+from qtrain.update.updater import Updater
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "optimizers.md"
 BASELINE = "adamw"
@@ -73,7 +74,7 @@ def make_method(name: str, args: dict, weight_decay: float = 0.0, seed: int = 0)
 
 
 def build_adam_updater(model: torch.nn.Module, cfg: TrainConfig) -> Updater:
-    """qtrain.train.build_updater with Adam (dataclass defaults) as the matrix method: the float baseline.
+    """qtrain.train.run.build_updater with Adam (dataclass defaults) as the matrix method: the float baseline.
 
     Adam is not a registry method, so this repeats build_updater's wiring with that one change.
     """

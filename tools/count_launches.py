@@ -5,7 +5,7 @@
     python tools/count_launches.py 7b --set quant.matmul=fused --seq-len 256   # fused GEMM: only from 64 rows on
     python tools/count_launches.py 7b --profile cuda    # on a GPU: the real step under torch.profiler (gpu_check.sh)
 
-What is counted: one release step as `qtrain.loop.fit` runs it (begin_step, the loss, backward with every
+What is counted: one release step as `qtrain.train.loop.fit` runs it (begin_step, the loss, backward with every
 update inside its release hook, finish_step, the grad-norm hook and its take(), the step-loss accumulation),
 at the recipe's real widths, vocabulary and optimizer choices, batch 1 x --seq-len tokens (launch counts do
 not depend on the number of tokens, except that dispatch picks the fused dequant-GEMM of [quant] matmul =
@@ -46,15 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sync_probe import SyncCount, cpu_syncs
 
-from qtrain.build import build_updater
-from qtrain.config import TrainConfig
-from qtrain.device import autocast_dtype
-from qtrain.evaluation import lm_loss
-from qtrain.metrics import GradNorm
-from qtrain.model import build_model, enable_activation_checkpointing
+from qtrain.config.recipe import TrainConfig
+from qtrain.config.shipped import find_recipe
+from qtrain.core.device import autocast_dtype
+from qtrain.model.builder import build_model, enable_activation_checkpointing
+from qtrain.model.loss import lm_loss
 from qtrain.quant import dispatch, triton_kernels
-from qtrain.release import attach_release
-from qtrain.shipped_recipes import find_recipe
+from qtrain.train.metrics import GradNorm
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
 
 NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "resize_",
              "resize_as_", "_local_scalar_dense", "lift_fresh", "detach", "record_stream", "_unsafe_view",
@@ -188,7 +188,7 @@ def step_function(cfg: TrainConfig, counter_ref: list, device: torch.device | st
     def step():
         counter = counter_ref[0]
         if counter is not None:
-            counter.phase = "loop"  # begin_step writes the step's device values (qtrain.step_state)
+            counter.phase = "loop"  # begin_step writes the step's device values (qtrain.core.step_state)
         updater.begin_step(cfg.optim.lr, cfg.optim.float_lr_value)
         step_loss = torch.zeros((), device=device)
         if counter is not None:

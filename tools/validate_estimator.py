@@ -1,4 +1,4 @@
-"""Predicted (`qtrain.estimate`) vs measured peak memory of one training step, per recipe and setting.
+"""Predicted (`qtrain.estimate.memory`) vs measured peak memory of one training step, per recipe and setting.
 
 Every point builds the trainer's own pieces from the recipe with the point's overrides, in train.train's
 order: build_model -> gradient_checkpointing_enable (non-reentrant, when set) -> build_updater -> attach
@@ -34,16 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from qtrain.shipped_recipes import find_recipe
-from qtrain.config import TrainConfig
-from qtrain.estimate import GiB, MiB, estimate
 from memory_probe import cpu_peak_bytes
-from qtrain.model import build_model
-from qtrain.build import build_updater
-from qtrain.release import attach_release
-from qtrain.device import autocast_dtype, to_device
-from qtrain.evaluation import lm_loss
+
+from qtrain.config.recipe import TrainConfig
+from qtrain.config.shipped import find_recipe
+from qtrain.core.device import autocast_dtype, to_device
+from qtrain.estimate.memory import GiB, MiB, estimate
+from qtrain.model.builder import build_model
+from qtrain.model.loss import lm_loss
+from qtrain.update.build import build_updater
+from qtrain.update.release import attach_release
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "estimator.md"
 CKPT = "train.activation_checkpointing=true"

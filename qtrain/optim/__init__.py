@@ -4,9 +4,9 @@ from qtrain.optim.alice import Alice, Alice0, AliceMethod, alice0, alice_compens
 from qtrain.optim.apollo import APOLLO, Apollo, apollo_mini, apollo_scaling
 from qtrain.optim.apollo_svd import APOLLOSVD, ApolloSVDMethod
 from qtrain.optim.base import Method, Update, apply_update_
-from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.fira import Fira, FiraMethod, fira_update
 from qtrain.optim.galore import GaLore, GaLoreMethod, galore_update
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.racs import RACS, RacsMethod, racs_update
 from qtrain.optim.registry import MATRIX_METHODS, build_method
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qtrain.core.seeding import mix_seed, seeded_generator
 from qtrain.optim.base import Method, Update
-from qtrain.optim.method_optimizer import MethodOptimizer
-from qtrain.seeding import mix_seed, seeded_generator
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
 from qtrain.optim.limiter import norm_growth_factor
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import orient
 from qtrain.optim.svd_projection import orient_back
 

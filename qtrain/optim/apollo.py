@@ -16,8 +16,8 @@ from torch import Tensor
 
 from qtrain.optim import apollo_kernels
 from qtrain.optim.base import Method, Update
-from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.limiter import norm_growth_factor
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import (
     channel_shape,
     official_next_seed,
@@ -38,7 +38,7 @@ def project_with_column_norms(proj: Tensor, g_hat: Tensor, max_chunk_elems: int 
     A bf16 gradient is upcast one chunk at a time, never as a whole fp32 copy (for a 32000×4096
     embedding gradient that copy alone would be 500 MiB).
     width, first_column: Ĝ is the columns first_column.. of an oriented gradient `width` wide (one rank's
-    block under FSDP2, qtrain.optim.apollo_sharded); the results are then those columns of the whole
+    block under FSDP2, qtrain.parallel.apollo_sharded); the results are then those columns of the whole
     gradient's, bit for bit (same chunk rows; see _column_squares).
     """
     a, b = g_hat.shape
@@ -83,7 +83,7 @@ def update_moments_(r: Tensor, m: Tensor, v: Tensor, step: int, *, betas: tuple[
 def scale_factor(n: Tensor, r: Tensor, col_sq: Tensor, phi: Tensor, step: int, step_factor: float, *, scale: float,
                  scale_type: str, gamma: float = 1.01) -> Tensor:
     """Steps 7-11 of APOLLO from N, R and ‖Ĝ[:, j]‖²: the factor f; updates phi (NL state) in place. Every norm
-    spans whole columns or the whole tensor (FSDP2 gathers N, R and col_sq before calling it: qtrain.fsdp)."""
+    spans whole columns or the whole tensor (FSDP2 gathers N, R and col_sq before calling it: qtrain.parallel.fsdp)."""
     if scale_type == "channel":  # s_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)   step 7
         s = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
         x_norm = (s.square() * col_sq).sum().sqrt()  # ‖Ĝ Diag(s)‖ without forming it
@@ -180,7 +180,7 @@ class Apollo(ApolloScaling):
     # statistics backend, "auto" | "torch" | "triton" (qtrain.quant.dispatch's convention). A plain class
     # attribute, not a dataclass field: it is [quant] kernels' choice, not an [optim.args] hyperparameter
     kernels = "auto"
-    # The caller's qtrain.step_state.StepState (set per call by the Updater), or None: the kernels then read
+    # The caller's qtrain.core.step_state.StepState (set per call by the Updater), or None: the kernels then read
     # the bias corrections from the device instead of taking host numbers (a captured step replays them)
     clock = None
     # True ([train] cuda_graph): keep each tensor's P for its window of update_proj_gap steps and redraw it in

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, ApolloScaling, apollo_scaling
 from qtrain.optim.base import Update
-from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.galore import check_low_rank, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import channel_shape, orient
 from qtrain.optim.svd_projection import refresh_due, refresh_projection_
 

@@ -18,10 +18,10 @@ from typing import Any
 from torch import Tensor
 
 from qtrain.optim.base import Method, Update
-from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.galore import check_low_rank, projected_adam_, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import orient
 from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_
 

@@ -11,7 +11,7 @@ interpreter): the same fp32 operations with the same roundings (`t = D * lr`, `w
 with enable_fp_fusion=False so nothing is contracted into an FMA), the same stochastic rounding to bf16 (add
 16 random low bits to the fp32 pattern, clear them: stochastic_round.stochastic_round_to_bf16), and
 nearest-even rounding of a bf16 weight without SR done on the bits. The random bits come from Philox keyed by
-the tensor's per-step seed (qtrain.seeding.update_seed): the same seed as the reference's generator, another
+the tensor's per-step seed (qtrain.core.seeding.update_seed): the same seed as the reference's generator, another
 stream, so the two agree in distribution, not bitwise (as the int8 kernels).
 
 `float_update_` dispatches like qtrain.quant.dispatch: backend "auto" takes the kernel for CUDA tensors it
@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qtrain.core.seeding import seeded_generator
+from qtrain.core.step_state import StepValue, device_form, host_form
 from qtrain.optim.base import Update, apply_update_
 from qtrain.quant import dispatch
 from qtrain.quant.stochastic_round import stochastic_round_to_bf16
 from qtrain.quant.triton_kernels import HAVE_TRITON
-from qtrain.seeding import seeded_generator
-from qtrain.step_state import StepValue, device_form, host_form
 
 if HAVE_TRITON:
     import triton
@@ -60,7 +60,7 @@ def _float_update_kernel(
     elif SCALE_MODE == 2:
         d = d * tl.load(s_ptr + offs // n_cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if LR_IS_PTR:  # device scalars (qtrain.step_state): a captured graph reads each step's LR and seed
+    if LR_IS_PTR:  # device scalars (qtrain.core.step_state): a captured graph reads each step's LR and seed
         lr = tl.load(lr).to(tl.float32)  # fp32 or fp64 -> fp32, as a float lr is rounded at launch
         decay = 1.0 - lr * weight_decay  # fp32, as the int8 update kernel with a tensor lr
     w = w - d * lr  # the reference: w.sub_(d * lr), two roundings
@@ -121,7 +121,7 @@ def float_update_triton_(weight: Tensor, update: Update, grad: Tensor, lr: float
         raise ValueError("the float update kernel cannot take this update: " + "; ".join(found))
     lr_is_ptr, seed_is_ptr = isinstance(lr, Tensor), isinstance(seed, Tensor)
     if seed is not None and not seed_is_ptr and not 0 <= seed < 2**31:
-        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.seeding.update_seed")
+        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.core.seeding.update_seed")
     dense = update.dense is not None
     d = update.dense if dense else grad
     s = d if dense else update.grad_scale.contiguous()  # s is not read for a dense direction

@@ -79,7 +79,7 @@ class FusedAdamW:
         """One AdamW update of every tensor from the staged gradients; all of them must have arrived.
 
         generator: the stochastic-rounding generator of this step for bf16 tensors (None: round to nearest).
-        Capturable form (the Updater's, qtrain.step_state): lr an fp32 0-d device tensor, t the update number
+        Capturable form (the Updater's, qtrain.core.step_state): lr an fp32 0-d device tensor, t the update number
         as an int64 0-d device tensor (bias corrections formed on the device from it, not from the host count),
         to_bf16 the rounding of the fp32 result to bf16 (stochastic, with a device seed). On the CPU both forms
         give the same bits.

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from qtrain.optim.base import Method, Update
-from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
+from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import orient
 from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from qtrain.seeding import mix_seed, seeded_generator
+from qtrain.core.seeding import mix_seed, seeded_generator
 
 
 def orient(grad: Tensor) -> Tensor:

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from qtrain.optim.base import Method, Update
-from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
+from qtrain.optim.method_optimizer import MethodOptimizer
 
 LIMITER_STORES = ("limited", "pre_limit")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtrain.seeding import mix_seed, seeded_generator
+from qtrain.core.seeding import mix_seed, seeded_generator
 
 
 def refresh_due(step: int, gap: int) -> bool:

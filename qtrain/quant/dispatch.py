@@ -3,7 +3,7 @@
 backend="auto": Triton when every tensor is on CUDA and Triton is installed and supports the layout
 (power-of-two group size, fp32 or bf16 scales), else the torch reference. "torch" and "triton" force one;
 "triton" on CPU tensors runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests).
-Both backends draw the SR uniforms from one integer seed per (run, tensor, step), see qtrain.seeding.update_seed, but
+Both backends draw the SR uniforms from one integer seed per (run, tensor, step), see qtrain.core.seeding.update_seed, but
 from different generators (torch's Philox/mt19937 vs Triton's tl.rand): their codes agree in
 distribution, not bitwise.
 """
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtrain.core.step_state import StepValue, device_form, host_form
 from qtrain.quant import triton_kernels, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
-from qtrain.step_state import StepValue, device_form, host_form
 
 BACKENDS = ("auto", "torch", "triton")
 MATMULS = ("dequantize", "fused")

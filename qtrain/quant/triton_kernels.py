@@ -227,7 +227,7 @@ def _update_kernel(
         u = tl.load(uniform_ptr + flat, mask=mask, other=0.0)
     else:
         octet = gid[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # (BLOCK_G, GROUP/8)
-        if SEED_IS_PTR:  # an int64 device scalar (qtrain.step_state): a captured graph reads each step's seed
+        if SEED_IS_PTR:  # an int64 device scalar (qtrain.core.step_state): a captured graph reads each step's seed
             seed = tl.load(seed)
         r0, r1, r2, r3 = tl.randint4x(seed, octet)
         # tl.join appends the fastest axis: (q, j1, j0, half) flattens to element 8q + 2(2·j1 + j0) + half
@@ -295,7 +295,7 @@ def int8_scaled_update_triton_(
     if seed_is_ptr and (seed.dtype != torch.int64 or seed.numel() != 1):
         raise ValueError(f"a tensor seed must be one int64, got {seed.dtype} {tuple(seed.shape)}")
     if not seed_is_ptr and not 0 <= seed < 2**31:
-        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.seeding.update_seed")
+        raise ValueError(f"seed = {seed} must be in [0, 2^31); derive it with qtrain.core.seeding.update_seed")
     mode = _scale_mode(grad_scale, (m, n))
     lr_is_ptr = isinstance(lr, Tensor)
     if lr_is_ptr and lr.numel() != 1:

@@ -1,0 +1,118 @@
+"""`qtrain` command line: parses the arguments and hands them to qtrain.cli.commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qtrain.config.shipped import DEFAULT_RECIPE
+
+
+def _command(name: str):
+    """The handler of a verb, imported on use: `qtrain --help` stays instant (no torch import)."""
+    def run(args) -> int:
+        from qtrain.cli import commands
+        return getattr(commands, f"cmd_{name}")(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qtrain", description="Pretrain LLaMA models on one GPU: int8 weights with "
+                                "stochastic rounding, APOLLO optimizers, layer-wise gradient release.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_args(sp):
+        sp.add_argument("recipe", nargs="?", default=None,
+                        help=f"recipe file or shipped name (tiny, 60m, 130m, 350m, 1b, 7b, 7b-8gb); default {DEFAULT_RECIPE}")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.steps=50 --set optim.args.rank=4 (repeatable)")
+
+    t = sub.add_parser("train", help="pretrain from a recipe (no recipe: tiny model on the embedded corpus)")
+    recipe_args(t)
+    t.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data parallel on N GPUs of this machine (CPU: N gloo processes): runs torchrun for you")
+    t.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: shard weights and optimizer states across the processes (FSDP2; "
+                        "= --set train.fsdp=true)")
+    t.set_defaults(fn=_command("train"))
+
+    pr = sub.add_parser("prepare", help="tokenize a recipe's corpus into token shards (train does it when missing)")
+    recipe_args(pr)
+    pr.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: [data] prepare_workers, "
+                    "0 = one per core)")
+    pr.add_argument("--quiet", action="store_true", help="no progress line")
+    pr.set_defaults(fn=_command("prepare"))
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--batches", type=int, default=0, help="evaluation batches (default: the recipe's)")
+    e.add_argument("--device", choices=["cpu", "cuda"], help="override [train] device")
+    e.set_defaults(fn=_command("eval"))
+
+    g = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
+    g.add_argument("run", help="run directory")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--tokens", type=int, default=64, help="new tokens to sample (default 64)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="override [train] device")
+    g.set_defaults(fn=_command("generate"))
+
+    x = sub.add_parser("export", help="write a Hugging Face transformers model directory")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--to", required=True, help="output directory")
+    x.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default float32)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to directory")
+    x.set_defaults(fn=_command("export"))
+
+    pl = sub.add_parser("plot", help="PNG of a run's train/val loss, LR, tokens/s and gradient norm (needs matplotlib)")
+    pl.add_argument("run", help="run directory")
+    pl.add_argument("--out", help="PNG path (default RUN/metrics.png)")
+    pl.set_defaults(fn=_command("plot"))
+
+    s = sub.add_parser("estimate", help="predict peak GPU memory of a recipe before running it")
+    recipe_args(s)
+    s.add_argument("--gpu-gib", type=float, help="GPU memory to fit into; suggests changes when it does not fit")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--nproc", type=int, default=1, help="GPUs of a torchrun job: the per-GPU peak")
+    s.add_argument("--fsdp", action="store_true", help="with --nproc: weights and optimizer states sharded (FSDP2)")
+    s.set_defaults(fn=_command("estimate"))
+    return p
+
+
+def _exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by torchrun running the same command on nproc local processes."""
+    rest, skip = [], False
+    for a in argv:  # the same arguments without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "qtrain", *rest]
+    os.execv(sys.executable, cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and args.command == "train" and "WORLD_SIZE" not in os.environ:
+        _exec_torchrun(args.nproc, argv)
+    from qtrain.config.recipe import ConfigError
+    from qtrain.errors import QtrainError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, QtrainError, ValueError) as e:
+        print(f"qtrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

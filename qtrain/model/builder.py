@@ -1,0 +1,235 @@
+"""How a transformers Llama (or Mistral, Qwen2, Qwen3) becomes a qtrain model: config, int8 linears swapped in.
+
+The model is transformers' own `LlamaForCausalLM` (or its sibling for the family; no re-written architecture,
+so export is trivial). Its config comes from the recipe's [model] keys, or from a Hugging Face checkpoint
+with `[model] init` (qtrain.hf.pretrained). It is built on the meta device and materialised tensor by tensor on
+the target device: a 7B model never exists in float, each projection is drawn in fp32 (or read from the
+checkpoint), quantized to int8 and freed at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from qtrain.config.recipe import FAMILIES, ConfigError
+from qtrain.core.seeding import mix_seed, name_uid, seeded_generator
+from qtrain.hf.pretrained import checkpoint_config, load_checkpoint_
+from qtrain.model.rms_norm import fuse_rms_norms
+from qtrain.quant.linear import Int8Linear
+
+# Causal SDPA without a mask object. transformers builds the causal mask for "sdpa" itself, and on the
+# way checks whether position ids encode packed sequences with `(...).all()`: a host-device sync in every
+# forward. qtrain's batches are never packed-with-restarts (fine-tuning examples are padded on the right,
+# which causal attention already hides from every real token), so attention is plain causal:
+# registered under its own name (absent from the mask registry), the mask step returns None at once and
+# transformers' own SDPA forward runs with is_causal=True (the fused flash/cuDNN path).
+CAUSAL_SDPA = "qtrain_causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+ATTENTION = {"sdpa": CAUSAL_SDPA, "eager": "eager"}
+
+# The seven projections the papers train with the method under test and store in int8 (docs/algorithms.md §1).
+QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+META_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# [model] family (a checkpoint's model_type) -> transformers config and model classes
+CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+assert tuple(CLASSES) == FAMILIES
+
+
+def recipe_config(model_cfg) -> PretrainedConfig:
+    """[model] recipe keys -> the family's config (no biases beyond the family's own, untied unless asked, SiLU MLP)."""
+    config_cls = CLASSES[getattr(model_cfg, "family", "llama")][0]
+    return config_cls(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.intermediate_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
+        head_dim=getattr(model_cfg, "head_size", 0) or model_cfg.hidden_size // model_cfg.num_heads,
+        max_position_embeddings=model_cfg.max_seq_len,
+        rope_theta=model_cfg.rope_theta,
+        initializer_range=model_cfg.init_std,
+        rms_norm_eps=model_cfg.rms_norm_eps,
+        tie_word_embeddings=model_cfg.tie_embeddings,
+        sliding_window=None,  # plain causal attention (Mistral's default is a 4096 window)
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+
+
+llama_config = recipe_config  # the name tools/ use
+
+
+def model_config(model_cfg) -> PretrainedConfig:
+    """The config qtrain builds: the checkpoint's own with [model] init (when its directory is there: the
+    estimator may size a recipe before the download), else the recipe's keys; attention as the recipe says."""
+    init = getattr(model_cfg, "init", "")
+    if init and (Path(init).expanduser() / "config.json").is_file():
+        config = checkpoint_config(init, model_cfg if hasattr(model_cfg, "kv_heads") else None)
+    else:
+        config = recipe_config(model_cfg)
+    config._attn_implementation = ATTENTION[model_cfg.attn_implementation]
+    return config
+
+
+def is_quantized_projection(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS
+
+
+def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: int = 0,
+                weights: bool = True) -> PreTrainedModel:
+    """Build the qtrain model: the family's transformers model with int8 projections (if quant_cfg.enabled).
+
+    With [model] init the weights are the checkpoint's (qtrain.hf.pretrained.load_checkpoint_). Else they are
+    N(0, init_std) (norms 1, biases 0), each drawn from its own generator seeded by (seed, name): the init
+    does not depend on construction order. device="meta" builds shapes only (estimator). Float tensors are
+    stored in model_cfg.float_dtype (drawn in fp32, or read as stored, then rounded to nearest).
+    weights=False allocates without initialising: for a model a run checkpoint fills next (resume, eval,
+    export), so a [model] init checkpoint is not read for nothing.
+    """
+    config = model_config(model_cfg)
+    with torch.device("meta"):
+        model = CLASSES[config.model_type][1](config)
+    meta_dtype = META_DTYPES[quant_cfg.meta_dtype]
+    materialize = weights and torch.device(device).type != "meta"
+
+    def init_weight(name: str, shape: torch.Size) -> torch.Tensor:
+        gen = seeded_generator(device, mix_seed(seed, name_uid(name)))
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * model_cfg.init_std
+
+    if quant_cfg.enabled:
+        swap_int8_projections(model, quant_cfg, meta_dtype)
+    fuse_rms_norms(model, getattr(quant_cfg, "kernels", "auto"))  # one Triton kernel per norm on CUDA
+    param_dtype = META_DTYPES[getattr(model_cfg, "float_dtype", "float32")]
+    for p in model.parameters():  # still on meta: free
+        p.data = p.data.to(param_dtype)
+    model.to_empty(device=device)  # allocates (uninitialised) int8 codes and float params only
+    if config.tie_word_embeddings:
+        model.tie_weights()  # to_empty gave embedding and lm_head a Parameter each: make them one tensor again
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were computed on meta
+    if materialize and getattr(model_cfg, "init", ""):
+        load_checkpoint_(model, model_cfg.init)  # one checkpoint tensor alive at a time
+    elif materialize:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1:  # RMSNorm weights 1, biases 0
+                    p.fill_(0.0 if name.endswith(".bias") else 1.0)
+                else:
+                    p.copy_(init_weight(name, p.shape))
+            for name, layer in int8_layers(model).items():  # one fp32 weight alive at a time
+                layer.load_float_(init_weight(f"{name}.weight", (layer.out_features, layer.in_features)))
+    return model
+
+
+def swap_int8_projections(model: nn.Module, quant_cfg, meta_dtype: torch.dtype) -> None:
+    """Replace the seven projections (nn.Linear on meta) by Int8Linear, a bias kept as a float Parameter.
+
+    Raises ConfigError naming every projection whose element count the group size does not divide.
+    """
+    g = quant_cfg.group_size
+    bad = {}
+    for module_name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in QUANTIZED_PROJECTIONS:
+                n = child.in_features * child.out_features
+                if n % g:
+                    bad.setdefault(child_name, (f"{module_name}.{child_name}", child.out_features, child.in_features))
+                    continue
+                q = Int8Linear(child.in_features, child.out_features, g, meta_dtype, device="meta",
+                               bias=child.bias is not None)
+                q.kernels = getattr(quant_cfg, "kernels", "auto")
+                q.matmul = getattr(quant_cfg, "matmul", "dequantize")
+                setattr(module, child_name, q)
+    if bad:
+        sizes = [m * n for _, m, n in bad.values()] + [
+            l.in_features * l.out_features for l in model.modules() if isinstance(l, Int8Linear)]
+        fits = math.gcd(*sizes)
+        fit = max(2**k for k in range(g.bit_length()) if fits % 2**k == 0)
+        layers = ", ".join(f"{name} ({m} x {n} = {m * n} weights)" for name, m, n in bad.values())
+        raise ConfigError([f"[quant] group_size = {g} does not divide {layers}: every quantized projection's "
+                           f"weight count must be a multiple of the group size; set quant.group_size = {fit} "
+                           f"(the largest power of two <= {g} that divides all seven) or quant.enabled = false"])
+
+
+def int8_layers(model: nn.Module) -> dict[str, Int8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+def float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Embedding, norms, lm_head (and any projection left unquantized), by qualified name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """state_dict keys that alias an earlier key's tensor (lm_head.weight when embeddings are tied)."""
+    seen, aliases = set(), set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.numel() and t.data_ptr() in seen:
+            aliases.add(key)
+        seen.add(t.data_ptr())
+    return aliases
+
+
+def plain_config(model: PreTrainedModel) -> PretrainedConfig:
+    """The model's config as plain transformers uses it (qtrain's registered attention name replaced)."""
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "sdpa" if model.config._attn_implementation == CAUSAL_SDPA else "eager"
+    return config
+
+
+@torch.no_grad()
+def dequantized_copy(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A plain float model of the same class on the CPU with the same weights (int8 layers dequantized), for export.
+
+    Built on meta and filled by assignment: peak memory is one copy in dtype, no random init of a full model.
+    """
+    config = plain_config(model)
+    with torch.device("meta"):
+        plain = type(model)(config)
+    aliases = tied_aliases(model)
+    int8 = int8_layers(model)
+    quantized_keys = {f"{name}.{key}" for name in int8 for key in ("codes", "scale", "offset")}
+    state = {k: v.detach().to("cpu", dtype, copy=True) for k, v in model.state_dict().items()
+             if k not in aliases and k not in quantized_keys and v.is_floating_point()}
+    for name, layer in int8.items():
+        state[f"{name}.weight"] = layer.dequantize(torch.float32).to("cpu", dtype)
+    plain.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    with torch.device("cpu"):
+        plain.model.rotary_emb = type(model.model.rotary_emb)(config)  # computed buffers, not weights
+    missing = [k for k, v in plain.state_dict().items() if v.is_meta]
+    assert not missing, f"dequantized_copy left tensors on meta: {missing}"
+    return plain.to(dtype)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder block in backward (non-reentrant): only block inputs stay alive."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+

@@ -1,0 +1,334 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for qtrain models: int8 weights sharded by rows.
+
+Each int8 projection's codes, scales and offsets become one `Int8Weight` (qtrain.parallel.int8_weight) that FSDP2 shards
+by rows, all-gathers as int8 for compute and whose dW it reduce-scatters; FSDP2 then calls the post-accumulate-
+grad hook on the sharded parameter, and that hook runs the update on the local rows only. Float tensors
+(embedding, norms, lm_head) are ordinary FSDP2 parameters, updated in the same hook on their local shard.
+
+Why a sharded update equals the unsharded one:
+  - the reduce-scatter is a SUM (the loss is scaled by 1/world before backward, as in data parallel);
+  - Adam is elementwise, so a shard's update is the full update's rows;
+  - APOLLO's statistics span columns of the whole matrix: qtrain.parallel.apollo_sharded computes them over
+    column blocks and gathers what the norms need, so every norm is taken of the unsharded tensors;
+  - stochastic rounding on the CPU draws one number per element, in row-major order, from the tensor's
+    generator: a shard skips the draws of the rows before it and rounds exactly like the same rows of the full
+    tensor. On CUDA (Triton's counter-based noise) a shard's seed is mixed with its first row instead: the
+    same distribution, not the single-GPU bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from qtrain.core.seeding import mix_seed
+from qtrain.errors import TrainingError
+from qtrain.model.builder import float_parameters, int8_layers
+from qtrain.parallel.apollo_sharded import sharded_apollo_scale
+from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
+from qtrain.quant import dispatch
+from qtrain.quant.int8_update import int8_scaled_update_
+from qtrain.quant.linear import Int8Linear
+from qtrain.quant.stochastic_round import UNIFORM_BITS
+from qtrain.update.build import build_updater
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
+BLOCK_STATISTICS = ("absmax1", "absmax2")  # bitsandbytes' 8-bit Adam: one absmax per block of its flat state
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # its block size, and the size below which a tensor keeps 32-bit state
+
+
+# ---- what is supported -----------------------------------------------------------------------------------
+def problems(cfg, model: nn.Module, world_size: int) -> list[str]:
+    """Why this recipe cannot train under FSDP2 on world_size ranks (empty: it can), each with the fix."""
+    t, o = cfg.train, cfg.optim
+    out = []
+    if o.method not in ("apollo", "apollo_mini"):
+        out.append(f'[optim] method = "{o.method}": FSDP2 shards APOLLO and APOLLO-Mini only (their statistics are '
+                   f'reduced across shards); use method = "apollo_mini" or "apollo", or drop --fsdp')
+    elif o.args.get("official_seed_chain"):
+        out.append("[optim.args] official_seed_chain = true is not supported with FSDP2; remove it")
+    if not t.release:
+        out.append("[train] release = false: FSDP2 updates each shard inside backward (layer-wise release); set "
+                   "train.release = true and grad_accum_steps = 1")
+    if getattr(t, "cuda_graph", False):
+        out.append("[train] cuda_graph = true is not supported with FSDP2; set it to false")
+    if o.float_grad_clip > 0:
+        out.append("[optim] float_grad_clip > 0 clips by a tensor's norm, which a shard does not know; set it to 0")
+    if o.lm_head_optimizer != "adam" or o.embedding_optimizer != "adam":
+        out.append('[optim] lm_head_optimizer / embedding_optimizer = "same_as_matrices" is not supported with '
+                   'FSDP2; set both to "adam"')
+    if o.float_optimizer == "adam8bit":  # blockwise state: a shard must hold whole blocks, and stay 8-bit
+        for name, p in float_parameters(model).items():
+            local = -(-p.shape[0] // world_size) * (p.numel() // max(p.shape[0], 1))
+            if p.dim() == 2 and (p.shape[0] % world_size or local % BNB_BLOCK
+                                 or (p.numel() >= BNB_MIN_8BIT) != (local >= BNB_MIN_8BIT)):
+                out.append(f'{name} {tuple(p.shape)}: 8-bit Adam\'s blocks of {BNB_BLOCK} would straddle its '
+                           f'{world_size} row shards; set optim.float_optimizer = "adamw"')
+                break
+    if cfg.model.tie_embeddings:
+        out.append("[model] tie_embeddings = true is not supported with FSDP2 (one tensor in two units); set it "
+                   "to false")
+    if not cfg.quant.enabled:
+        out.append("[quant] enabled = false: FSDP2 here shards int8 projections; set quant.enabled = true")
+    for name, layer in int8_layers(model).items():
+        m, n = layer.out_features, layer.in_features
+        if m % world_size or (m // world_size * n) % layer.group_size:
+            out.append(f"{name} ({m} x {n}): FSDP2 shards rows evenly and whole groups of {layer.group_size}; "
+                       f"out_features must be a multiple of the world size {world_size} (and each shard a whole "
+                       f"number of groups): use a world size that divides {m}")
+            break
+        if m < n and n % world_size:
+            out.append(f"{name} ({m} x {n}): APOLLO's column blocks need in_features divisible by the world size "
+                       f"{world_size}")
+            break
+    return out
+
+
+def _skip_uniforms(generator: torch.Generator, count: int, device) -> None:
+    """Advance a CPU generator past `count` SR uniforms (qtrain.quant.stochastic_round.sr_uniforms draws one
+    32-bit number per element, in row-major order, whatever the chunking)."""
+    block = 1 << 22
+    while count > 0:
+        k = min(count, block)
+        torch.randint(0, 1 << UNIFORM_BITS, (k,), generator=generator, device=device, dtype=torch.float32)
+        count -= k
+
+
+# ---- the sharded model and its updater -----------------------------------------------------------------
+def _place(root: nn.Module, dotted: str, obj) -> None:
+    """Put a module or parameter at the qualified name `dotted` under root, creating empty parents."""
+    *parents, leaf = dotted.split(".")
+    node = root
+    for part in parents:
+        if not hasattr(node, part) or getattr(node, part) is None:
+            node.add_module(part, nn.Module())
+        node = getattr(node, part)
+    if isinstance(obj, nn.Parameter):
+        node.register_parameter(leaf, obj)
+    else:
+        node.add_module(leaf, obj)
+
+
+class ShardedTraining:
+    """A qtrain model under FSDP2 and the Updater of this rank's shards.
+
+    `model` trains as before (forward, loss / world, backward); every update runs inside backward in the
+    post-accumulate-grad hooks FSDP2 calls on the sharded parameters after the reduce-scatter. `updater` is
+    an ordinary Updater over a stand-in module whose tensors are this rank's shards (shared storage): its
+    begin_step / finish_step / state_dict work unchanged, and the float tensors' updates are its own.
+    """
+
+    def __init__(self, model: nn.Module, cfg, world, device: torch.device):
+        found = problems(cfg, model, world.size)
+        if found:
+            raise TrainingError("cannot train with FSDP2: " + "; ".join(found))
+        self.cfg, self.world, self.device = cfg, world, device
+        self.rank, self.size = world.rank, world.size
+        sd = model.state_dict()
+        self.keys = [k for k in sd]  # the unsharded checkpoint's model keys, in order
+        self.full_shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        self.int8_shapes = {name: (layer.out_features, layer.in_features) for name, layer in int8_layers(model).items()}
+        dtype = next(p.dtype for p in model.parameters())  # the float tensors' (build_model stores all alike)
+        for layer in int8_layers(model).values():
+            to_sharded_layer(layer, dtype)
+        mesh = init_device_mesh(device.type, (world.size,))
+        # one unit per block, and the embedding and lm_head (the two largest tensors) each their own, so only
+        # one of them is gathered at a time; the root keeps the final norm
+        for unit in [model.model.embed_tokens, *model.model.layers, model.lm_head, model]:
+            fully_shard(unit, mesh=mesh)
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):  # SUM: the loss is already scaled by 1 / world (ReduceOp.AVG is NCCL's)
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
+        self.model = model
+        self.params = dict(model.named_parameters())  # sharded DTensor parameters
+        self.updater = self._local_updater()
+        for name, p in self.params.items():
+            layer_name = name.removesuffix(".weight")
+            if layer_name in self.int8_shapes:
+                p.register_post_accumulate_grad_hook(lambda p, n=layer_name: self._update_int8(n, p))
+            elif p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p, n=name: self._update_float(n, p))
+
+    def _local_updater(self):
+        root, int8 = nn.Module(), {}
+        for layer_name, (m, n) in self.int8_shapes.items():  # first: a layer's float bias goes inside it
+            w = local_tensor(self.params[f"{layer_name}.weight"])
+            int8[layer_name] = loc = Int8Linear(n, m, w.group_size, w.scale.dtype, device="meta",
+                                                bias=f"{layer_name}.bias" in self.params)
+            loc.codes = w.codes.new_empty(1).expand(m, n)  # the unsharded shape on the device, no memory
+            loc.kernels = self.cfg.quant.kernels
+            _place(root, layer_name, loc)
+        for name, p in self.params.items():
+            if name.removesuffix(".weight") not in self.int8_shapes and p.requires_grad:
+                _place(root, name, nn.Parameter(local_tensor(p), requires_grad=True))  # shares the shard's storage
+        updater = build_updater(root, self.cfg)  # the method validates the unsharded shapes
+        for layer_name, loc in int8.items():  # then each layer holds this rank's rows
+            w = local_tensor(self.params[f"{layer_name}.weight"])
+            loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
+        return updater
+
+    # ---- the hooks FSDP2 calls after each reduce-scatter ----------------------------------------------
+    @torch.no_grad()
+    def _update_int8(self, name: str, p: nn.Parameter) -> None:
+        u = self.updater
+        grad, w = local_tensor(p.grad), local_tensor(p)
+        p.grad = None
+        loc = u.int8[name]
+        if loc.codes is not w.codes:  # FSDP2 re-padded the shard: follow its tensors
+            loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
+        for hook in u.grad_hooks:
+            hook(name, grad)
+        method, shape = u.matrix_method, self.int8_shapes[name]
+        b_local = max(shape) // self.size
+        state = u.method_state(name, method, (b_local,), grad.device)  # a column block of the moments
+        scale = sharded_apollo_scale(method, grad, state, shape, self.rank, self.size)
+        row0 = self.rank * w.codes.shape[0]
+        args = (w.codes, w.scale, w.offset, w.group_size, grad, scale, u.lr, method.weight_decay)
+        seed = u.clock.seed(name).host  # update_seed(run seed, tensor, step), as the unsharded update's
+        if u.rounding != "stochastic":
+            int8_scaled_update_(*args, None)
+        elif w.codes.device.type == "cpu":  # the unsharded stream: skip the rows before this shard
+            generator = torch.Generator().manual_seed(seed)
+            _skip_uniforms(generator, row0 * shape[1], w.codes.device)
+            int8_scaled_update_(*args, generator)
+        else:  # counter-based noise (Triton): a seed per shard, the same distribution
+            dispatch.int8_scaled_update_(*args, seed if row0 == 0 else mix_seed(seed, row0) >> 32, u.kernels)
+        u._mark(name)
+
+    @torch.no_grad()
+    def _update_float(self, name: str, p: nn.Parameter) -> None:
+        shadow = self.updater.floats[name]
+        local = local_tensor(p)
+        if shadow.data_ptr() != local.data_ptr() or shadow.shape != local.shape:
+            shadow.data = local  # FSDP2 re-padded the shard: the same Parameter (optimizer state) on its tensor
+        shadow.grad = local_tensor(p.grad)
+        p.grad = None
+        self.updater.update_float(name, shadow)
+
+    # ---- checkpoints: the unsharded format ------------------------------------------------------------
+    def _gather(self, t: Tensor, full: int, dim: int) -> Tensor:
+        """The unsharded tensor (on the CPU) from every rank's `t`, a torch.chunk block of `full` along dim."""
+        per = -(-full // self.size)
+        t = t.movedim(dim, 0).contiguous()
+        padded = t.new_zeros((per, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat(gathered)[:full].movedim(0, dim).cpu()
+
+    def _block(self, t: Tensor, dim: int) -> Tensor:
+        """This rank's torch.chunk block of t along dim (the way FSDP2 and the moments are sharded)."""
+        chunks = torch.chunk(t, self.size, dim=dim)
+        return chunks[self.rank].clone() if self.rank < len(chunks) else t.narrow(dim, 0, 0).clone()
+
+    def full_state(self) -> tuple[dict[str, Tensor], dict]:
+        """(model state_dict, Updater state_dict) as the unsharded run would save them, on the CPU; a
+        collective: every rank calls it, in the same order."""
+        model_sd = {}
+        for key in self.keys:
+            layer_name, _, attr = key.rpartition(".")
+            if layer_name in self.int8_shapes and attr in ("codes", "scale", "offset"):
+                local = getattr(local_tensor(self.params[f"{layer_name}.weight"]), attr)
+                model_sd[key] = self._gather(local, self.full_shapes[key][0], 0)
+            elif key in self.params:
+                model_sd[key] = self._gather(local_tensor(self.params[key]).detach(), self.full_shapes[key][0], 0)
+            else:  # a replicated buffer
+                model_sd[key] = self.model.get_buffer(key).detach().cpu()
+        sd = self.updater.state_dict()
+        return model_sd, {**sd, "method_state": {n: self._gathered(n, st) for n, st in sd["method_state"].items()},
+                          "float_optimizers": {n: self._gathered(n, st) for n, st in sd["float_optimizers"].items()}}
+
+    def load_full_updater_state(self, sd: dict) -> None:
+        """Load an unsharded Updater state_dict (a checkpoint of any world size, FSDP2 or not): this rank's
+        blocks of it."""
+        self.updater.load_state_dict({
+            **sd, "method_state": {n: self._sliced(n, st) for n, st in sd["method_state"].items()},
+            "float_optimizers": {n: self._sliced(n, st) for n, st in sd["float_optimizers"].items()}})
+
+    def _gathered(self, name: str, state):
+        """One tensor's optimizer state (any nesting) with every sharded tensor gathered, on the CPU."""
+        if name in self.int8_shapes:  # APOLLO: the moments by columns of the oriented gradient
+            b = max(self.int8_shapes[name])
+            return _map_tensors(state, lambda key, v: self._gather(v, b, 1) if key in MOMENTS else _cpu(v))
+        local, full = tuple(self.updater.floats[name].shape), self.full_shapes[name]
+
+        def gather(key, v):
+            if v.dim() and tuple(v.shape) == local:  # Adam's moments, 8-bit Adam's codes: rows
+                return self._gather(v, full[0], 0)
+            if key in BLOCK_STATISTICS:  # 8-bit Adam's per-block absmax: whole blocks per rank
+                per_block = math.prod(local) // v.numel()
+                return self._gather(v, -(-math.prod(full) // per_block), 0)
+            return _cpu(v)  # step counters, 8-bit Adam's quantization maps: replicated
+
+        return _map_tensors(state, gather)
+
+    def _sliced(self, name: str, state):
+        """The inverse of _gathered: this rank's blocks of an unsharded state."""
+        if name in self.int8_shapes:
+            return _map_tensors(state, lambda key, v: self._block(v, 1) if key in MOMENTS else v)
+        full = self.full_shapes[name]
+        return _map_tensors(state, lambda key, v: self._block(v, 0) if (
+            v.dim() and tuple(v.shape) == full) or key in BLOCK_STATISTICS else v)
+
+    def persistent_bytes(self) -> int:
+        """Bytes this rank keeps between steps: its shards of the weights and of every optimizer state."""
+        return persistent_bytes(self.model, self.updater)
+
+
+def persistent_bytes(model: nn.Module, updater) -> int:
+    """Bytes a process keeps between steps, counted on the tensors it holds (each storage once): the weights
+    (a sharded model: this rank's shards), the buffers, the method states and the float optimizers' states."""
+    tensors = []
+    for p in model.parameters():
+        local = local_tensor(p)
+        tensors += [local.codes, local.scale, local.offset] if isinstance(local, Int8Weight) else [local]
+    tensors += list(model.buffers())
+    tensors += _tensors(updater.state) + _tensors([list(opt.state.values()) for opt in updater.float_opts.values()])
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if t.numel() and key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _cpu(v):
+    return v.detach().cpu() if isinstance(v, Tensor) else v
+
+
+def _map_tensors(obj, fn, key=None):
+    """obj (nested dicts, lists, tuples) with each tensor v replaced by fn(key, v), key its dict key."""
+    if isinstance(obj, Tensor):
+        return fn(key, obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn, key) for v in obj)
+    return obj
+
+
+def _tensors(obj) -> list[Tensor]:
+    out = []
+    _map_tensors(obj, lambda key, v: out.append(v))
+    return out
+
+
+class StateView:
+    """A model or Updater stand-in holding a state_dict: what save_run reads from a gathered state, and what
+    load_run hands an Updater (the unsharded state, sliced by ShardedTraining.load_full_updater_state)."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return self.sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.sd = sd

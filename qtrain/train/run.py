@@ -1,0 +1,147 @@
+"""`qtrain train`: a recipe and a run directory -> data, model, updater, resumed state -> the loop.
+
+The setup order matters: the run directory is locked before anything is written into it; a resume is
+checked against the recipe before any state is loaded, and recipe.toml is (re)written only once the resume
+is accepted; the checkpoint's data identity is checked once the data is prepared; under torchrun the ranks
+agree on the recipe before anything else, and on the initial weights before the first step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from qtrain.checkpoint.run_dir import RunDir
+from qtrain.checkpoint.run_state import check_resumable, check_same_data, load_run, save_run
+from qtrain.checkpoint.store import TrainingProgress, checkpoint_dirs, load_latest
+from qtrain.config.recipe import TrainConfig
+from qtrain.core.device import autocast_dtype, resolve_device
+from qtrain.data.finetune import prepare_run_data
+from qtrain.errors import TrainingError
+from qtrain.estimate.memory import estimate
+from qtrain.parallel import distributed
+from qtrain.parallel.fsdp import ShardedTraining, StateView
+from qtrain.train.build import build
+from qtrain.train.loop import RunResult, fit
+from qtrain.update.release import attach_release
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> RunResult:
+    """Run (or resume) training as the recipe says; returns the evaluation history.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this function: data parallel with replicated int8
+    weights (qtrain.parallel.distributed), or with [train] fsdp each rank holding a shard of them (qtrain.parallel.fsdp);
+    rank 0 alone prints, logs and writes into run_dir.
+    """
+    run_dir = Path(run_dir)
+    world = distributed.launched_world()
+    if cfg.train.fsdp and world.size > 1:
+        world = dataclasses.replace(world, sharded=True)
+    elif cfg.train.fsdp and not quiet:
+        print("note: [train] fsdp = true in one process: nothing to shard; training as usual "
+              "(launch with --nproc N to shard across N processes)")
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    dtype = autocast_dtype(cfg.train.dtype, device)
+    distributed.init(world, device)
+    resume_hint = f"The newest checkpoint in {run_dir} is complete: fix the failed rank (see its log) and relaunch " \
+                  f"with --resume"
+    try:
+        distributed.check_same_recipe(world, cfg.to_toml())
+        with RunDir(run_dir) if world.main else contextlib.nullcontext() as run, \
+                distributed.sigterm_as_error(world, resume_hint):
+            result = _train(cfg, run_dir, run, world, device, dtype, resume, quiet)
+        if world.sharded:
+            distributed.release_sharded_state()
+        return result
+    except RuntimeError as e:
+        if world.size > 1 and distributed.is_peer_failure(e):
+            raise TrainingError(f"rank {world.rank}: a collective with the other ranks failed ({str(e).splitlines()[0]}"
+                                f"); a peer rank died or hung. {resume_hint}") from e
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
+    existing = checkpoint_dirs(run_dir)
+    if existing and not resume:
+        raise TrainingError(f"{run_dir} already holds checkpoints (latest {existing[0].name}); pass --resume to "
+                            f"continue it, or --out NEW_DIR for a new run")
+    found = load_latest(run_dir, accept=lambda path, meta: check_resumable(path, meta, cfg)) if resume else None
+    if resume and found is None and world.main:
+        print(f"note: --resume given but {run_dir} has no checkpoint yet; starting from step 0")
+    if world.main:
+        run.write_recipe(cfg.to_toml())  # only now: a refused resume leaves the run's recipe as it was
+        if cfg.model.init:  # the architecture, so eval / generate / export work without the init directory
+            run.write_init_config(Path(cfg.model.init).expanduser() / "config.json")
+        data = prepare_run_data(cfg, run_dir)  # plain text (qtrain.data.dataset) or prompt/completion / chat records
+    distributed.barrier()  # rank 0 built the caches; the others open them
+    if not world.main:
+        data = prepare_run_data(cfg, None)
+    if found is not None:
+        check_same_data(found[0], found[2], data.identity())
+    torch.manual_seed(cfg.train.seed)
+    # FSDP2 on CUDA: the whole model is built in host memory and fully_shard moves each rank's shards to its GPU
+    build_device = torch.device("cpu") if world.sharded else device
+    built = build(cfg, build_device, weights=found is None)  # a resumed run's weights come from its checkpoint
+    model, updater = built.model, built.updater
+    sampler = data.sampler(cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
+    progress, last_saved = TrainingProgress(), None
+    full_updater_state = StateView({})  # FSDP2: the checkpoint's unsharded Updater state, sliced after sharding
+    if found is not None:
+        last_saved, tensors, meta = found
+        progress = load_run(last_saved, tensors, meta, model, full_updater_state if world.sharded else updater,
+                            cfg, device)
+        del tensors, found  # the CPU copy of the checkpoint is not needed past this point
+        sampler.load_state_dict(progress.sampler)
+        if world.main:
+            print(f"resumed from {last_saved} at step {progress.step}")
+    reducer, sharded = None, None
+    if world.sharded:  # same seed, same init, verified before the weights are cut into shards
+        distributed.check_replicas(model, dataclasses.replace(world, sharded=False), progress.step)
+        sharded = ShardedTraining(model, cfg, world, device)  # its hooks update every shard inside backward
+        if full_updater_state.sd:  # resumed
+            sharded.load_full_updater_state(full_updater_state.sd)
+        model, updater = sharded.model, sharded.updater
+        built = full_updater_state = None  # the unsharded model's Updater and state: not needed past this point
+    elif world.size > 1:
+        distributed.check_replicas(model, world, progress.step)  # same seed, same init: verified, not assumed
+        if cfg.train.release and cfg.train.dp_overlap > 0:
+            reducer = distributed.OverlappedReducer(cfg.train.dp_overlap)  # reduces before the Updater's hooks
+        else:
+            updater.add_grad_hook(distributed.reduce_grad_)  # first: later hooks see the global gradient
+    if cfg.train.release and sharded is None:
+        attach_release(updater, reducer)
+    predicted = _cuda_estimate(cfg, device, world.size, world.sharded) if world.main else None
+
+    def save(p: TrainingProgress) -> Path | None:
+        if sharded is None:
+            return save_run(run_dir, model, updater, p, cfg, device, data.identity())
+        model_sd, updater_sd = sharded.full_state()  # every rank takes part in the gathers
+        if not world.main:
+            return None
+        return save_run(run_dir, StateView(model_sd), StateView(updater_sd), p, cfg, device, data.identity())
+
+    return fit(cfg, run_dir, model, updater, data, sampler, progress, device, dtype, save, last_saved,
+               quiet or not world.main, predicted, world)
+
+
+def _cuda_estimate(cfg: TrainConfig, device: torch.device, nproc: int = 1, fsdp: bool = False):
+    """The memory estimate printed before the first step on CUDA (fit prints the measurement after a few)."""
+    if device.type != "cuda":
+        return None
+    predicted = None
+    try:
+        predicted = estimate(cfg, "cuda", nproc=nproc, fsdp=fsdp)
+        print(f"qtrain estimate: peak allocated {predicted.peak_allocated / 2**30:.2f} GiB, reserved "
+              f"{predicted.peak_reserved / 2**30:.2f} GiB (persistent {predicted.persistent_bytes / 2**30:.2f} GiB)")
+    except Exception as e:  # the estimate is a report: never let it stop a run
+        print(f"note: memory estimate unavailable ({type(e).__name__}: {e}); training continues")
+    torch.cuda.reset_peak_memory_stats(device)
+    return predicted
