@@ -183,7 +183,10 @@ def test_export_round_trip_eval_and_generate(tmp_path, capsys):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-def test_ctrl_c_saves_and_exits(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_and_sigterm_save_and_exit(tmp_path, signum):
+    # SIGTERM is what a scheduler sends before it kills a job: saved like Ctrl-C (it exited 143, unsaved)
     run = tmp_path / "run"
     flags = [f"--set={o}" for o in FAST + ["train.steps=100000", "train.eval_every=100000", "train.save_every=0"]]
     proc = subprocess.Popen(qtrain_cmd("train", "--quiet", "--out", str(run), *flags), env=os.environ,
@@ -192,12 +195,31 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     while not ((run / "metrics.jsonl").exists() and step_losses(run)):  # a few steps in
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     saved = latest_checkpoint(run)
     assert saved is not None and "continue with --resume" in out
+    assert {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[signum] + ": finishing this step" in out
     assert int(saved.name.split("-")[1]) >= max(step_losses(run))
+
+
+def test_stop_request_keeps_torchrun_sigterm_handler():
+    """Under torchrun SIGTERM stays an error (sigterm_as_error); in one process StopRequest takes it."""
+    from qtrain.errors import TrainingError
+    from qtrain.parallel.distributed import World, sigterm_as_error
+    from qtrain.train.stop_request import StopRequest
+
+    with pytest.raises(TrainingError, match="rank 1: stopped by SIGTERM"), \
+            sigterm_as_error(World(rank=1, size=2), "relaunch"), StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode; never reached
+    assert not stop.requested
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+    assert stop.requested and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
 def test_default_recipe_learns(tmp_path):
