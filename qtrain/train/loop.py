@@ -21,10 +21,11 @@ from qtrain.errors import TrainingError
 from qtrain.model.loss import lm_loss
 from qtrain.parallel import distributed
 from qtrain.parallel.distributed import World
+from qtrain.train.dead_run import DeadRunDetector
 from qtrain.train.evaluation import evaluate
 from qtrain.train.metrics import Clock, GradNorm, MetricsLog, header, log_line, peak_memory, plain_output, summary
 from qtrain.train.sampling import generate_text
-from qtrain.train.schedule import lr_at
+from qtrain.train.schedule import lr_at, warmup_steps
 from qtrain.train.stop_request import StopRequest
 from qtrain.update.step_graph import CapturedStep
 from qtrain.update.updater import Updater
@@ -74,6 +75,7 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
     grad_norm = GradNorm(device, [*updater.int8, *updater.floats], across_ranks=world.sharded)  # FSDP2: shards' norms
     updater.add_grad_hook(grad_norm)  # after any gradient reduction: it sees the final gradient
     clock = Clock()
+    dead_run = DeadRunDetector(model.config.vocab_size, warmup_steps(t.steps, cfg.optim.warmup_frac), cfg.optim.lr)
     captured = CapturedStep(model, updater, device, dtype, W) if t.cuda_graph else None  # config checked the rest
     say(header(cfg, model, data, device, dtype, run_dir, W, start_step))
 
@@ -102,12 +104,14 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
         bar.set_postfix(post)
         if lines:
             say(log_line(progress.step, t.steps, losses[-1], pending[-1][2], tok_s, step_s, norms[-1], peak, mem))
+        steps = [p[0] for p in pending]
         pending.clear()
         tokens0 = progress.tokens_seen
         if bad >= 0:
             kept = f"the last good checkpoint is {last_saved.name}" if last_saved else "no checkpoint was written yet"
             raise TrainingError(f"loss became NaN/Inf at step {bad}; stopped without saving ({kept}). "
                                 f"Lower [optim] lr or set [optim] float_grad_clip, then resume with --resume")
+        dead_run.check(steps, losses, norms)  # raises on a dead run (zero gradient, or loss flat at ln(vocab))
 
     def checkpoint() -> None:
         nonlocal last_saved

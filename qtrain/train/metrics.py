@@ -192,6 +192,15 @@ def _bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def cpu_threads(device) -> str:
+    """", N CPU threads (...)" on a CPU device: torch takes one per physical core unless OMP_NUM_THREADS says
+    otherwise, and on a machine shared with other work fewer threads can be several times faster."""
+    if torch.device(device).type != "cpu":
+        return ""
+    n = torch.get_num_threads()
+    return f", {n} CPU thread{'s' * (n != 1)}: set OMP_NUM_THREADS to change"
+
+
 def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, start_step: int) -> str:
     """The start-up summary: model size (int8 / float bytes), data, tokens per step and epochs, device."""
     from qtrain.model.builder import int8_layers
@@ -222,8 +231,8 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
     lines.append(f"steps: {t.steps:,} x {tokens_per_step:,} tokens per step ({world_size} x {t.batch_size} x "
                  f"{t.seq_len} x {t.grad_accum_steps} accumulated) = {covered:,} tokens{epochs}"
                  + (f"; resuming at step {start_step}" if start_step else ""))
-    lines.append(f"device: {device} ({str(dtype).removeprefix('torch.')} compute), world size {world_size}, "
-                 f"release {t.release}, optimizer {cfg.optim.method}")
+    lines.append(f"device: {device} ({str(dtype).removeprefix('torch.')} compute{cpu_threads(device)}), world size "
+                 f"{world_size}, release {t.release}, optimizer {cfg.optim.method}")
     return "\n".join("qtrain: " + line for line in lines)
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 
 
+def warmup_steps(total_steps: int, warmup_frac: float) -> int:
+    """W, the number of warmup updates: round(warmup_frac * N)."""
+    return round(warmup_frac * total_steps)
+
+
 def lr_at(k: int, base_lr: float, total_steps: int, warmup_frac: float = 0.1, min_ratio: float = 0.1) -> float:
     """LR of the update with index k (k = 0 for the first update): linear warmup, cosine to min_ratio.
 
@@ -14,7 +19,7 @@ def lr_at(k: int, base_lr: float, total_steps: int, warmup_frac: float = 0.1, mi
     One schedule for all tensors, advanced once per optimizer update (the official per-layer mode
     builds per-tensor schedulers with 2x steps: §17.1).
     """
-    warmup = round(warmup_frac * total_steps)
+    warmup = warmup_steps(total_steps, warmup_frac)
     if k < warmup:
         return base_lr * k / warmup
     if k >= total_steps:
