@@ -1,6 +1,8 @@
-"""Where a run computes: the device, the autocast dtype, and how host batches get there."""
+"""Where a run computes: the device, the autocast dtype, how host batches get there, and its free memory."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -28,3 +30,19 @@ def autocast_dtype(want: str, device: torch.device) -> torch.dtype:
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host batch -> device; on CUDA through pinned memory so the copy is asynchronous (no host sync)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on device: CUDA's free memory, or the host's MemAvailable (Linux;
+    elsewhere the free physical pages, which leave out reclaimable caches: an underestimate, never over)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -2,13 +2,16 @@
 
 Forward dequantizes to the compute dtype; backward returns dX and hands dW straight to a grad sink
 (the layer-wise release hook) instead of keeping a .grad: integer tensors cannot hold one (docs/algorithms.md §12).
+For inference (evaluation, sampling), `dequantized_weights` dequantizes each layer once for many forwards.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtrain.quant import dispatch
@@ -65,6 +68,7 @@ class Int8Linear(nn.Module):
         self.grad_sink: GradSink | None = None
         self.kernels = "auto"  # dequantize backend ("auto" | "torch" | "triton"), set from [quant] kernels
         self.matmul = "dequantize"  # "dequantize" then GEMM, or the "fused" dequant-GEMM: [quant] matmul
+        self.inference_weight: Tensor | None = None  # Ŵ held by dequantized_weights(), used only under no_grad
         # Autograd calls backward only if some input requires grad; without this anchor the first
         # layer (input from a frozen embedding, or raw features) would never see its dW.
         self._anchor = torch.empty(0, requires_grad=True)
@@ -107,6 +111,11 @@ class Int8Linear(nn.Module):
             self.weight_grad = self.weight_grad.float().add_(dw)
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.inference_weight
+        if w is not None and not torch.is_grad_enabled():  # inference: the held Ŵ, the same GEMM as dispatch.linear
+            x = x.to(compute_dtype(x))
+            y = F.linear(x.reshape(-1, x.shape[-1]), w.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self._anchor.device != x.device:  # on the activations' device: a CPU anchor beside CUDA tensors would
             self._anchor = torch.empty(0, device=x.device, requires_grad=True)  # hand every backward to the CPU thread
         y = _Int8LinearFn.apply(x, self._anchor, self)
@@ -115,3 +124,27 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
                 f"meta={self.scale.dtype}, matmul={self.matmul}, bias={self.bias is not None}")
+
+
+@contextlib.contextmanager
+def dequantized_weights(model: nn.Module, dtype: torch.dtype, budget_bytes: int) -> Iterator[int]:
+    """Inference inside: each Int8Linear's Ŵ in dtype is dequantized once on entry and dropped on exit.
+
+    Without it every forward dequantizes every projection again (sampling: once per new token). Layers are
+    taken in module order until budget_bytes of dequantized weights is spent; the rest dequantize per forward
+    as usual (memory stays bounded on a model too large to hold twice). Only plain Int8Linear layers (an FSDP2
+    shard holds a part of its rows). The codes must not change inside (no training step): yields the number
+    of layers held.
+    """
+    held = []
+    for layer in model.modules():
+        nbytes = layer.out_features * layer.in_features * dtype.itemsize if type(layer) is Int8Linear else 0
+        if nbytes and nbytes <= budget_bytes:
+            layer.inference_weight = layer.dequantize(dtype)
+            budget_bytes -= nbytes
+            held.append(layer)
+    try:
+        yield len(held)
+    finally:
+        for layer in held:
+            layer.inference_weight = None

@@ -1,20 +1,62 @@
-"""The validation loss over fixed windows."""
+"""The validation loss over fixed windows.
+
+The value is defined per batch of train.batch_size windows (the mean loss of its targets, as lm_loss), then
+averaged over the batches. It is computed in larger forwards: a window's losses do not depend on the other
+windows of its batch (qtrain.model.loss.lm_loss_per_row), so the windows are run EVAL_LOGITS_BYTES of fp32
+logits at a time and the batch means rebuilt from per-window sums (the same value up to float summation
+order), with each int8 projection dequantized once per evaluation (qtrain.quant.linear.dequantized_weights)
+instead of once per forward.
+"""
 
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
-from qtrain.model.loss import lm_loss
+from qtrain.core.device import available_memory
+from qtrain.model.loss import lm_loss_per_row
+from qtrain.quant.linear import dequantized_weights
+
+EVAL_LOGITS_BYTES = 2**29  # fp32 logits per forward (plus as much for the log-softmax): rows = this / (T V 4)
+HELD_WEIGHTS_SHARE = 0.5  # of the free memory, at most, for dequantized weights held during inference
+PROGRESS_AFTER_S = 3.0  # a progress bar (on a terminal) for evaluations and samples longer than this
+
+
+def inference_weights(model, dtype: torch.dtype, device):
+    """dequantized_weights for evaluation and sampling, within half the free memory, in the dtype the
+    projections compute in: the autocast dtype, or without autocast (fp32) the activations' (float tensors')."""
+    held = dtype if dtype != torch.float32 else model.get_input_embeddings().weight.dtype
+    return dequantized_weights(model, held, int(HELD_WEIGHTS_SHARE * available_memory(device)))
+
+
+def eval_rows(batch_size: int, seq_len: int, vocab_size: int, windows: int) -> int:
+    """Windows per forward: as many as EVAL_LOGITS_BYTES of logits hold, at least batch_size (what training fits)."""
+    return max(batch_size, min(windows, EVAL_LOGITS_BYTES // (seq_len * vocab_size * 4)))
 
 
 @torch.no_grad()
 def evaluate(model, data, loop_cfg, device, dtype) -> float:
     """Mean validation loss over the same eval_batches windows every time (correct divisor n, not n + 1)."""
+    batches = list(data.val_batches(loop_cfg.eval_batches, loop_cfg.batch_size, loop_cfg.seq_len))
+    x = torch.cat([b[0] for b in batches])  # (N, T): every window, in order
+    y = torch.cat([b[1] for b in batches])
+    rows = eval_rows(loop_cfg.batch_size, x.shape[1], model.config.vocab_size, len(x))
+    sums = torch.zeros(len(x), device=device, dtype=torch.float32)  # per window: summed loss and target count
+    counts = torch.zeros(len(x), device=device, dtype=torch.int64)
     model.eval()
-    total, n = torch.zeros((), device=device, dtype=torch.float64), 0
-    for x, y in data.val_batches(loop_cfg.eval_batches, loop_cfg.batch_size, loop_cfg.seq_len):
-        total += lm_loss(model, x.to(device), y.to(device), dtype).double()
-        n += 1
-    model.train()
+    try:
+        with inference_weights(model, dtype, device), \
+                tqdm(total=len(x), desc="evaluating", unit="window", delay=PROGRESS_AFTER_S, leave=False,
+                     disable=None) as bar:  # None: only on a terminal
+            for i in range(0, len(x), rows):
+                sums[i : i + rows], counts[i : i + rows] = lm_loss_per_row(
+                    model, x[i : i + rows].to(device), y[i : i + rows].to(device), dtype)
+                bar.update(min(rows, len(x) - i))
+    finally:
+        model.train()
+    ends = torch.tensor([len(b[0]) for b in batches]).cumsum(0).tolist()
+    starts = [0] + ends[:-1]
+    total = sum(sums[a:b].sum().double() / counts[a:b].sum() for a, b in zip(starts, ends))  # lm_loss of each batch
+    n = len(batches)
     divisor = n + 1 if loop_cfg.legacy_eval_divisor else n  # legacy: the official code's n + 1 (algorithms.md §17)
-    return total.item() / divisor
+    return float(total) / divisor
