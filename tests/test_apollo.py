@@ -11,10 +11,10 @@ from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.projection import orient, random_projection
 
 
-def _oracle(p, rank, scale, scale_type, gap, lr):
+def _oracle(p, rank, scale, scale_type, gap, lr, scale_front=False):
     group = dict(params=[p], rank=rank, proj="random", scale_type=scale_type, scale=scale,
                  update_proj_gap=gap, proj_type="std")
-    return APOLLOAdamW([group], lr=lr, weight_decay=0.0)
+    return APOLLOAdamW([group], lr=lr, weight_decay=0.0, scale_front=scale_front)
 
 
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12), (24, 24)])
@@ -36,6 +36,35 @@ def test_matches_apollo_torch_over_refreshes(shape, scale_type, rank, scale):
         ours.step()
         torch.testing.assert_close(p_ours.data, p_ref.data, rtol=1e-5, atol=1e-6, msg=f"step {step + 1}")
     assert not torch.equal(p_ours.data, w0)
+
+
+@pytest.mark.parametrize("scale_type,rank,scale", [("channel", 4, 2.0), ("tensor", 1, 128.0)])
+def test_scale_front_matches_apollo_torch_where_the_limiter_guard_decides(scale_type, rank, scale):
+    # The limiter is homogeneous, so α before or after it only matters through its 1e-8 guard: when φ = 0. An
+    # all-zero gradient at step 1 stores φ = 0; from step 2 NL cuts every update to a norm of γ(φ + 1e-8), a few
+    # 1e-8, times α without scale_front and not with it. Weights start at 0, so fp32 keeps these tiny steps.
+    shape = (12, 40)
+    torch.manual_seed(0)
+    runs = {}
+    for front in (False, True):
+        p_ref, p_ours = torch.nn.Parameter(torch.zeros(shape)), torch.nn.Parameter(torch.zeros(shape))
+        ref = _oracle(p_ref, rank, scale, scale_type, 3, lr=0.01, scale_front=front)
+        ours = APOLLO([p_ours], lr=0.01, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=3,
+                      official_seed_chain=True, scale_front=front)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            g = torch.zeros(shape) if step == 0 else torch.randn(shape, generator=gen)
+            before_ref, before_ours = p_ref.detach().clone(), p_ours.detach().clone()
+            p_ref.grad, p_ours.grad = g.clone(), g.clone()
+            ref.step()
+            ours.step()
+            # the steps themselves (not the weights): fp32 reassociation only, as in the test above
+            torch.testing.assert_close(p_ours.data - before_ours, p_ref.data - before_ref, rtol=1e-5, atol=0,
+                                       msg=f"scale_front={front}, step {step + 1}")
+        runs[front] = p_ours.detach().norm().item()
+    # the option does something here: without scale_front the limited steps are α = √scale times larger
+    assert runs[False] / runs[True] == pytest.approx(math.sqrt(scale), rel=1e-4)
+    assert runs[True] > 0
 
 
 def test_seeded_projection_is_regenerated_bitwise_and_differs_across_windows_and_tensors():

@@ -93,7 +93,7 @@ def e_norm(k):
     return (k + 2) * U
 
 
-def chain_bounds(scale_type, rank, b, first):
+def chain_bounds(scale_type, rank, b, first, front=False):
     """Relative bounds of f (per element) and φ between two evaluations of the chain on identical inputs.
 
     s = ‖N‖/(‖R‖+1e-8): e_s = e(k) + (e(k) + 2u) + 2u, k = r per column (channel) or r·b (tensor);
@@ -105,6 +105,7 @@ def chain_bounds(scale_type, rank, b, first):
     k = rank if scale_type == "channel" else rank * b
     e_s = 2 * e_norm(k) + 4 * U
     e_x = e_s + (b + 4) * U if scale_type == "channel" else e_s + e_norm(b) + 2 * U
+    e_x += U if front else 0.0  # scale_front: ‖X‖·α, one more rounding
     e_eta = 0.0 if first else e_x + 6 * U
     e_f = e_s + e_eta + 4 * U
     e_phi = e_x if first else e_x + e_eta + 2 * U
@@ -143,6 +144,37 @@ def test_chain_moments_bitwise_and_factor_within_bound(device, scale_type, rank,
         assert rel_f <= e_f, f"f at step {t}: relative error {rel_f:.3g} > bound {e_f:.3g}"
         assert rel_phi <= e_phi, f"phi at step {t}: relative error {rel_phi:.3g} > bound {e_phi:.3g}"
     assert phi.item() < math.sqrt(col_sq.sum().item()) * 1e6  # finite, and the chain ran to the end
+
+
+@pytest.mark.parametrize("scale_type,rank", MODES)
+def test_chain_with_scale_front_within_bound(device, scale_type, rank):
+    # scale_front: α before the limiter. All-zero statistics at t = 1 store φ = 0, so from t = 2 on the 1e-8
+    # guard decides η, and α with it (the only case where the option changes the numbers)
+    b = 150
+    apollo = method(scale_type, rank, scale=128.0, scale_front=True)
+    hyper = dict(betas=apollo.betas, eps=apollo.eps, scale=apollo.scale, scale_type=scale_type,
+                 bias_correction=apollo.bias_correction, gamma=apollo.gamma, scale_front=True)
+    state = apollo.init_state((36, b), "cpu", uid=1)
+    m, v, phi = state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"]
+    gen = torch.Generator().manual_seed(2)
+    for t in range(1, 5):
+        scale = 0.0 if t == 1 else 1 + t**2
+        r = torch.randn(rank, b, generator=gen) * scale
+        col_sq = torch.rand(b, generator=gen) * 10 * scale
+        km, kv, kphi = (x.clone().to(device) for x in (m, v, phi))
+        f = apollo_kernels.scaling_chain_triton(r.to(device), col_sq.to(device), km, kv, kphi, t, **hyper)
+        f_ref = scaling_chain(r, col_sq, m, v, phi, t, **hyper)
+        if t == 1:
+            assert phi.item() == kphi.item() == 0.0
+            continue
+        e_f, e_phi = chain_bounds(scale_type, rank, b, first=False, front=True)
+        rel_f = ((f.cpu().double() - f_ref.double()).abs() / f_ref.double().abs()).max().item()
+        assert rel_f <= e_f, f"f at step {t}: relative error {rel_f:.3g} > bound {e_f:.3g}"
+        assert abs(kphi.item() - phi.item()) / phi.item() <= e_phi, f"phi at step {t}"
+    expected = 0.0
+    for _ in range(3):  # each step cut to γ(φ + 1e-8), from φ = 0
+        expected = 1.01 * (expected + 1e-8)
+    assert phi.item() == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

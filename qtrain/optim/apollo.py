@@ -81,28 +81,37 @@ def update_moments_(r: Tensor, m: Tensor, v: Tensor, step: int, *, betas: tuple[
 
 
 def scale_factor(n: Tensor, r: Tensor, col_sq: Tensor, phi: Tensor, step: int, step_factor: float, *, scale: float,
-                 scale_type: str, gamma: float = 1.01) -> Tensor:
+                 scale_type: str, gamma: float = 1.01, scale_front: bool = False) -> Tensor:
     """Steps 7-11 of APOLLO from N, R and ‖Ĝ[:, j]‖²: the factor f; updates phi (NL state) in place. Every norm
-    spans whole columns or the whole tensor (FSDP2 gathers N, R and col_sq before calling it: qtrain.parallel.fsdp)."""
+    spans whole columns or the whole tensor (FSDP2 gathers N, R and col_sq before calling it: qtrain.parallel.fsdp).
+
+    scale_front (the official --scale_front): α multiplies X before NL (step 10 before 9), so φ holds α‖X‖. NL is
+    homogeneous, so this changes nothing except through its 1e-8 guard, i.e. when φ ≈ 0 (after an all-zero
+    gradient): the limited update is then α times smaller with scale_front (docs/algorithms.md §2).
+    """
     if scale_type == "channel":  # s_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)   step 7
         s = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)  # (b,)
         x_norm = (s.square() * col_sq).sum().sqrt()  # ‖Ĝ Diag(s)‖ without forming it
     else:  # APOLLO-Mini: one s for the tensor   step 7'
         s = n.norm() / (r.norm() + 1e-8)  # ()
         x_norm = s * col_sq.sum().sqrt()
+    alpha = math.sqrt(scale)
+    if scale_front:  # step 10 first: NL sees α‖X‖
+        x_norm = x_norm * alpha
     eta, new_phi = norm_growth_factor(x_norm, phi, first=step == 1, gamma=gamma)  # step 9
     phi.copy_(new_phi)
-    return s * (eta * (math.sqrt(scale) * step_factor))  # steps 10-11: α = √scale
+    return s * (eta * (alpha * step_factor))  # steps 10-11: α = √scale
 
 
 def scaling_chain(
     r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
-    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01,
+    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01, scale_front: bool = False,
 ) -> Tensor:
     """Steps 5-11 of APOLLO on the statistics R = PᵀĜ (r×b) and ‖Ĝ[:, j]‖² (b,): the torch reference of
     apollo_kernels.scaling_chain_triton. Updates m, v and phi in place and returns the factor f."""
     n, step_factor = update_moments_(r, m, v, step, betas=betas, eps=eps, bias_correction=bias_correction)
-    return scale_factor(n, r, col_sq, phi, step, step_factor, scale=scale, scale_type=scale_type, gamma=gamma)
+    return scale_factor(n, r, col_sq, phi, step, step_factor, scale=scale, scale_type=scale_type, gamma=gamma,
+                        scale_front=scale_front)
 
 
 def apollo_scaling(
@@ -119,6 +128,7 @@ def apollo_scaling(
     scale_type: str,
     bias_correction: str,
     gamma: float = 1.01,
+    scale_front: bool = False,
     backend: str = "auto",
     step_constants: Tensor | None = None,
 ) -> Tensor:
@@ -133,7 +143,7 @@ def apollo_scaling(
     step from it (capturable), the reference uses the host `step` (the same numbers).
     """
     hyper = dict(betas=betas, eps=eps, scale=scale, scale_type=scale_type, bias_correction=bias_correction,
-                 gamma=gamma)
+                 gamma=gamma, scale_front=scale_front)
     if dispatch.use_triton(backend, (g_hat, proj, m, v, phi), apollo_kernels.problems(g_hat, proj, m),
                            "the fused APOLLO statistics"):
         r, col_sq = apollo_kernels.project_with_column_norms_triton(proj, g_hat)
@@ -170,6 +180,7 @@ class ApolloScaling(Method):
     bias_correction: str = "outside"
     gamma: float = 1.01
     seed: int = 0
+    scale_front: bool = False  # the official --scale_front: α before the norm-growth limiter (scale_factor)
 
 
 @dataclass
@@ -263,7 +274,7 @@ class Apollo(ApolloScaling):
         f = apollo_scaling(
             orient(grad), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
-            bias_correction=self.bias_correction, gamma=self.gamma, backend=self.kernels,
+            bias_correction=self.bias_correction, gamma=self.gamma, scale_front=self.scale_front, backend=self.kernels,
             step_constants=constants,
         )
         if self.scale_type == "channel":
@@ -288,11 +299,11 @@ class APOLLO(MethodOptimizer):
     def __init__(
         self, params, lr: float = 0.01, rank: int | None = 256, scale: float = 1.0, scale_type: str = "channel",
         update_proj_gap: int = 200, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-        bias_correction: str = "outside", seed: int = 0, official_seed_chain: bool = False,
+        bias_correction: str = "outside", seed: int = 0, official_seed_chain: bool = False, scale_front: bool = False,
     ):
         defaults = dict(
             lr=lr, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=update_proj_gap, betas=betas,
             eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, seed=seed,
-            official_seed_chain=official_seed_chain,
+            official_seed_chain=official_seed_chain, scale_front=scale_front,
         )
         super().__init__(params, defaults)

@@ -116,7 +116,7 @@ def project_with_column_norms_triton(proj: Tensor, g_hat: Tensor) -> tuple[Tenso
 @_jit
 def _chain_kernel(
     r_ptr, colsq_ptr, m_ptr, v_ptr, phi_ptr, f_ptr, rank, b,
-    b1, b2, one_minus_b1, one_minus_b2, eps, c1, c2, gamma, factor, step_ptr,
+    b1, b2, one_minus_b1, one_minus_b2, eps, c1, c2, gamma, factor, front, step_ptr,
     BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, CHANNEL: tl.constexpr, INSIDE: tl.constexpr,
     FIRST: tl.constexpr, STEP_IS_PTR: tl.constexpr,
 ):
@@ -162,6 +162,7 @@ def _chain_kernel(
     else:
         s_t = tl.math.div_rn(tl.math.sqrt_rn(tl.sum(nn_acc, axis=0)), tl.math.sqrt_rn(tl.sum(rr_acc, axis=0)) + 1e-8)
         x_norm = s_t * tl.math.sqrt_rn(tl.sum(cc_acc, axis=0))
+    x_norm = x_norm * front  # scale_front: α before the limiter (1.0 otherwise: exact)
     if FIRST:  # limiter.norm_growth_factor: no φ yet
         eta = 1.0
         new_phi = x_norm
@@ -187,7 +188,7 @@ def _chain_kernel(
 
 def scaling_chain_triton(
     r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
-    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01,
+    eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01, scale_front: bool = False,
     step_constants: Tensor | None = None,
 ) -> Tensor:
     """Twin of apollo.scaling_chain: updates m, v (r×b) and phi (0-dim) in place, returns f ((b,) or ()).
@@ -210,7 +211,7 @@ def scaling_chain_triton(
     # one program: the chain is O(r·b) (APOLLO-Mini: b floats) and needs whole-tensor sums before f
     _chain_kernel[(1,)](
         r, col_sq, m, v, phi, f, rank, b, b1, b2, 1 - b1, 1 - b2, eps, c1, c2, gamma, factor,
-        step_constants if on_device else phi, BLOCK_R=block_r, BLOCK_B=block_b, CHANNEL=channel,
+        math.sqrt(scale) if scale_front else 1.0, step_constants if on_device else phi, BLOCK_R=block_r, BLOCK_B=block_b, CHANNEL=channel,
         INSIDE=not outside, FIRST=step == 1 and not on_device, STEP_IS_PTR=on_device,
         num_warps=4, enable_fp_fusion=False,
     )

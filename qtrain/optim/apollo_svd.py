@@ -44,7 +44,7 @@ class ApolloSVDMethod(ApolloScaling):
         f = apollo_scaling(
             orient(grad.float()), state["proj"], state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
-            bias_correction=self.bias_correction, gamma=self.gamma,
+            bias_correction=self.bias_correction, gamma=self.gamma, scale_front=self.scale_front,
         )
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))
@@ -63,9 +63,9 @@ class APOLLOSVD(MethodOptimizer):
     def __init__(
         self, params, lr: float = 0.01, rank: int | None = 256, scale: float = 1.0, scale_type: str = "channel",
         update_proj_gap: int = 200, betas=(0.9, 0.999), eps: float = 1e-6, bias_correction: str = "outside",
-        gamma: float = 1.01, weight_decay: float = 0.0, seed: int = 0,
+        gamma: float = 1.01, weight_decay: float = 0.0, seed: int = 0, scale_front: bool = False,
     ):
         defaults = dict(lr=lr, rank=rank, scale=scale, scale_type=scale_type, update_proj_gap=update_proj_gap,
                         betas=betas, eps=eps, bias_correction=bias_correction, gamma=gamma,
-                        weight_decay=weight_decay, seed=seed)
+                        weight_decay=weight_decay, seed=seed, scale_front=scale_front)
         super().__init__(params, defaults)

@@ -68,7 +68,7 @@ def sharded_apollo_scale(method, grad: Tensor, state: dict, shape: tuple[int, in
                                            eps=method.eps, bias_correction=method.bias_correction)
     nrm, r, col_sq = _gather_columns([n_local, r, col_sq], group)  # (r, b), (r, b), (b,): the unsharded tensors
     f = scale_factor(nrm, r, col_sq, state["limiter_norm"], t, step_factor, scale=method.scale,
-                     scale_type=method.scale_type, gamma=method.gamma)
+                     scale_type=method.scale_type, gamma=method.gamma, scale_front=method.scale_front)
     if method.scale_type != "channel":
         return f
     if m < n:
