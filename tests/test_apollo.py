@@ -67,6 +67,39 @@ def test_scale_front_matches_apollo_torch_where_the_limiter_guard_decides(scale_
     assert runs[True] > 0
 
 
+@pytest.mark.parametrize("shape", [(128, 768), (1536, 576)])  # a = min(m, n) = 128 and 576 (SmolLM2's width)
+def test_apollo_mini_step_is_sqrt_scale_over_a_times_adams(shape):
+    """The LR advice of recipes/finetune-8b.toml, derived (docs/algorithms.md §5) and measured here.
+
+    APOLLO-Mini's step is lr·√scale·s·G with s = ‖N‖/‖R‖, R = PᵀĜ (1×b), N = Adam's M/√V of R. For gradients of
+    i.i.d. entries, N has the RMS of Adam's own M/√V (the same statistics, b elements instead of a·b), so
+    ‖N‖ = √b·rms; and E[R_j²] = ‖P‖²·‖Ĝ_j‖²/a, so ‖R‖ = ‖P‖·‖G‖/√a. The step's RMS over Adam's is then
+    √scale·‖N‖·‖G‖/(‖R‖·√(ab)·rms) = √scale/‖P‖ ≈ √(scale/a), as P has a N(0, 1) entries (‖P‖² ~ χ²_a).
+    At the same lr: 1.0 at a = 128, 0.47 at a = 576, 0.18 at Llama-3-8B's 4096 (0.35 for its 1024-row k/v).
+    """
+    torch.manual_seed(0)
+    mini = apollo_mini(bias_correction="inside", eps=1e-8)  # finetune-8b's settings
+    state = mini.init_state(shape, "cpu", uid=3)
+    norm_p = mini.projection(state, 1, shape, "cpu").norm().item()  # P of the first window (all 20 steps)
+    adam_w = torch.nn.Parameter(torch.zeros(shape))
+    adam = torch.optim.Adam([adam_w], lr=1.0, betas=(0.9, 0.999), eps=1e-8)
+    ratios = []
+    for _ in range(20):
+        g = torch.randn(shape)
+        step = mini.direction(g, state).grad_scale * g  # the step at lr = 1 (mode inside: no κ_t)
+        before = adam_w.detach().clone()
+        adam_w.grad = g.clone()
+        adam.step()
+        ratios.append((step.square().mean().sqrt() / (adam_w.detach() - before).square().mean().sqrt()).item())
+    a = min(shape)
+    measured = sum(ratios) / len(ratios)
+    # Tolerances: one step's ratio scatters by ~3 % (‖R‖ sums b = 576-1536 squared projections: √(2/b)), the
+    # mean of 20 by < 1 %; the limiter trims upward scatter above 1 %: 4 % around √scale/‖P‖. Against the
+    # formula without P, add the spread of ‖P‖/√a, √(1/(2a)) (3 % at a = 576), three times.
+    assert measured == pytest.approx(math.sqrt(128) / norm_p, rel=0.04)
+    assert measured == pytest.approx(math.sqrt(128 / a), rel=0.04 + 3 * math.sqrt(1 / (2 * a)))
+
+
 def test_seeded_projection_is_regenerated_bitwise_and_differs_across_windows_and_tensors():
     m = Apollo(rank=4, update_proj_gap=3, seed=7)
     st = m.init_state((16, 32), "cpu", uid=11)
