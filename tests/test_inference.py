@@ -65,8 +65,7 @@ def test_evaluate_equals_the_per_batch_mean(monkeypatch, logit_rows, legacy):
     t = cfg.train
     t.batch_size, t.eval_batches, t.seq_len, t.legacy_eval_divisor = 3, 4, 32, legacy  # 11 windows: 3+3+3+2
     if logit_rows:  # forwards of this many windows, cutting across the batches of 3
-        monkeypatch.setattr(evaluation, "EVAL_LOGITS_BYTES", logit_rows * 32 * V * 4)
-        monkeypatch.setattr(evaluation, "eval_rows", lambda b, T, v, n: logit_rows)
+        monkeypatch.setattr(evaluation, "eval_rows", lambda *args: logit_rows)
     data = Windows()
     expected = reference_evaluate(model, data, t)
     got = evaluate(model, data, t, "cpu", torch.float32)
@@ -76,6 +75,19 @@ def test_evaluate_equals_the_per_batch_mean(monkeypatch, logit_rows, legacy):
     assert got == pytest.approx(expected, rel=1e-5, abs=0)
     assert model.training  # left in training mode, as before
     assert all(layer.inference_weight is None for layer in int8_layers(model).values())  # released
+
+
+def test_evaluate_without_free_memory_holds_nothing_and_runs_batch_size_rows(monkeypatch):
+    model, cfg = tiny_model()
+    t = cfg.train
+    t.batch_size, t.eval_batches, t.seq_len = 3, 4, 32
+    expected = reference_evaluate(model, Windows(), t)
+    calls = []
+    real = dispatch.dequantize
+    monkeypatch.setattr(dispatch, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(evaluation, "available_memory", lambda device: 0)
+    assert evaluate(model, Windows(), t, "cpu", torch.float32) == pytest.approx(expected, rel=1e-5, abs=0)
+    assert len(calls) == 4 * len(int8_layers(model))  # 4 forwards of 3, 3, 3, 2 windows, dequantizing as before
 
 
 class Chars:

@@ -709,7 +709,8 @@ def _notes(cfg: TrainConfig, updater, device_type: str, compute: torch.dtype) ->
                                         if _fused_matmul(cfg, device_type) else "dequantize, then GEMM"))
         notes.append(f"CUDA context ({CUDA_CONTEXT_BYTES / MiB:.0f} MiB) and allocator fragmentation "
                      f"({ALLOCATOR_SLACK:.0%} of the step's transients) are assumptions, not measured yet")
-    notes.append("evaluation and text sampling run under no_grad and stay below a training step (not modelled)")
+    notes.append("evaluation and text sampling run under no_grad between steps, in what is free then: at most a "
+                 "quarter for logits, half of the rest for dequantized weights (not modelled)")
     return notes
 
 

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from qtrain.core.device import available_memory
 from qtrain.train.evaluation import PROGRESS_AFTER_S, inference_weights
 
 
@@ -30,7 +31,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, se
     # transformers 5.25 renamed forward's past_key_values to cache (the old name goes in 5.40); 5.0 knows only it
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     try:
-        with inference_weights(model, torch.float32, device), \
+        with inference_weights(model, torch.float32, available_memory(device) // 2), \
                 tqdm(total=max_new_tokens, desc="sampling", unit="token", delay=PROGRESS_AFTER_S, leave=False,
                      disable=None) as bar:
             for _ in range(max_new_tokens):  # no autocast, as before
