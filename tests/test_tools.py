@@ -29,3 +29,20 @@ def test_bench_step_smoke_on_cpu():
     paths = [line.split("|")[4].strip() for line in run.stdout.splitlines() if line.startswith("| tiny |")]
     assert paths == ["qtrain", "qtrain fused", "bf16 floor", "apollo-torch"] * 2, paths  # progress, then summary
     assert "tiny 1x16: qtrain fused / bf16 floor: tokens/s" in run.stdout
+
+
+def test_bench_eval_smoke_on_cpu():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "tools/bench_eval.py", "--device", "cpu", "--layers", "2", "--hidden", "64",
+           "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "512", "--seq-len", "32",
+           "--windows", "5", "--batch-size", "2", "--tokens", "6"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in run.stdout.splitlines()
+            if line.startswith("| eval") or line.startswith("| generate")}
+    assert list(rows) == ["eval", "eval (before)", "eval (transformers)", "generate", "generate (before)",
+                          "generate (transformers)"]
+    losses = [float(v.split()[-1]) for k, v in rows.items() if k.startswith("eval")]
+    assert max(losses) - min(losses) <= 1e-5 * losses[0], rows  # fp32 summation order only
+    assert rows["generate (before)"] == "same tokens as `generate`"
+    assert "model: 2 layers, hidden 64" in run.stdout
