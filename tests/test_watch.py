@@ -46,7 +46,8 @@ def test_a_watched_run_then_eval_generate_export_without_its_corpus(cache, tmp_p
                      r"projections \([\d.]+ MiB with group scales and offsets\) \+ [\d.]+k float", out)
     assert re.search(r"qtrain: data: .*corpus.jsonl: [\d,]+ training tokens, [\d,]+ validation tokens", out)
     assert re.search(r"qtrain: steps: 6 x 256 tokens per step .* = 1,536 tokens = 0\.\d\d epochs", out)
-    assert "qtrain: device: cpu (float32 compute)" in out
+    threads = torch.get_num_threads()
+    assert f"qtrain: device: cpu (float32 compute, {threads} CPU thread{'s' * (threads != 1)}: set OMP_NUM_THREADS" in out
     lines = re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (\d)/6 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| "
                        r"[\d.]+ ms/step \| grad norm [\d.e+-]+ \| peak [\d.]+ GiB \(RSS\)$", out, flags=re.M)
     assert lines == ["3", "6"]
