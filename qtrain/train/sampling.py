@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.data.tokenizer import document_prefix
+
 
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int = 0) -> str:
@@ -11,7 +13,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, se
 
     tokenizer: a sentencepiece processor (encode, decode, bos_id, eos_id).
     """
-    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []  # Qwen's tokenizers define no BOS
+    bos = document_prefix(tokenizer)  # the BOS the tokenizer itself adds, if any: as the training data starts
     ids = bos + tokenizer.encode(prompt)
     x = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
