@@ -144,7 +144,7 @@ def document_prefix(tokenizer) -> list[int]:
 def boundary_note(tokenizer) -> str:
     """How documents start and end under this tokenizer, for the run header."""
     def piece(i: int) -> str:
-        return f"{tokenizer.decode([i])!r} (id {i})"
+        return f"{tokenizer.id_to_piece(i)!r} (id {i})"  # decode() drops sentencepiece's control pieces
 
     prefix = document_prefix(tokenizer)
     start = ("start with " + " ".join(piece(i) for i in prefix) + " (the tokenizer's BOS)" if prefix

@@ -79,6 +79,9 @@ class HFTokenizer:
         document_prefix): what transformers' `tok(text)` puts in front of the text."""
         return list(self._prefix)
 
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.convert_ids_to_tokens(int(i))
+
     def bos_id(self) -> int:
         return -1 if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
 
