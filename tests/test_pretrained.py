@@ -316,10 +316,14 @@ def test_bad_checkpoints_name_the_fix(checkpoints, tmp_path):
 
     path, _ = checkpoints["llama"]
     assert problems(path, "model.hidden_size=128", "model.num_kv_heads=4") == [
-        f"[model] hidden_size = 128 but the checkpoint's config.json ({path}) has 64: remove model.hidden_size "
-        f"from the recipe (the checkpoint sets it) or set it to 64",
-        f"[model] num_kv_heads = 4 but the checkpoint's config.json ({path}) has 2: remove model.num_kv_heads "
-        f"from the recipe (the checkpoint sets it) or set it to 2"]
+        f"--set model.hidden_size=128 but the checkpoint's config.json ({path}) has 64: leave model.hidden_size "
+        f"out (the checkpoint sets it) or set it to 64",
+        f"--set model.num_kv_heads=4 but the checkpoint's config.json ({path}) has 2: leave model.num_kv_heads "
+        f"out (the checkpoint sets it) or set it to 2"]
+    given = TrainConfig.from_dict({"model": {"init": str(path), "hidden_size": 128, "num_kv_heads": 4},
+                                   "quant": {"group_size": 64}, "train": {"seq_len": 32}})  # a recipe file's keys
+    assert (given.model.hidden_size, given.model.kv_heads) == (64, 2)  # give way to config.json
+    assert given.init_replaced == {"hidden_size": (128, 64), "num_kv_heads": (4, 2)}
     same = init_cfg(path, "model.hidden_size=64", "model.num_kv_heads=2", "model.family=llama")  # repeating is fine
     assert TrainConfig.from_dict(same.to_dict()) == same  # a run's recipe.toml (every key written) loads again
 

@@ -25,7 +25,7 @@ from qtrain.core.device import autocast_dtype, resolve_device
 from qtrain.data.dataset import fingerprint_now, open_run_data, prepare_data
 from qtrain.data.finetune import FinetuneData, finetune_kind, prepare_run_data
 from qtrain.data.tokenizer import load_tokenizer, run_tokenizer_path
-from qtrain.errors import TrainingError
+from qtrain.errors import ExportError, TrainingError
 from qtrain.estimate.memory import estimate, fit_gpu, format_breakdown, format_fit
 from qtrain.hf.export import export_hf
 from qtrain.model.builder import dequantized_copy
@@ -158,9 +158,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    to = Path(args.to)
+    if to.is_dir() and any(to.iterdir()) and not args.overwrite:  # before the checkpoint is read
+        raise ExportError(f"--to {to} exists and is not empty; pass --overwrite to replace it, or choose a new "
+                          f"directory")
     r = load_trained(Path(args.run), "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    plain = dequantized_copy(r.model, dtype)
+    plain = dequantized_copy(r.model, dtype)  # the one float copy: export_hf saves it as it is
     out = export_hf(plain, r.tokenizer_path, Path(args.to), dtype=dtype, overwrite=args.overwrite)
     print(f"exported {r.checkpoint.name} to {out} ({args.dtype}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -300,6 +300,9 @@ class TrainConfig:
     """[train]: the loop, read by train."""
     data: DataConfig = field(default_factory=DataConfig)
     """[data]: corpus and tokenizer, read by prepare_data."""
+    init_replaced: dict[str, tuple[Any, Any]] = field(default_factory=dict, compare=False, repr=False)
+    """[model] key -> (the recipe's value, the checkpoint's) for each shape key [model] init's config.json
+    replaced: the run header lists them. Not a recipe key."""
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
@@ -317,8 +320,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], overrides: Iterable[str] = (), source: str = "recipe") -> TrainConfig:
         """Build from a {section: {key: value}} dict (missing keys take defaults). Raises ConfigError."""
-        d = copy.deepcopy(d)
-        problems = _apply_overrides(d, list(overrides))
+        d, overrides = copy.deepcopy(d), list(overrides)
+        problems = _apply_overrides(d, overrides)
         bad: set[str] = set()  # "section.key" whose value was rejected: cross-field checks skip them
         for name in d:
             if name not in SECTIONS:
@@ -347,7 +350,8 @@ class TrainConfig:
         cfg = cls(**sections)
         if cfg.model.init and "model.init" not in bad:
             model_table = d.get("model")
-            problems += _init_problems(cfg, set(model_table) if isinstance(model_table, dict) else set(), bad)
+            given = set(model_table) if isinstance(model_table, dict) else set()
+            problems += _init_problems(cfg, given, _override_keys(overrides, "model"), bad)
         problems += cfg._cross_field_problems(bad)
         if problems:
             raise ConfigError(problems, source)
@@ -460,7 +464,8 @@ def read_checkpoint_config(init: str) -> dict:
     where = f'[model] init = "{init}"'
     if not path.is_dir():
         raise ValueError(f'{where}: no such directory; point it at a local Hugging Face model directory '
-                         f'(config.json + *.safetensors), or set it to "" for a random init')
+                         f'(config.json + *.safetensors; a qtrain run makes one: `qtrain train tiny --out runs/tiny '
+                         f'&& qtrain export runs/tiny --to {init}`), or set it to "" for a random init')
     if not (path / "config.json").is_file():
         raise ValueError(f"{where}: the directory has no config.json, so it is not a Hugging Face model directory; "
                          f"point init at the directory that holds config.json and the *.safetensors weights")
@@ -509,9 +514,12 @@ def checkpoint_model_keys(raw: dict) -> tuple[dict[str, Any], int | None]:
     return keys, window if sliding and window else None
 
 
-def _init_problems(cfg: TrainConfig, given: set[str], bad: set[str]) -> list[str]:
-    """[model] init: family and shape keys come from the checkpoint's config.json. A recipe may repeat them
-    (a run's recipe.toml does), never contradict them: each disagreeing key is a problem naming both values."""
+def _init_problems(cfg: TrainConfig, given: set[str], explicit: set[str], bad: set[str]) -> list[str]:
+    """[model] init: family and shape keys come from the checkpoint's config.json, and the recipe file's values
+    give way (so a template such as finetune-tiny takes any checkpoint; cfg.init_replaced records each recipe key
+    `given` that changed).
+    Only a key given explicitly as an override (`--set model.hidden_size=...`) must agree: each one that does
+    not is a problem naming both values."""
     m = cfg.model
     path = Path(m.init).expanduser()
     if not path.exists():  # an error when the model is built; `qtrain estimate` can size the recipe's own keys first
@@ -526,10 +534,15 @@ def _init_problems(cfg: TrainConfig, given: set[str], bad: set[str]) -> list[str
     out = []
     for key, value in keys.items():
         now = getattr(m, key)
-        if key in given and f"model.{key}" not in bad and not same.get(key, operator.eq)(now, value):
-            out.append(f"[model] {key} = {_show(now)} but the checkpoint's config.json ({path}) has {_show(value)}: "
-                       f"remove model.{key} from the recipe (the checkpoint sets it) or set it to {_show(value)}")
+        if same.get(key, operator.eq)(now, value) or f"model.{key}" in bad:
+            setattr(m, key, value)
+        elif key in explicit:
+            bad.add(f"model.{key}")  # cross-field checks skip it: the fix is to this key
+            out.append(f"--set model.{key}={_show(now)} but the checkpoint's config.json ({path}) has "
+                       f"{_show(value)}: leave model.{key} out (the checkpoint sets it) or set it to {_show(value)}")
         else:
+            if key in given:
+                cfg.init_replaced[key] = (now, value)
             setattr(m, key, value)
     if sliding_window and cfg.train.seq_len > sliding_window and "train.seq_len" not in bad:
         out.append(f"[train] seq_len = {cfg.train.seq_len} exceeds the checkpoint's sliding_window = {sliding_window} "
@@ -539,6 +552,16 @@ def _init_problems(cfg: TrainConfig, given: set[str], bad: set[str]) -> list[str
 
 
 # --- parsing helpers -----------------------------------------------------------------------------------
+
+
+def _override_keys(overrides: Iterable[str], section: str) -> set[str]:
+    """The keys of `section` that `section.key=value` overrides set (whatever their values)."""
+    keys = set()
+    for item in overrides:
+        path = [p.strip() for p in item.partition("=")[0].split(".")]
+        if len(path) == 2 and path[0] == section:
+            keys.add(path[1])
+    return keys
 
 
 def _apply_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:

@@ -35,6 +35,7 @@ from qtrain.data.shards import ShardSet, is_complete
 from qtrain.data.sources import Source, resolve_sources, sample_texts
 from qtrain.data.tokenizer import (
     check_vocab,
+    document_prefix,
     load_tokenizer,
     save_run_tokenizer,
     tokenizer_sha256,
@@ -136,6 +137,7 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, vocab_size)
     tokenizer_sha = tokenizer_sha256(tokenizer_path)
+    prefix = document_prefix(tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
     jobs = [(s, fp, held_out) for s, fp in zip(train_sources, fps)]
@@ -143,7 +145,9 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
         jobs.append((val_source, val_fp, 1.0))
     sets, dirs = [], []
     for source, fp, fraction in jobs:
-        key = _sha({"format": DATA_FORMAT, "source": fp, "held_out": fraction, "max_chars": data_cfg.max_corpus_chars})
+        key = _sha({"format": DATA_FORMAT, "source": fp, "held_out": fraction, "max_chars": data_cfg.max_corpus_chars,
+                    # shards made before documents began with the tokenizer's BOS (only tokenizers that add one)
+                    **({"prefix": prefix} if prefix else {})})
         out = root / "shards" / f"{key[:16]}-{tokenizer_sha[:16]}"
         if not is_complete(out):
             workers = planned_workers(data_cfg.prepare_workers, source, data_cfg.max_corpus_chars)

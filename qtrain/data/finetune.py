@@ -9,7 +9,8 @@ and every other record must have the same fields. Any other corpus is plain text
 With `[model] init` the tokenizer is the checkpoint's (unless [data] tokenizer names one): it may have fewer
 pieces than the embedding has rows (Qwen2.5 pads its embedding to 151936 for 151665 tokens), never more.
 
-One example is one row of train.seq_len tokens: [BOS] prompt completion EOS (or the rendered conversation),
+One example is one row of train.seq_len tokens: prefix prompt completion EOS (the prefix is the tokenizer's own,
+qtrain.data.tokenizer.document_prefix: its BOS where `tok(text)` adds one) or the rendered conversation,
 cut to seq_len + 1 tokens and padded on the right. The targets y hold -100, cross_entropy's ignore_index,
 wherever no loss is wanted (prompt tokens, system and user turns, padding), so `lm_loss`'s mean is over the
 answer tokens alone. Padded, not packed: under causal attention a real token never sees the padding after
@@ -34,7 +35,7 @@ from torch import Tensor
 from qtrain.data.dataset import prepare_data
 from qtrain.data.loader import BatchStream
 from qtrain.data.readers import first_json_line, json_lines
-from qtrain.data.tokenizer import load_tokenizer, save_run_tokenizer, tokenizer_sha256
+from qtrain.data.tokenizer import document_prefix, load_tokenizer, save_run_tokenizer, tokenizer_sha256
 from qtrain.errors import DataError
 from qtrain.hf.pretrained import checkpoint_tokenizer
 
@@ -149,9 +150,9 @@ def read_records(path: Path, kind: str, minimum: int = 2) -> list[dict]:
 
 
 def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
-    """([BOS] prompt completion EOS, is_target per token): the completion and its EOS are targets."""
-    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []
-    head = bos + tokenizer.encode(prompt)
+    """(prefix prompt completion EOS, is_target per token): the completion and its EOS are targets; the prefix is
+    document_prefix (the BOS the tokenizer itself adds, if any), as in pretraining documents and sampling."""
+    head = document_prefix(tokenizer) + tokenizer.encode(prompt)
     tail = tokenizer.encode(completion) + [tokenizer.eos_id()]
     return head + tail, [False] * len(head) + [True] * len(tail)
 

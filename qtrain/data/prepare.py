@@ -29,6 +29,7 @@ import numpy as np
 
 from qtrain.data.shards import SHARD_TOKENS, Encoded, ShardWriter
 from qtrain.data.sources import Doc, DocumentStream, Position, Source
+from qtrain.data.tokenizer import document_prefix
 from qtrain.errors import DataError
 
 UNIT_CHARS = 8 << 20  # characters of text per unit of work handed to a worker
@@ -47,7 +48,9 @@ def available_cores() -> int:
 # --- encoding (runs in the workers, or in-process) ------------------------------------------------------
 
 
-LAST, VAL = 1, 2  # flag bits of a unit's documents: the last piece of a document (EOS after it), held out
+# flag bits of a unit's documents: the last piece of a document (EOS after it), held out, the first piece of a
+# document (the tokenizer's prefix, qtrain.data.tokenizer.document_prefix, before it)
+LAST, VAL, FIRST = 1, 2, 4
 
 
 def pack(docs: list[Doc]) -> tuple[list[str], bytes]:
@@ -55,10 +58,12 @@ def pack(docs: list[Doc]) -> tuple[list[str], bytes]:
     return [d.text for d in docs], bytes(LAST * d.last | VAL * d.val for d in docs)
 
 
-def encode_docs(tokenizer, unit: tuple[list[str], bytes], dtype: np.dtype, num_threads: int = 1) -> Encoded:
-    """Token ids of each text, EOS after the last piece of each document, split into train and val."""
+def encode_docs(tokenizer, unit: tuple[list[str], bytes], dtype: np.dtype, num_threads: int = 1,
+                prefix: list[int] = ()) -> Encoded:
+    """Token ids of each text, prefix (the tokenizer's BOS, if it adds one) before the first piece of each
+    document and EOS after its last, split into train and val."""
     texts, flags = unit
-    eos = [tokenizer.eos_id()]
+    eos, prefix = [tokenizer.eos_id()], list(prefix)
     parts = {"train": [], "val": []}  # numpy arrays, one per tokenizer call
     ends = {"train": [], "val": []}
     filled = {"train": 0, "val": 0}
@@ -75,6 +80,9 @@ def encode_docs(tokenizer, unit: tuple[list[str], bytes], dtype: np.dtype, num_t
             for flag, doc_ids in zip(flags[start:stop], ids):
                 if flag & VAL != want:
                     continue
+                if flag & FIRST and prefix:
+                    lists.append(prefix)
+                    n += len(prefix)
                 lists.append(doc_ids)
                 n += len(doc_ids)
                 if flag & LAST:
@@ -124,7 +132,7 @@ def worker_tokenizer(tokenizer, tokenizer_path: Path) -> tuple:
     return ("spm", str(tokenizer_path))
 
 
-def _init_worker(spec: tuple, dtype: str) -> None:
+def _init_worker(spec: tuple, dtype: str, prefix: list[int]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker for Hugging Face tokenizers too
     if spec[0] == "hf":
         _worker["tokenizer"] = _BackendTokenizer(spec[1], spec[2])
@@ -133,10 +141,11 @@ def _init_worker(spec: tuple, dtype: str) -> None:
 
         _worker["tokenizer"] = spm.SentencePieceProcessor(model_file=spec[1])
     _worker["dtype"] = np.dtype(dtype)
+    _worker["prefix"] = prefix
 
 
 def _encode_task(unit: tuple[list[str], bytes]) -> Encoded:
-    return encode_docs(_worker["tokenizer"], unit, _worker["dtype"])
+    return encode_docs(_worker["tokenizer"], unit, _worker["dtype"], prefix=_worker["prefix"])
 
 
 # --- progress ------------------------------------------------------------------------------------------
@@ -199,9 +208,11 @@ class Progress:
 def _units(stream: DocumentStream, unit_chars: int) -> Iterator[tuple[tuple[list[str], bytes], Position, int]]:
     """(unit (texts, flags), position after it, input bytes read) of about unit_chars characters each."""
     texts, flags, chars = [], bytearray(), 0
+    first = stream.start.in_doc == 0  # a resume may start inside a document cut into pieces
     for text, last, val in stream:
         texts.append(text)
-        flags.append(LAST * last | VAL * val)
+        flags.append(LAST * last | VAL * val | FIRST * first)
+        first = last
         chars += len(text)
         if chars >= unit_chars:
             yield (texts, bytes(flags)), stream.position, stream.raw_bytes()
@@ -278,14 +289,15 @@ def _tokenize(source: Source, tokenizer, tokenizer_path: Path, out_dir: Path, dt
         tokens += len(unit.train) + len(unit.val)
         bar.update(raw, docs, tokens)
 
-    pool = None
+    pool, prefix = None, document_prefix(tokenizer)
     try:
         if workers <= 1:
             for unit, end, raw in _units(stream, unit_chars):
-                add(encode_docs(tokenizer, unit, dtype, num_threads=1), end, raw)
+                add(encode_docs(tokenizer, unit, dtype, num_threads=1, prefix=prefix), end, raw)
         else:
             pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                       initargs=(worker_tokenizer(tokenizer, tokenizer_path), np.dtype(dtype).name))
+                                       initargs=(worker_tokenizer(tokenizer, tokenizer_path), np.dtype(dtype).name,
+                                                 prefix))
             pending: deque = deque()
             for unit, end, raw in _units(stream, unit_chars):
                 pending.append((pool.submit(_encode_task, unit), end, raw))

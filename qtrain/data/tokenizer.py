@@ -4,7 +4,9 @@ Trained tokenizers follow the LLaMA recipe: byte-pair encoding with byte fallbac
 newlines and characters never seen in training, encodes losslessly as <0xNN> byte pieces), identity
 normalization, no whitespace collapsing, digits split. The special ids are fixed:
     unk 0 (<unk>), bos 1 (<s>), eos 2 (</s>), pad 3 (<pad>)
-qtrain packs documents with EOS after each and never inserts BOS or PAD in training data.
+One rule for every tokenizer (docs/tokens.md): a text starts with `document_prefix` (what the tokenizer itself
+puts in front of a text; nothing for sentencepiece models, qtrain's own included) and a document ends with EOS;
+pretraining documents, fine-tuning examples and sampling prompts alike. PAD never enters training data.
 """
 
 from __future__ import annotations
@@ -128,6 +130,26 @@ def load_tokenizer(path: str | Path):
         raise DataError(f'[data] tokenizer = "{path}" has no EOS piece; qtrain separates documents with EOS, '
                         f'so use a tokenizer that defines one')
     return tokenizer
+
+
+def document_prefix(tokenizer) -> list[int]:
+    """The ids every pretraining document, prompt/completion example and sampling prompt starts with: those a
+    Hugging Face tokenizer puts in front of a text itself (HFTokenizer.prefix_ids: its BOS when add_bos_token
+    or its post-processor adds one, as transformers' `tok(text)` does), none for a sentencepiece model (whose
+    encode adds none; qtrain's own tokenizers are exported with add_bos_token = false to match). A chat
+    example is its template's rendering as it is: the template writes any BOS it wants."""
+    return tokenizer.prefix_ids() if isinstance(tokenizer, HFTokenizer) else []
+
+
+def boundary_note(tokenizer) -> str:
+    """How documents start and end under this tokenizer, for the run header."""
+    def piece(i: int) -> str:
+        return f"{tokenizer.id_to_piece(i)!r} (id {i})"  # decode() drops sentencepiece's control pieces
+
+    prefix = document_prefix(tokenizer)
+    start = ("start with " + " ".join(piece(i) for i in prefix) + " (the tokenizer's BOS)" if prefix
+             else "start with no BOS (the tokenizer adds none)")
+    return f"documents, examples and sampling prompts {start}; a document ends with EOS {piece(tokenizer.eos_id())}"
 
 
 def tokenizer_sha256(path: str | Path) -> str:

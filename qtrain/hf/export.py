@@ -20,6 +20,7 @@ Dequantizing qtrain's int8 layers into a float Llama is a separate step that run
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -149,7 +150,7 @@ def _backend_tokenizer(sp: spm.SentencePieceProcessor, settings: dict) -> Tokeni
 
 
 def hf_tokenizer(tokenizer_model: Path, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
-    """The transformers tokenizer for our sentencepiece .model file: same ids, BOS prepended, no EOS appended.
+    """The transformers tokenizer for our sentencepiece .model file: same ids, no BOS prepended, no EOS appended.
 
     unk/bos/eos/pad tokens and ids are the sentencepiece model's own (qtrain's convention: 0, 1, 2, 3).
     Raises ExportError if the conversion does not reproduce sentencepiece's ids on the probe texts.
@@ -172,7 +173,7 @@ def hf_tokenizer(tokenizer_model: Path, model_max_length: int | None = None) -> 
         bos_token=piece(sp.bos_id()),
         eos_token=piece(sp.eos_id()),
         pad_token=piece(sp.pad_id()),
-        add_bos_token=sp.bos_id() >= 0,  # Llama convention: <s> starts every sequence, </s> is not appended
+        add_bos_token=False,  # `tok(text)` = sentencepiece's encode, as qtrain trains (qtrain.data.tokenizer.document_prefix)
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
         **({"model_max_length": model_max_length} if model_max_length else {}),
@@ -191,22 +192,46 @@ def hf_tokenizer(tokenizer_model: Path, model_max_length: int | None = None) -> 
 # --- model ------------------------------------------------------------------------------------------------------
 
 
-def _cast_copy(model: PreTrainedModel, dtype: torch.dtype, special_ids: dict[str, int | None]) -> PreTrainedModel:
-    """A CPU copy of model with every weight cast to dtype; the caller's model, config and devices are untouched.
-
-    Built on the meta device and filled by assignment, so peak memory is one CPU copy in dtype (no deepcopy on GPU).
-    """
+def _export_config(model: PreTrainedModel, dtype: torch.dtype, special_ids: dict[str, int | None]):
+    """A copy of model's config as config.json should say it: the export dtype and the tokenizer's special ids."""
     config = copy.deepcopy(model.config)
     config.dtype = dtype  # written to config.json; from_pretrained(dtype="auto") loads in this dtype
     for name, token_id in special_ids.items():  # generation stops on the tokenizer's eos, pads with its pad
         setattr(config, name, token_id)
+    return config
+
+
+def _cast_copy(model: PreTrainedModel, config) -> PreTrainedModel:
+    """A CPU copy of model with every weight cast to config.dtype; the caller's model and devices are untouched.
+
+    Built on the meta device and filled by assignment, so peak memory is one CPU copy in dtype (no deepcopy on GPU).
+    """
     with torch.device("meta"):
         out = type(model)(config)
-    state = {name: t.detach().to("cpu", dtype, copy=True) for name, t in model.state_dict().items()}
+    state = {name: t.detach().to("cpu", config.dtype, copy=True) for name, t in model.state_dict().items()}
     out.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         out.tie_weights()  # assignment loaded embed and lm_head as two copies; make them one parameter again
     return out
+
+
+@contextlib.contextmanager
+def _saveable(model: PreTrainedModel, config):
+    """The model to save_pretrained with config: model itself, its config swapped in for the save, when every
+    tensor already is a CPU tensor of the export dtype (what qtrain.model.builder.dequantized_copy returns: so
+    an export holds one float copy of the model, not two); else a CPU copy cast to that dtype (_cast_copy)."""
+    tensors = list(model.state_dict().values())
+    if not all(t.device.type == "cpu" and t.dtype == config.dtype for t in tensors):
+        yield _cast_copy(model, config)
+        return
+    from transformers import GenerationConfig
+
+    kept = model.config, model.generation_config
+    model.config, model.generation_config = config, GenerationConfig.from_model_config(config)
+    try:
+        yield model
+    finally:
+        model.config, model.generation_config = kept
 
 
 def _name_portable_tokenizer_class(config_path: Path) -> None:
@@ -276,7 +301,8 @@ def export_hf(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _cast_copy(model, dtype, special_ids).save_pretrained(tmp)
+        with _saveable(model, _export_config(model, dtype, special_ids)) as plain:
+            plain.save_pretrained(tmp)
         if copied and tokenizer_model.is_dir():
             for f in tokenizer_files(tokenizer_model):
                 shutil.copyfile(f, tmp / f.name)
@@ -285,7 +311,9 @@ def export_hf(
             _name_portable_tokenizer_class(tmp / "tokenizer_config.json")
         if not copied:
             shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+        mode = (tmp / "config.json").stat().st_mode & 0o777
         for path in tmp.iterdir():
+            path.chmod(mode)  # safetensors writes model.safetensors owner-only (0600); one mode for every file
             fsync_path(path)
         fsync_path(tmp)
         replace_dir(tmp, out_dir)

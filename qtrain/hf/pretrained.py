@@ -105,12 +105,43 @@ def weight_files(init: str | Path) -> list[Path]:
                        "the model with save_pretrained(..., safe_serialization=True) or download its safetensors")
 
 
+def checkpoint_problems(init: str | Path) -> list[str]:
+    """What keeps a run from starting at [model] init, found before anything is built or written: a missing
+    directory or config.json, missing shards, a safetensors file cut short (an interrupted download or copy)."""
+    try:
+        files = weight_files(init)
+    except TrainingError as e:
+        return [str(e)]
+    return [str(_error(init, problem)) for problem in map(_safetensors_problem, files) if problem]
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why file is not a complete safetensors file, or None: its header (8-byte length, then JSON) must parse
+    and the tensors it declares must end where the file does. Reads the header only."""
+    size = file.stat().st_size
+    fix = "download or copy it again"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            return f"{file} is {size:,} bytes, shorter than its own header says: the file is incomplete; {fix}"
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return f"{file} has no readable safetensors header: it is not a safetensors file, or damaged; {fix}"
+    if 8 + n + end != size:
+        return (f"{file} is {size:,} bytes but its header declares {8 + n + end:,} bytes of tensors: the file is "
+                f"incomplete (an interrupted download or copy?); {fix}")
+    return None
+
+
 @torch.no_grad()
 def load_checkpoint_(model: nn.Module, init: str | Path) -> None:
     """Fill an allocated (uninitialised) model with the checkpoint's weights, one tensor at a time.
 
     Int8Linear projections are quantized from the stored tensor (nearest rounding, as Int8Linear.load_float_),
-    every other tensor is copied into its parameter's dtype; both piece by piece (`_pieces`). Raises
+    every other tensor is copied into its parameter's dtype; both piece by piece (`row_pieces`). Raises
     TrainingError for a tensor of the wrong shape, a tensor the model does not have, or one the model has
     and the checkpoint lacks.
     """
@@ -155,7 +186,7 @@ def load_checkpoint_(model: nn.Module, init: str | Path) -> None:
                                                  "files from two models?)")
 
 
-def _pieces(rows: int, cols: int, rows_per_group_boundary: int = 1) -> list[tuple[int, int]]:
+def row_pieces(rows: int, cols: int, rows_per_group_boundary: int = 1) -> list[tuple[int, int]]:
     """Row ranges of at most LOAD_CHUNK_ELEMS elements, each starting on a multiple of rows_per_group_boundary."""
     step = rows_per_group_boundary
     per = max(step, LOAD_CHUNK_ELEMS // max(cols, 1) // step * step)
@@ -168,7 +199,7 @@ def _quantize_from(layer: Int8Linear, stored) -> None:
     Groups are independent, so the codes, scales and offsets equal quantize_groupwise of the whole tensor.
     """
     m, n, g = layer.out_features, layer.in_features, layer.group_size
-    for r0, r1 in _pieces(m, n, g // math.gcd(n, g)):  # r0 * n is a multiple of g: pieces hold whole groups
+    for r0, r1 in row_pieces(m, n, g // math.gcd(n, g)):  # r0 * n is a multiple of g: pieces hold whole groups
         w = stored[r0:r1].to(layer.codes.device, torch.float32)
         codes, scale, offset = quantize_groupwise(w, g, layer.scale.dtype)
         g0, g1 = r0 * n // g, r1 * n // g
@@ -183,5 +214,5 @@ def _copy_from(p: torch.Tensor, stored) -> None:
         p.copy_(stored[:])
         return
     cols = p[0].numel()
-    for r0, r1 in _pieces(p.shape[0], cols):
+    for r0, r1 in row_pieces(p.shape[0], cols):
         p[r0:r1].copy_(stored[r0:r1])

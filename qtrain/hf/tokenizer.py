@@ -42,6 +42,19 @@ class HFTokenizer:
         if self.eos_id() < 0:
             raise DataError(f'[data] tokenizer = "{path}" defines no EOS token; qtrain separates documents with '
                             f'EOS, so use a tokenizer that defines eos_token')
+        self._prefix = self._added_prefix()
+
+    def _added_prefix(self) -> list[int]:
+        """The ids this tokenizer itself puts in front of a text (`tok(text)`): its BOS where add_bos_token or its
+        post-processor says so (Llama's <s>, Llama 3's <|begin_of_text|>), none for GPT-2-style byte-level BPE
+        (SmolLM2, Qwen) even when it names a bos_token."""
+        probe = "Hello"
+        plain = self.hf.encode(probe, add_special_tokens=False)
+        full = self.hf.encode(probe, add_special_tokens=True)
+        for i in range(len(full) - len(plain) + 1):
+            if full[i : i + len(plain)] == plain:
+                return list(full[:i])
+        return []
 
     def _guess_eos(self) -> None:
         """A bare tokenizer.json (or a directory with no tokenizer_config.json) names no EOS: take its special
@@ -60,6 +73,14 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.hf.decode(ids, skip_special_tokens=False)
+
+    def prefix_ids(self) -> list[int]:
+        """The ids a document, a fine-tuning example and a sampling prompt start with (qtrain.data.tokenizer.
+        document_prefix): what transformers' `tok(text)` puts in front of the text."""
+        return list(self._prefix)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.convert_ids_to_tokens(int(i))
 
     def bos_id(self) -> int:
         return -1 if self.hf.bos_token_id is None else int(self.hf.bos_token_id)

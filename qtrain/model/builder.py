@@ -32,8 +32,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from qtrain.config.recipe import FAMILIES, ConfigError
 from qtrain.core.seeding import mix_seed, name_uid, seeded_generator
-from qtrain.hf.pretrained import checkpoint_config, load_checkpoint_
+from qtrain.hf.pretrained import checkpoint_config, load_checkpoint_, row_pieces
 from qtrain.model.rms_norm import fuse_rms_norms
+from qtrain.quant import dispatch
 from qtrain.quant.linear import Int8Linear
 
 # Causal SDPA without a mask object. transformers builds the causal mask for "sdpa" itself, and on the
@@ -203,7 +204,8 @@ def plain_config(model: PreTrainedModel) -> PretrainedConfig:
 def dequantized_copy(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A plain float model of the same class on the CPU with the same weights (int8 layers dequantized), for export.
 
-    Built on meta and filled by assignment: peak memory is one copy in dtype, no random init of a full model.
+    Built on meta and filled by assignment: peak memory is one copy in dtype (plus one piece of a projection in
+    fp32), no random init of a full model; qtrain.hf.export.export_hf saves it without another copy.
     """
     config = plain_config(model)
     with torch.device("meta"):
@@ -214,7 +216,7 @@ def dequantized_copy(model: PreTrainedModel, dtype: torch.dtype = torch.float32)
     state = {k: v.detach().to("cpu", dtype, copy=True) for k, v in model.state_dict().items()
              if k not in aliases and k not in quantized_keys and v.is_floating_point()}
     for name, layer in int8.items():
-        state[f"{name}.weight"] = layer.dequantize(torch.float32).to("cpu", dtype)
+        state[f"{name}.weight"] = _dequantized_on_cpu(layer, dtype)
     plain.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         plain.tie_weights()
@@ -223,6 +225,19 @@ def dequantized_copy(model: PreTrainedModel, dtype: torch.dtype = torch.float32)
     missing = [k for k, v in plain.state_dict().items() if v.is_meta]
     assert not missing, f"dequantized_copy left tensors on meta: {missing}"
     return plain.to(dtype)
+
+
+def _dequantized_on_cpu(layer: Int8Linear, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵ (out, in) of layer as a CPU tensor in dtype, dequantized a piece of whole groups at a time: the fp32
+    transient is one piece, not the matrix (an 8B model's MLP weight is 235 MB in fp32). Groups are independent,
+    so the result equals layer.dequantize(dtype)."""
+    m, n, g = layer.out_features, layer.in_features, layer.group_size
+    out = torch.empty((m, n), dtype=dtype, device="cpu")
+    for r0, r1 in row_pieces(m, n, g // math.gcd(n, g)):  # r0 * n is a multiple of g
+        g0, g1 = r0 * n // g, r1 * n // g
+        out[r0:r1] = dispatch.dequantize(layer.codes[r0:r1], layer.scale[g0:g1], layer.offset[g0:g1], g, dtype,
+                                         layer.kernels)
+    return out
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -203,6 +203,7 @@ def cpu_threads(device) -> str:
 
 def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, start_step: int) -> str:
     """The start-up summary: model size (int8 / float bytes), data, tokens per step and epochs, device."""
+    from qtrain.data.tokenizer import boundary_note
     from qtrain.model.builder import int8_layers
 
     t = cfg.train
@@ -221,11 +222,14 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
              f"{_count(int8_params + float_params)} parameters = {_count(int8_params)} int8 in {len(layers)} "
              f"projections ({_bytes(int8_bytes)} with group scales and offsets) + {_count(float_params)} float "
              f"({_bytes(float_bytes)}, {cfg.model.float_dtype})"]
+    if cfg.model.init:
+        lines.append(init_line(cfg))
     train_tokens = getattr(data, "num_train_tokens", None)
     if train_tokens:
         names = getattr(data, "names", None) or [cfg.data.corpus]
         val = getattr(data, "num_val_tokens", 0)
         lines.append(f"data: {', '.join(names)}: {train_tokens:,} training tokens, {val:,} validation tokens")
+    lines.append(f"tokens: {boundary_note(data.tokenizer)}")
     covered = tokens_per_step * t.steps
     epochs = f" = {covered / train_tokens:.2f} epochs of the training tokens" if train_tokens else ""
     lines.append(f"steps: {t.steps:,} x {tokens_per_step:,} tokens per step ({world_size} x {t.batch_size} x "
@@ -234,6 +238,22 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
     lines.append(f"device: {device} ({str(dtype).removeprefix('torch.')} compute{cpu_threads(device)}), world size "
                  f"{world_size}, release {t.release}, optimizer {cfg.optim.method}")
     return "\n".join("qtrain: " + line for line in lines)
+
+
+def init_line(cfg) -> str:
+    """What [model] init's config.json set, and the recipe values it replaced."""
+    m = cfg.model
+    line = (f"init: {m.init}: its config.json sets the architecture: {m.family}, {m.num_layers} layers, hidden "
+            f"{m.hidden_size}, intermediate {m.intermediate_size}, {m.num_heads} heads ({m.kv_heads} key/value, "
+            f"head_dim {m.head_dim}), vocab {m.vocab_size}, max_seq_len {m.max_seq_len}, rope_theta {m.rope_theta:g}, "
+            f"rms_norm_eps {m.rms_norm_eps:g}, {'tied' if m.tie_embeddings else 'untied'} embeddings")
+    if cfg.init_replaced:
+        def show(v) -> str:
+            return str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else str(v)
+
+        line += "; replaced the recipe's " + ", ".join(f"{k} = {show(a)} (now {show(b)})"
+                                                      for k, (a, b) in cfg.init_replaced.items())
+    return line
 
 
 def summary(steps_done: int, tokens: int, clock: Clock) -> tuple[str, dict]:

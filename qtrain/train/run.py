@@ -22,6 +22,7 @@ from qtrain.core.device import autocast_dtype, resolve_device
 from qtrain.data.finetune import prepare_run_data
 from qtrain.errors import TrainingError
 from qtrain.estimate.memory import estimate
+from qtrain.hf.pretrained import checkpoint_problems, checkpoint_tokenizer
 from qtrain.parallel import distributed
 from qtrain.parallel.fsdp import ShardedTraining, StateView
 from qtrain.train.build import build
@@ -37,6 +38,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     rank 0 alone prints, logs and writes into run_dir.
     """
     run_dir = Path(run_dir)
+    _check_init(cfg)
     world = distributed.launched_world()
     if cfg.train.fsdp and world.size > 1:
         world = dataclasses.replace(world, sharded=True)
@@ -66,6 +68,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         raise
     finally:
         distributed.shutdown()
+
+
+def _check_init(cfg: TrainConfig) -> None:
+    """[model] init's files, checked before the run directory or the model exists (a recipe may name a checkpoint
+    that is not there yet: `qtrain estimate` sizes it from the recipe's keys)."""
+    if not cfg.model.init:
+        return
+    problems = checkpoint_problems(cfg.model.init)
+    if not problems and not cfg.data.tokenizer:
+        try:
+            checkpoint_tokenizer(cfg.model.init)
+        except TrainingError as e:
+            problems.append(str(e))
+    if problems:
+        raise TrainingError("\n".join(problems))
 
 
 def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:

@@ -11,6 +11,8 @@ from transformers import DynamicCache
 from qtrain.core.device import available_memory
 from qtrain.train.evaluation import PROGRESS_AFTER_S, inference_weights
 
+from qtrain.data.tokenizer import document_prefix
+
 
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int = 0) -> str:
@@ -21,7 +23,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, device, se
     the whole sample (inference_weights); the tokens are those of recomputing the full context every step
     (same logits up to float summation order, same generator).
     """
-    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []  # Qwen's tokenizers define no BOS
+    bos = document_prefix(tokenizer)  # the BOS the tokenizer itself adds, if any: as the training data starts
     ids = bos + tokenizer.encode(prompt)
     x = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
