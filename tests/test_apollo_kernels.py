@@ -251,7 +251,8 @@ for name, channel, inside, on_device in [("chain_tensor_inside", False, True, Fa
                                          ("chain_tensor_inside_device_step", False, True, True)]:
     sig = {k: "*fp32" for k in ("r_ptr", "colsq_ptr", "m_ptr", "v_ptr", "phi_ptr", "f_ptr")}
     sig.update({"rank": "i32", "b": "i32", "step_ptr": "*fp64" if on_device else "*fp32"})
-    sig.update({k: "fp32" for k in ("b1", "b2", "one_minus_b1", "one_minus_b2", "eps", "c1", "c2", "gamma", "factor")})
+    sig.update({k: "fp32" for k in ("b1", "b2", "one_minus_b1", "one_minus_b2", "eps", "c1", "c2", "gamma", "factor",
+                                    "front")})
     sig.update({k: "constexpr" for k in ("BLOCK_R", "BLOCK_B", "CHANNEL", "INSIDE", "FIRST", "STEP_IS_PTR")})
     out[name] = ptx(ak._chain_kernel, sig, {"BLOCK_R": 16, "BLOCK_B": 256, "CHANNEL": channel, "INSIDE": inside,
                                            "FIRST": False, "STEP_IS_PTR": on_device}, num_warps=4)

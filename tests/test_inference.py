@@ -91,7 +91,7 @@ def test_evaluate_without_free_memory_holds_nothing_and_runs_batch_size_rows(mon
 
 
 class Chars:
-    """A stand-in tokenizer: ids are the tokens; decode writes them out."""
+    """A stand-in tokenizer: ids are the tokens; decode writes them out; no BOS (the prompt starts as given)."""
 
     def encode(self, text):
         return [ord(c) % V for c in text]
@@ -100,7 +100,7 @@ class Chars:
         return " ".join(map(str, ids))
 
     def bos_id(self):
-        return 1
+        return -1
 
     def eos_id(self):
         return 2
@@ -109,8 +109,7 @@ class Chars:
 def reference_generate(model, tokenizer, prompt, max_new_tokens, seed):
     """The sampling before: the whole context (its last max_position_embeddings tokens) through the model
     for every new token, no cache."""
-    ids = [tokenizer.bos_id()] + tokenizer.encode(prompt)
-    x = torch.tensor([ids])
+    x = torch.tensor([tokenizer.encode(prompt)])
     gen = torch.Generator().manual_seed(seed)
     limit = model.config.max_position_embeddings
     with torch.no_grad():
@@ -121,7 +120,7 @@ def reference_generate(model, tokenizer, prompt, max_new_tokens, seed):
             if nxt.item() == tokenizer.eos_id():
                 break
             x = torch.cat([x, nxt[None]], dim=1)
-    return tokenizer.decode(x[0, 1:].tolist())
+    return tokenizer.decode(x[0].tolist())
 
 
 @pytest.mark.parametrize("max_seq_len", [64, 16], ids=["within_context", "past_the_context"])
@@ -143,7 +142,7 @@ def test_sampling_feeds_each_token_once_and_dequantizes_once(monkeypatch):
     monkeypatch.setattr(dispatch, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
     text = generate_text(model, Chars(), "The", 12, "cpu", seed=0)
     assert len(text.split()) == 3 + 12  # no EOS drawn: 12 forwards
-    assert fed == [4] + [1] * 11  # BOS + 3 prompt tokens, then each new token alone (was 4, 5, 6, ...)
+    assert fed == [3] + [1] * 11  # the 3 prompt tokens, then each new token alone (was 3, 4, 5, ...)
     assert len(calls) == len(int8_layers(model))  # 14: once per projection (was 14 per new token)
 
 

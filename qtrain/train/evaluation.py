@@ -8,13 +8,15 @@ order), with each int8 projection dequantized once per evaluation (qtrain.quant.
 instead of once per forward.
 
 Memory: evaluation runs between steps, when no gradient or saved activation is alive. Of the memory free
-then, at most a quarter goes to logits (and as much to their log-softmax), and at most half of the rest to
-dequantized weights; never fewer rows than train.batch_size, which a training step already fits.
+then, at most a quarter goes to logits (and as much to their log-softmax; under torch.distributed the
+EVAL_LOGITS_BYTES cap alone, the same on every rank), and at most half of the rest to dequantized weights;
+never fewer rows than train.batch_size, which a training step already fits.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed
 from tqdm import tqdm
 
 from qtrain.core.device import available_memory
@@ -44,7 +46,9 @@ def evaluate(model, data, loop_cfg, device, dtype) -> float:
     x = torch.cat([b[0] for b in batches])  # (N, T): every window, in order
     y = torch.cat([b[1] for b in batches])
     free = available_memory(device)
-    rows = eval_rows(loop_cfg.batch_size, x.shape[1], model.config.vocab_size, len(x), min(EVAL_LOGITS_BYTES, free // 4))
+    # FSDP2 ranks all run these forwards (each all-gathers): their number must not depend on a rank's free memory
+    cap = EVAL_LOGITS_BYTES if torch.distributed.is_initialized() else min(EVAL_LOGITS_BYTES, free // 4)
+    rows = eval_rows(loop_cfg.batch_size, x.shape[1], model.config.vocab_size, len(x), cap)
     logits_bytes = 2 * rows * x.shape[1] * model.config.vocab_size * 4  # logits and log-softmax, fp32
     sums = torch.zeros(len(x), device=device, dtype=torch.float32)  # per window: summed loss and target count
     counts = torch.zeros(len(x), device=device, dtype=torch.int64)
