@@ -406,3 +406,19 @@ def test_gpu_fit_trials_keep_nproc_and_fsdp(capsys):
     assert fit["total_after"] == sharded.total_on_gpu <= 7.3 * GiB
     assert cli_main(["estimate", "7b", "--gpu-gib", "7.3", "--nproc", "4", "--fsdp"]) == 0
     assert "--set train.activation_checkpointing=true" in capsys.readouterr().out
+
+
+def test_the_estimate_asks_the_dispatch_where_the_fused_matmul_runs():
+    """quant.matmul = "fused" with backend "auto" runs the fused kernel only from FUSED_MIN_M activation rows on
+    (dispatch._use_fused_matmul: fused_expected_faster). The estimate asks dispatch.plan, so with fewer rows the
+    forward keeps the dequantized weight; with enough it does not."""
+    from qtrain.quant.triton_matmul import FUSED_MIN_M
+
+    deq = "dequantized weight / attention scores (forward)"
+
+    def forward(overrides):
+        b = estimate(recipe("7b", ["quant.matmul=fused", "train.batch_size=1"] + overrides))
+        return next(p for p in b.phases if p.name.startswith("forward")).parts.get(deq, 0)
+
+    assert forward([f"train.seq_len={FUSED_MIN_M // 2}"]) == 2 * 4096 * 11008  # bf16 Ŵ of down_proj
+    assert forward([f"train.seq_len={FUSED_MIN_M}"]) == 0
