@@ -3,6 +3,7 @@ and never holding the full-size fp32 logits or their gradient."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,40 @@ def test_chunked_step_memory_is_below_the_plain_one(monkeypatch):
         peaks[budget], _ = cpu_peak_bytes(lambda: lm_loss(model, x, x, torch.float32).backward())
     # plain: logits, log-softmax and its gradient (3 x N·V·4 = 12 MiB) at once; chunked: one chunk's few
     assert peaks[B * T * 512] < peaks[1 << 40] - 2 * B * T * V * 4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_chunked_release_step_reads_nothing_on_the_host(tied, monkeypatch):
+    """Capturable: every tensor-to-host conversion raises during a release step whose loss runs in 8 chunks (the
+    CPU stand-in for "no device sync", as tests/test_step_host_reads.py); the lm_head weight is still updated."""
+    from qtrain.update.build import build_updater
+    from qtrain.update.release import attach_release
+
+    cfg = tiny(["model.tie_embeddings=true"] if tied else [])
+    B, T = 2, 32
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_ELEMS", B * T * 512)
+    model = build_model(cfg.model, cfg.quant, "cpu")
+    updater = build_updater(model, cfg)
+    attach_release(updater)
+    x = torch.randint(0, cfg.model.vocab_size, (B, T))
+    head = model.lm_head.weight.clone()
+
+    real_item = torch.Tensor.item
+
+    def host_read(*args, **_kwargs):
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "_get_value" and "torch/optim" in caller.f_code.co_filename:
+            return real_item(*args)  # torch's AdamW step counter: a CPU tensor even on CUDA (capturable=False)
+        raise AssertionError("the chunked loss read a tensor value on the host (a device sync on CUDA)")
+
+    updater.begin_step(0.01)  # AdamW's lazy state (a host step counter) exists after a first step
+    lm_loss(model, x, x, torch.float32).backward()
+    updater.finish_step()
+    with monkeypatch.context() as m:
+        for attr in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+            m.setattr(torch.Tensor, attr, host_read)
+        updater.begin_step(0.01)
+        loss = lm_loss(model, x, x, torch.float32)
+        loss.backward()
+    updater.finish_step()
+    assert not torch.equal(model.lm_head.weight, head)
