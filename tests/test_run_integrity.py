@@ -16,15 +16,15 @@ import torch
 from conftest import quant_cfg, tiny_model_cfg
 from safetensors import safe_open
 
-from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint
 from qtrain.checkpoint import store as ckpt_mod
+from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint
 from qtrain.cli.main import main as cli
 from qtrain.config.recipe import TrainConfig
 from qtrain.data.default_corpus import default_corpus_path
 from qtrain.errors import CheckpointError, TrainingError
 from qtrain.model.builder import build_model, dequantized_copy
-from qtrain.train.build import build
 from qtrain.train import loop as loop_mod
+from qtrain.train.build import build
 from qtrain.train.run import train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,7 +26,9 @@ from qtrain.data.dataset import fingerprint_now, open_run_data, prepare_data
 from qtrain.data.finetune import FinetuneData, finetune_kind, prepare_run_data
 from qtrain.data.tokenizer import load_tokenizer, run_tokenizer_path
 from qtrain.errors import ExportError, TrainingError
-from qtrain.estimate.memory import estimate, fit_gpu, format_breakdown, format_fit
+from qtrain.estimate.fit import fit_gpu, format_fit
+from qtrain.estimate.memory import estimate
+from qtrain.estimate.report import format_breakdown
 from qtrain.hf.export import export_hf
 from qtrain.model.builder import dequantized_copy
 from qtrain.train.build import build

@@ -33,6 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from qtrain.config.recipe import FAMILIES, ConfigError
 from qtrain.core.seeding import mix_seed, name_uid, seeded_generator
 from qtrain.hf.pretrained import checkpoint_config, load_checkpoint_, row_pieces
+from qtrain.model.loss import LMHead
 from qtrain.model.rms_norm import fuse_rms_norms
 from qtrain.quant import dispatch
 from qtrain.quant.linear import Int8Linear
@@ -121,6 +122,8 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
 
     if quant_cfg.enabled:
         swap_int8_projections(model, quant_cfg, meta_dtype)
+    head = model.lm_head  # the same Linear that can also return the chunked loss (qtrain.model.loss.lm_loss)
+    model.lm_head = LMHead(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
     fuse_rms_norms(model, getattr(quant_cfg, "kernels", "auto"))  # one Triton kernel per norm on CUDA
     param_dtype = META_DTYPES[getattr(model_cfg, "float_dtype", "float32")]
     for p in model.parameters():  # still on meta: free

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtrain.optim.base import Method, Update
+from qtrain.core.step_state import StepState
+from qtrain.optim.base import F32, DirectionBytes, Method, Update
 
 
 def adam_direction(grad: Tensor, m: Tensor, v: Tensor, step: int, betas: tuple[float, float], eps: float) -> Tensor:
@@ -30,7 +31,12 @@ class Adam(Method):
         zeros = torch.zeros(shape, device=device, dtype=torch.float32)
         return {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] += 1
         d = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"], self.betas, self.eps)
         return Update(dense=d)
+
+    def direction_bytes(self, shape: tuple[int, ...], grad_dtype: torch.dtype) -> DirectionBytes:
+        """`m / (v.sqrt() + eps)`: two fp32 temporaries, the second is the returned direction."""
+        numel = math.prod(shape)
+        return DirectionBytes(2 * F32 * numel, F32 * numel, True)

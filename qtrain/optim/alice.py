@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from qtrain.core.seeding import mix_seed, seeded_generator
-from qtrain.optim.base import Method, Update
+from qtrain.core.step_state import StepState
+from qtrain.optim.base import F32, DirectionBytes, Method, Update
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
 from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.method_optimizer import MethodOptimizer
@@ -189,7 +190,7 @@ class AliceMethod(Method):
         gen = seeded_generator(g.device, mix_seed(self.seed, state["uid"], t))  # stateless: resume-safe
         return switch_basis(ritz, self.leading, gen)
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         g = orient(grad.float())  # Ĝ (m, n)                                           step 1
         refresh = t == 1 or t % self.update_interval == 0  # [004] Alg. 4                step 2
@@ -200,6 +201,11 @@ class AliceMethod(Method):
             gamma=self.gamma, rebase_q=self.rebase_q,
         )
         return Update(dense=orient_back(d_hat, tuple(grad.shape)))
+
+    def direction_bytes(self, shape: tuple[int, int], grad_dtype: torch.dtype) -> DirectionBytes:
+        """Approximate: Ĝ in fp32, the dense Δ and its compensation term (m x n each)."""
+        full = F32 * shape[0] * shape[1]
+        return DirectionBytes(3 * full, full, False)
 
 
 def alice0(**kwargs) -> AliceMethod:

@@ -7,6 +7,7 @@ P is never stored: it is regenerated from a seed every step (§3).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qtrain.core.step_state import StepState
 from qtrain.optim import apollo_kernels
-from qtrain.optim.base import Method, Update
+from qtrain.optim.base import F32, DirectionBytes, Method, Update
 from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import (
@@ -165,6 +167,9 @@ def step_constants(t: Tensor, betas: tuple[float, float], scale: float, bias_cor
     return torch.stack([td, c1, c2, factor])
 
 
+# project_with_column_norms' row-chunk limit (its default), for direction_bytes
+PROJECT_CHUNK = inspect.signature(project_with_column_norms).parameters["max_chunk_elems"].default
+
 @dataclass
 class ApolloScaling(Method):
     """The hyperparameters of APOLLO's gradient scaling (`apollo_scaling`), shared by APOLLO and APOLLO-SVD,
@@ -188,16 +193,17 @@ class Apollo(ApolloScaling):
     """APOLLO / APOLLO-Mini: P a seeded Gaussian (a×r)/√r, regenerated from its seed, never stored."""
 
     accepts_low_precision_grad = True  # direction() upcasts bf16 gradients chunk by chunk itself
-    # statistics backend, "auto" | "torch" | "triton" (qtrain.quant.dispatch's convention). A plain class
-    # attribute, not a dataclass field: it is [quant] kernels' choice, not an [optim.args] hyperparameter
+    # Not dataclass fields: [quant] kernels' and [train] cuda_graph's choices (Method.configure), not
+    # [optim.args] hyperparameters.
+    # statistics backend, "auto" | "torch" | "triton" (qtrain.quant.dispatch's convention)
     kernels = "auto"
-    # The caller's qtrain.core.step_state.StepState (set per call by the Updater), or None: the kernels then read
-    # the bias corrections from the device instead of taking host numbers (a captured step replays them)
-    clock = None
     # True ([train] cuda_graph): keep each tensor's P for its window of update_proj_gap steps and redraw it in
     # place from `prepare`, which the Updater calls before the step, outside a captured region (a per-call
     # generator cannot be captured). Costs the P's memory (a x r floats per tensor: small at rank 1)
     keep_projections = False
+
+    def configure(self, kernels: str = "auto", keep_projections: bool = False) -> None:
+        self.kernels, self.keep_projections = kernels, keep_projections
 
     official_seed_chain: bool = False
 
@@ -256,19 +262,23 @@ class Apollo(ApolloScaling):
         if self.keep_projections and state["uid"] in self._kept():
             self.projection(state, t, shape, self._kept()[state["uid"]][1].device)
 
+    def kept_projections(self) -> dict[int, Tensor]:
+        """The kept P of each tensor (by uid) while keep_projections is on: the buffers a captured step reads."""
+        return {uid: p for uid, (_, p) in self._kept().items()}
+
     def _kept(self) -> dict[int, tuple[int, Tensor]]:
         if "_kept_p" not in self.__dict__:
             self._kept_p: dict[int, tuple[int, Tensor]] = {}  # uid -> (window, P): not a field, not saved
         return self._kept_p
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         proj = self.projection(state, t, tuple(grad.shape), grad.device)  # (a, r)
         constants = None
         # one fp64 (4,) per step for every tensor with these hyperparameters; the Updater's t is this tensor's t
         # (it updates every tensor exactly once per step, and saves / restores both counts together)
-        if self.clock is not None:
-            constants = self.clock.derived(
+        if clock is not None:  # the kernels read the bias corrections on the device (a captured step replays)
+            constants = clock.derived(
                 ("apollo", tuple(self.betas), self.scale, self.bias_correction),
                 lambda t: step_constants(t, self.betas, self.scale, self.bias_correction))
         f = apollo_scaling(
@@ -280,6 +290,20 @@ class Apollo(ApolloScaling):
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))
         return Update(grad_scale=f)
+
+    def direction_bytes(self, shape: tuple[int, int], grad_dtype: torch.dtype) -> DirectionBytes:
+        """Exact, for the torch reference (the Triton kernels hold less): P (a x r) is regenerated (`randn / √r`:
+        2·a·r fp32 at once); `project_with_column_norms` holds R (r x b) and reads Ĝ in row chunks of at most
+        its max_chunk_elems (a bf16 chunk is upcast, then squared; an fp32 one only squared);
+        `m / (v.sqrt() + eps)` holds two (r x b) temporaries, three with bias_correction = "inside". The
+        update is a multiplier of the gradient: no dense direction."""
+        m, n = shape
+        a, b, r = min(m, n), max(m, n), self.rank
+        rows = min(a, max(1, PROJECT_CHUNK // b))
+        chunk = (2 if grad_dtype != torch.float32 else 1) * F32 * rows * b
+        moments = (3 if self.bias_correction == "inside" else 2) * F32 * r * b
+        held = F32 * a * r + F32 * r * b
+        return DirectionBytes(max(2 * F32 * a * r, held + chunk, held + moments), 0, True)
 
 
 def apollo_mini(**kwargs) -> Apollo:

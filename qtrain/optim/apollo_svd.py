@@ -11,15 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from qtrain.core.step_state import StepState
 from qtrain.optim.apollo import BIAS_CORRECTION_MODES, SCALE_TYPES, ApolloScaling, apollo_scaling
-from qtrain.optim.base import Update
+from qtrain.optim.base import F32, DirectionBytes, Update
 from qtrain.optim.galore import check_low_rank, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import channel_shape, orient
-from qtrain.optim.svd_projection import refresh_due, refresh_projection_
+from qtrain.optim.svd_projection import refresh_due, refresh_projection_, svd_refresh_bytes
 
 
 @dataclass
@@ -36,7 +38,7 @@ class ApolloSVDMethod(ApolloScaling):
     def init_state(self, shape, device, uid) -> dict[str, Any]:
         return stored_projection_state(shape, self.rank, device, uid, limiter=True)
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         if refresh_due(t, self.update_proj_gap):  # top-r singular vectors of G                §6
             refresh_projection_(state["proj"], grad, i3s=False, seed=self.seed, uid=state["uid"],
@@ -49,6 +51,11 @@ class ApolloSVDMethod(ApolloScaling):
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))
         return Update(grad_scale=f)
+
+    def direction_bytes(self, shape: tuple[int, int], grad_dtype: torch.dtype) -> DirectionBytes:
+        """Approximate: the SVD refresh's transients, then R and the moment temporaries (3 x r x b in fp32);
+        the update is a multiplier of the gradient (no dense direction)."""
+        return DirectionBytes(svd_refresh_bytes(shape) + 3 * F32 * self.rank * max(shape), 0, False)
 
 
 class APOLLOSVD(MethodOptimizer):

@@ -10,13 +10,17 @@ An Update D is applied as   W <- (W - lr * D) * (1 - lr * weight_decay)   (decou
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
+from qtrain.core.step_state import StepState
 from qtrain.quant.stochastic_round import stochastic_round_to_bf16
+
+F32 = torch.float32.itemsize
 
 
 class Update(NamedTuple):
@@ -42,9 +46,12 @@ class Update(NamedTuple):
         return self.dense.float() if self.dense is not None else grad.float() * self.grad_scale
 
 
+APPLY_CHUNK_ELEMS = 1 << 22  # apply_update_'s chunk of rows: its fp32 transients are a few of these
+
+
 @torch.no_grad()
 def apply_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tensor, weight_decay: float,
-                  generator: torch.Generator | None = None, max_chunk_elems: int = 1 << 22) -> None:
+                  generator: torch.Generator | None = None, max_chunk_elems: int = APPLY_CHUNK_ELEMS) -> None:
     """W <- (W - lr*D) * (1 - lr*wd) on a float weight, arithmetic in fp32, chunk by chunk over rows.
 
     A bf16 weight with a generator is rounded stochastically (no fp32 master copy, updates below half a
@@ -68,17 +75,74 @@ def apply_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Tens
                             weight.dtype == torch.bfloat16 else w)
 
 
+class DirectionBytes(NamedTuple):
+    """Memory of one `Method.direction` call on one tensor, beyond the gradient and the state (qtrain estimate)."""
+
+    peak: int  # bytes of the transients alive at the call's peak, the returned direction included
+    dense: int  # bytes of the dense direction it returns (0 for a gradient multiplier)
+    exact: bool  # False where the figure is an approximation (the estimate says so)
+
+
+def apply_update_bytes(shape: tuple[int, ...], param_dtype: torch.dtype, grad_dtype: torch.dtype, dense: bool) -> int:
+    """Transient bytes of `apply_update_`, chunk by chunk of at most APPLY_CHUNK_ELEMS elements (a 1-D tensor at
+    once): `update.rows()` builds grad.float() (a copy when bf16) * scale, 4 B per element (a dense fp32 direction
+    is sliced as a view); `w = rows.float()` (a copy for bf16 weights); `d * lr` (4 B); a bf16 weight is written
+    back by stochastic_round_to_bf16: int32 noise, bits + noise and `& mask` (4 B each) while w and d are alive."""
+    numel = math.prod(shape)
+    if len(shape) > 1:
+        cols = numel // shape[0]
+        ce = min(numel, max(1, APPLY_CHUNK_ELEMS // cols) * cols)
+    else:
+        ce = numel
+    low = param_dtype != torch.float32
+    d = 0 if dense else F32 * ce
+    build_d = 0 if dense else (2 if grad_dtype != torch.float32 else 1) * F32 * ce
+    w = F32 * ce if low else 0
+    return max(build_d, w + d + F32 * ce, w + d + 3 * F32 * ce if low else 0)
+
+
 @dataclass
 class Method:
-    """Base of all methods: hyperparameters shared by every method."""
+    """Base of all methods: hyperparameters shared by every method, and what callers may use.
+
+    Callers (the Updater, the release hooks, the standalone optimizer, the estimator) use exactly this:
+    init_state, direction (with the caller's step clock), validate, configure (the recipe's run-wide choices,
+    once, at build), prepare (before each step), kept_projections, direction_bytes and the class attribute
+    accepts_low_precision_grad. A method without device kernels or kept buffers inherits the no-op defaults.
+    """
 
     weight_decay: float = 0.0
+
+    # direction() takes a bf16 gradient as is and upcasts it chunk by chunk itself (no fp32 copy from callers)
+    accepts_low_precision_grad: ClassVar[bool] = False
 
     def init_state(self, shape: tuple[int, ...], device: torch.device, uid: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
+        """D of the next update; advances state["step"]. clock: the calling Updater's step values on the device
+        (qtrain.core.step_state), which device kernels read so that a captured step replays correctly; None
+        reads them from the host (the standalone optimizer)."""
         raise NotImplementedError
 
     def validate(self, shape: tuple[int, ...]) -> None:
         """Raise ValueError naming the hyperparameter if the method cannot handle this shape."""
+
+    def configure(self, kernels: str = "auto", keep_projections: bool = False) -> None:
+        """The recipe's run-wide choices, set once when the Updater is built: `kernels` ([quant] kernels,
+        qtrain.quant.dispatch's convention) for the method's own device kernels, `keep_projections`
+        ([train] cuda_graph) to keep per-tensor buffers a captured step reads. Ignored by default."""
+
+    def prepare(self, state: dict[str, Any], shape: tuple[int, ...], t: int) -> None:
+        """Before update t, outside any captured region (Updater.begin_step). Nothing by default."""
+
+    def kept_projections(self) -> dict[int, Tensor]:
+        """Buffers kept across steps beside the state (by tensor uid): none by default."""
+        return {}
+
+    def direction_bytes(self, shape: tuple[int, int], grad_dtype: torch.dtype) -> DirectionBytes:
+        """Transient bytes of `direction` on a gradient of this shape and dtype (the estimator asks each method).
+
+        Default, approximate: a dense fp32 direction (m x n) and one fp32 temporary of that size."""
+        full = F32 * math.prod(shape)
+        return DirectionBytes(2 * full, full, False)

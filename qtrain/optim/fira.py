@@ -15,15 +15,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from qtrain.optim.base import Method, Update
+from qtrain.core.step_state import StepState
+from qtrain.optim.base import F32, DirectionBytes, Method, Update
 from qtrain.optim.galore import check_low_rank, projected_adam_, stored_projection_state
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
 from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import orient
-from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_
+from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_, svd_refresh_bytes
 
 FIRA_RESIDUALS = ("official", "paper")
 
@@ -79,7 +81,7 @@ class FiraMethod(Method):
     def init_state(self, shape, device, uid) -> dict[str, Any]:
         return stored_projection_state(shape, self.rank, device, uid, limiter=True)
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         if refresh_due(t, self.update_proj_gap):
             refresh_projection_(state["proj"], grad, i3s=self.i3s, seed=self.seed, uid=state["uid"],
@@ -89,6 +91,11 @@ class FiraMethod(Method):
             betas=self.betas, eps=self.eps, scale=self.galore_scale, zeta=self.zeta, gamma=self.gamma,
         )
         return Update(dense=orient_back(d_hat, tuple(grad.shape)))
+
+    def direction_bytes(self, shape: tuple[int, int], grad_dtype: torch.dtype) -> DirectionBytes:
+        """Approximate: the dense fp32 direction (m x n) and, at a refresh, the SVD's transients."""
+        full = F32 * shape[0] * shape[1]
+        return DirectionBytes(full + svd_refresh_bytes(shape), full, False)
 
 
 class Fira(MethodOptimizer):

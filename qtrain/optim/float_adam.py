@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qtrain.optim.fused_adam import FusedAdamW
+from qtrain.optim.fused_adam import FusedAdamW, FusedAdamWSlot
 
 FLOAT_OPTIMIZERS = ("adam8bit", "adamw")
 
@@ -51,6 +51,27 @@ def float_optimizer_factory(name: str, betas: tuple[float, float] = (0.9, 0.999)
     if name not in FLOAT_OPTIMIZERS:
         raise ValueError(f"[optim] float_optimizer = {name!r} is unknown; choose one of {FLOAT_OPTIMIZERS}")
     return FloatAdam(name, tuple(betas), eps, weight_decay)
+
+
+def step_bytes(opt, p: nn.Parameter, device_type: str) -> int:
+    """Transient bytes of one `step` of an optimizer FloatAdam built, for its tensor p (the estimator asks).
+
+    A FusedAdamW slot only copies the gradient into the group's persistent buffer; the fused update runs in
+    finish_step, after backward, where its flat transients (a few x 4 B per vector element) are never the peak.
+    torch AdamW (_single_tensor_adamw): `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, two
+    temporaries in p's dtype. bitsandbytes Adam8bit: the CUDA kernels update p and the states in place; the CPU
+    fallbacks (backends/cpu/ops.py) copy g (and a non-fp32 p) to fp32 and build the denominator from two
+    temporaries, the 8-bit one also dequantizes both states to fp32 (tensors >= min_8bit_size).
+    """
+    numel, dtype = p.numel(), p.dtype
+    if isinstance(opt, FusedAdamWSlot):
+        return 0
+    if isinstance(opt, torch.optim.AdamW):
+        return 2 * numel * dtype.itemsize
+    if device_type == "cuda":
+        return 0
+    states = 2 if numel >= opt.args.min_8bit_size else 0
+    return (3 + states + (dtype != torch.float32)) * torch.float32.itemsize * numel
 
 
 _ADAM8BIT = None

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from qtrain.core.seeding import seeded_generator
 from qtrain.core.step_state import StepValue, device_form, host_form
-from qtrain.optim.base import Update, apply_update_
+from qtrain.optim.base import Update, apply_update_, apply_update_bytes
 from qtrain.quant import dispatch
 from qtrain.quant.stochastic_round import stochastic_round_to_bf16
 from qtrain.quant.triton_kernels import HAVE_TRITON
@@ -149,6 +149,15 @@ def float_update_(weight: Tensor, update: Update, grad: Tensor, lr: float | Step
     seed = host_form(seed)
     generator = seeded_generator(weight.device, seed) if seed is not None else None
     apply_update_(weight, update, grad, host_form(lr), weight_decay, generator)
+
+
+def float_update_bytes(shape: tuple[int, ...], dtype: torch.dtype, dense: bool, device_type: str,
+                       backend: str = "auto") -> int:
+    """Transient bytes of `float_update_` beyond its arguments: none where the kernel runs (in place: a CUDA
+    fp32 / bf16 weight, backend not "torch"; Triton taken as installed), else apply_update_'s."""
+    if device_type == "cuda" and backend != "torch" and dtype in (torch.float32, torch.bfloat16):
+        return 0
+    return apply_update_bytes(shape, dtype, dtype, dense)
 
 
 @(triton.jit if HAVE_TRITON else (lambda fn: fn))

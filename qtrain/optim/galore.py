@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtrain.optim.base import Method, Update
+from qtrain.core.step_state import StepState
+from qtrain.optim.base import F32, DirectionBytes, Method, Update
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
 from qtrain.optim.method_optimizer import MethodOptimizer
 from qtrain.optim.projection import orient
-from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_
+from qtrain.optim.svd_projection import orient_back, refresh_due, refresh_projection_, svd_refresh_bytes
 
 
 def projected_adam_(
@@ -98,7 +99,7 @@ class GaLoreMethod(Method):
     def init_state(self, shape, device, uid) -> dict[str, Any]:
         return stored_projection_state(shape, self.rank, device, uid, limiter=False)
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         if refresh_due(t, self.update_proj_gap):  # t = 1, T+1, 2T+1, ...            §7 step 1
             refresh_projection_(state["proj"], grad, i3s=self.i3s, seed=self.seed, uid=state["uid"],
@@ -106,6 +107,11 @@ class GaLoreMethod(Method):
         d_hat = galore_update(orient(grad.float()), state["proj"], state["exp_avg"], state["exp_avg_sq"], t,
                               betas=self.betas, eps=self.eps, scale=self.galore_scale)
         return Update(dense=orient_back(d_hat, tuple(grad.shape)))
+
+    def direction_bytes(self, shape: tuple[int, int], grad_dtype: torch.dtype) -> DirectionBytes:
+        """Approximate: the dense fp32 direction (m x n) and, at a refresh, the SVD's transients."""
+        full = F32 * shape[0] * shape[1]
+        return DirectionBytes(full + svd_refresh_bytes(shape), full, False)
 
 
 class GaLore(MethodOptimizer):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qtrain.core.step_state import StepState
 from qtrain.optim.base import Method, Update
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
@@ -88,7 +89,7 @@ class RacsMethod(Method):
             "limiter_norm": torch.zeros((), device=device, dtype=torch.float32),  # φ
         }
 
-    def direction(self, grad: Tensor, state: dict[str, Any]) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         d = racs_update(
             grad.float(), state["col_scale"], state["row_scale"], state["limiter_norm"], t, beta=self.beta,

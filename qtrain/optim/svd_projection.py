@@ -15,6 +15,14 @@ from torch import Tensor
 from qtrain.core.seeding import mix_seed, seeded_generator
 
 
+def svd_refresh_bytes(shape: tuple[int, int]) -> int:
+    """Transients of a projection refresh (approximate): U and Vᵀ of the thin SVD of G (m x a, a x n in fp32)
+    and one fp32 copy of G for the LAPACK / cuSOLVER workspace."""
+    m, n = shape
+    a = min(m, n)
+    return torch.float32.itemsize * (m * a + a * n + m * n)
+
+
 def refresh_due(step: int, gap: int) -> bool:
     """GaLore/APOLLO/Fira refresh rule: (t − 1) mod T == 0, i.e. t = 1, T+1, 2T+1, ... (§0)."""
     return (step - 1) % gap == 0

@@ -10,14 +10,17 @@ distribution, not bitwise.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from qtrain.core.step_state import StepValue, device_form, host_form
 from qtrain.quant import triton_kernels, triton_matmul
-from qtrain.quant.groupwise import dequantize_groupwise
+from qtrain.quant.groupwise import dequantize_groupwise, dequantize_groupwise_bytes
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
+from qtrain.quant.int8_update import int8_scaled_update_bytes
 
 BACKENDS = ("auto", "torch", "triton")
 MATMULS = ("dequantize", "fused")
@@ -83,6 +86,43 @@ def _use_fused_matmul(matmul: str, backend: str, a: Tensor, codes: Tensor, scale
             return False
         return triton_matmul.fused_expected_faster(a.shape[0], codes.shape[1], group_size)
     return True
+
+
+class KernelPlan(NamedTuple):
+    """What this module's functions choose for one int8 weight (`plan`): the estimator's question."""
+
+    triton: bool  # dequantize and int8_scaled_update_ run the Triton kernels (else the torch references)
+    fused_matmul: bool  # linear and linear_grad_input run the fused dequant-GEMM: no dequantized weight exists
+
+    def dequantize_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """Peak bytes of `dequantize` into dtype, the result included (0 where the fused matmul needs none)."""
+        numel = shape[0] * shape[1]
+        if self.fused_matmul:
+            return 0
+        return dtype.itemsize * numel if self.triton else dequantize_groupwise_bytes(numel, dtype)
+
+    def update_bytes(self, shape: tuple[int, int], group_size: int, stochastic: bool) -> int:
+        """Transient bytes of `int8_scaled_update_` (SR in place in Triton; nearest rounding runs the reference)."""
+        if self.triton and stochastic:
+            return 0
+        return int8_scaled_update_bytes(shape, group_size, stochastic)
+
+
+def plan(backend: str, matmul: str, device_type: str, codes: Tensor, scale: Tensor, offset: Tensor,
+         group_size: int, rows: int, dtype: torch.dtype) -> KernelPlan:
+    """The choices of `dequantize`, `int8_scaled_update_` and `linear` for this weight on a `device_type` device,
+    with `rows` activation rows in dtype, by the rules those functions apply to real tensors (these may be on
+    meta; Triton is taken as installed on CUDA, where torch's wheels ship it). Nothing runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}; allowed: {BACKENDS}")
+    if device_type != "cuda" or backend == "torch":
+        return KernelPlan(False, False)
+    triton = not triton_kernels.int8_kernel_problems(codes, scale, offset, group_size, need_triton=False)
+    a = torch.empty((rows, codes.shape[1]), dtype=dtype, device="meta")  # the activation's layout, no memory
+    fused = (matmul == "fused" and triton
+             and not triton_matmul.fused_problems(a, codes, scale, offset, group_size, need_triton=False)
+             and (backend != "auto" or triton_matmul.fused_expected_faster(rows, codes.shape[1], group_size)))
+    return KernelPlan(triton, fused)
 
 
 def linear(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, backend: str = "auto",

@@ -88,3 +88,9 @@ def dequantize_groupwise(
     # one fp32 buffer, updated in place (same two roundings as `codes * scale + offset`, no FMA)
     w = codes.reshape(G, group_size).float().mul_(scale.float()[:, None]).add_(offset.float()[:, None])  # (G, g)
     return w.reshape(codes.shape).to(dtype)
+
+
+def dequantize_groupwise_bytes(numel: int, dtype: torch.dtype) -> int:
+    """Peak bytes of `dequantize_groupwise` (the result included): its one fp32 buffer, and at the final cast to
+    a narrower dtype that buffer beside the result."""
+    return torch.float32.itemsize * numel + (0 if dtype == torch.float32 else dtype.itemsize * numel)

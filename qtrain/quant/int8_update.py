@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtrain.quant.stochastic_round import requantize_sr_
+from qtrain.quant.stochastic_round import requantize_sr_, rows_per_chunk
+
+MAX_CHUNK_ELEMS = 1 << 22  # elements per chunk of rows: the fp32 transients are a few of these
 
 
 @torch.no_grad()
@@ -23,7 +25,7 @@ def int8_scaled_update_(
     lr: float | Tensor,
     weight_decay: float,
     generator: torch.Generator | None,
-    max_chunk_elems: int = 1 << 22,
+    max_chunk_elems: int = MAX_CHUNK_ELEMS,
 ) -> None:
     """codes (m, n) uint8, scale/offset (G,): W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)).
 
@@ -40,3 +42,11 @@ def int8_scaled_update_(
         return w
 
     requantize_sr_(codes, scale, offset, group_size, new_rows, generator, max_chunk_elems)
+
+
+def int8_scaled_update_bytes(shape: tuple[int, int], group_size: int, stochastic: bool) -> int:
+    """Transient bytes of `int8_scaled_update_` beyond its arguments: requantize_sr_ holds three fp32 buffers of
+    one chunk of rows (weights / grid positions, uniforms, floor), one with nearest rounding."""
+    m, n = shape
+    chunk = min(m, rows_per_chunk(shape, group_size, MAX_CHUNK_ELEMS)) * n
+    return (3 if stochastic else 1) * torch.float32.itemsize * chunk

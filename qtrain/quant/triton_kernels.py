@@ -61,13 +61,14 @@ def interpret_mode() -> bool:
     return HAVE_TRITON and isinstance(_update_kernel, InterpretedFunction)
 
 
-def weight_problems(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> list[str]:
+def weight_problems(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, need_triton: bool = True
+                    ) -> list[str]:
     """What keeps every Triton int8 kernel (these and triton_matmul's) from taking this weight: triton
     missing, codes not contiguous uint8 (m, n), group metadata of the wrong dtype or shape, int32 overflow.
     The group-size rule is each kernel's own."""
     G = num_groups(codes.shape, group_size)
     problems = []
-    if not HAVE_TRITON:
+    if need_triton and not HAVE_TRITON:  # need_triton=False: the layout alone (dispatch.plan)
         problems.append("triton is not installed (pip install triton)")
     if codes.dtype != torch.uint8 or codes.dim() != 2 or not codes.is_contiguous():
         problems.append(f"codes must be contiguous uint8 (m, n), got {codes.dtype} {tuple(codes.shape)}")
@@ -81,11 +82,18 @@ def weight_problems(codes: Tensor, scale: Tensor, offset: Tensor, group_size: in
     return problems
 
 
-def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
-    """Raise ValueError if the Triton kernels cannot take these tensors (the torch references can)."""
-    problems = weight_problems(codes, scale, offset, group_size)
+def int8_kernel_problems(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int, need_triton: bool = True
+                         ) -> list[str]:
+    """Why these kernels cannot take this weight (empty if they can)."""
+    problems = weight_problems(codes, scale, offset, group_size, need_triton)
     if group_size < 8 or group_size & (group_size - 1):
         problems.append(f"group size {group_size} must be a power of two >= 8 (tiles; 8 uniforms per Philox draw)")
+    return problems
+
+
+def check_supported(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
+    """Raise ValueError if the Triton kernels cannot take these tensors (the torch references can)."""
+    problems = int8_kernel_problems(codes, scale, offset, group_size)
     if problems:
         raise ValueError(
             "the Triton int8 kernels cannot handle this weight: " + "; ".join(problems)

@@ -48,9 +48,10 @@ def int8_matmul_grad_input_reference(dy: Tensor, codes: Tensor, scale: Tensor, o
     return dy @ dequantize_groupwise(codes, scale, offset, group_size, dy.dtype)
 
 
-def check_supported(a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
-    """Raise ValueError if the fused kernels cannot take these tensors (the references can)."""
-    problems = weight_problems(codes, scale, offset, group_size)
+def fused_problems(a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int,
+                   need_triton: bool = True) -> list[str]:
+    """Why the fused kernels cannot take these tensors (empty if they can)."""
+    problems = weight_problems(codes, scale, offset, group_size, need_triton)
     if group_size & (group_size - 1):
         problems.append(f"group size {group_size} must be a power of two dividing the weight's {codes.numel()} "
                         f"elements")
@@ -58,6 +59,12 @@ def check_supported(a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, gro
         problems.append(f"the activation must be 2-D fp32, bf16 or fp16, got {a.dtype} {tuple(a.shape)}")
     if a.numel() >= 2**31:
         problems.append(f"{a.numel()} activation elements >= 2^31 (the kernels index with int32)")
+    return problems
+
+
+def check_supported(a: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> None:
+    """Raise ValueError if the fused kernels cannot take these tensors (the references can)."""
+    problems = fused_problems(a, codes, scale, offset, group_size)
     if problems:
         raise ValueError("the fused int8 matmul cannot handle this weight: " + "; ".join(problems)
                          + ". Use [quant] matmul = \"dequantize\".")

@@ -9,9 +9,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from qtrain.core.device import available_memory
-from qtrain.train.evaluation import PROGRESS_AFTER_S, inference_weights
-
 from qtrain.data.tokenizer import document_prefix
+from qtrain.train.evaluation import PROGRESS_AFTER_S, inference_weights
 
 
 @torch.no_grad()

@@ -15,10 +15,9 @@ def build_updater(model: nn.Module, cfg: TrainConfig) -> Updater:
     """The optimizer side of a recipe: the matrix method, the float optimizers, rounding and kernels."""
     o = cfg.optim
     method = build_method(o.method, o.args, weight_decay=o.weight_decay, seed=cfg.train.seed)
-    if hasattr(method, "kernels"):  # APOLLO's statistics kernels follow [quant] kernels like the int8 ones
-        method.kernels = cfg.quant.kernels
-    if hasattr(method, "keep_projections"):  # a captured step reads P from kept buffers (qtrain.update.step_graph)
-        method.keep_projections = cfg.train.cuda_graph
+    # its own kernels follow [quant] kernels like the int8 ones; a captured step (qtrain.update.step_graph) reads
+    # APOLLO's P from kept buffers
+    method.configure(kernels=cfg.quant.kernels, keep_projections=cfg.train.cuda_graph)
     lm_head = method if o.lm_head_optimizer == "same_as_matrices" else None
     embedding = method if o.embedding_optimizer == "same_as_matrices" else None
     floats = float_optimizer_factory(o.float_optimizer, tuple(o.float_betas), o.float_eps)

@@ -107,8 +107,7 @@ class Updater:
         for hook in self.grad_hooks:
             hook(name, grad)
         state = self.method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
-        _give_clock(self.matrix_method, self.clock)
-        update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state)
+        update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state, self.clock)
         if update.dense is not None:
             grad, scale = update.dense, torch.ones((), device=grad.device)
         else:
@@ -131,11 +130,10 @@ class Updater:
         if name in self.method_floats:
             method = self.method_floats[name]
             state = self.method_state(name, method, tuple(p.shape), p.device)
-            _give_clock(method, self.clock)
             lr = self.clock.float_lr_value if method is self.low_precision_adam else self.clock.lr_value
             seed = self.clock.seed(name) if p.dtype == torch.bfloat16 else None
             # one kernel on CUDA (qtrain.optim.float_update), else apply_update_ with the seed's generator
-            float_update_(p, method.direction(_grad_for(method, p.grad), state), p.grad, lr, method.weight_decay, seed,
+            float_update_(p, method.direction(_grad_for(method, p.grad), state, self.clock), p.grad, lr, method.weight_decay, seed,
                           self.kernels)
         else:
             opt = self.float_opts[name]  # a per-tensor optimizer steps; a FusedAdamW slot stages the gradient
@@ -165,12 +163,10 @@ class Updater:
         self.updated.clear()
         for group in self.fused_floats:
             group.received.clear()
-        for name, state in self.state.items():  # kept projections whose window ends (Apollo.keep_projections)
-            method = self.method_floats.get(name, self.matrix_method)
-            if getattr(method, "keep_projections", False):
-                layer = self.int8.get(name)
-                method.prepare(state, tuple(layer.codes.shape if layer is not None else self.floats[name].shape),
-                               self.step + 1)
+        for name, state in self.state.items():  # e.g. APOLLO's kept projections whose window ends
+            layer = self.int8.get(name)
+            self.method_floats.get(name, self.matrix_method).prepare(
+                state, tuple(layer.codes.shape if layer is not None else self.floats[name].shape), self.step + 1)
 
     def replayed(self) -> None:
         """A captured step (qtrain.update.step_graph) was replayed: advance the host counters its Python advanced
@@ -231,13 +227,6 @@ def _fused_name(group) -> str:
     return f"fused_adamw/{group.dtype}"
 
 
-def _give_clock(method: Method, clock: StepState) -> None:
-    """Methods with device kernels (Apollo) read the step's values from the calling Updater's clock; set per call
-    because one method object may serve several Updaters."""
-    if hasattr(method, "clock"):
-        method.clock = clock
-
-
 def _moved(obj: Any, device: torch.device) -> Any:
     """obj (nested dicts, lists, tuples of tensors and scalars) with every tensor on device."""
     if isinstance(obj, Tensor):
@@ -251,4 +240,4 @@ def _moved(obj: Any, device: torch.device) -> Any:
 
 def _grad_for(method: Method, grad: Tensor) -> Tensor:
     """The gradient as the method wants it: as is if it upcasts chunk-wise itself, else fp32."""
-    return grad if getattr(method, "accepts_low_precision_grad", False) else grad.float()
+    return grad if method.accepts_low_precision_grad else grad.float()
