@@ -25,14 +25,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """All problems found in a recipe; `problems` holds one message per problem."""
-
-    def __init__(self, problems: list[str], source: str = "recipe"):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+from qtrain.errors import ConfigError
 
 
 def _bounded(default: Any, **bounds: float) -> Any:
@@ -454,27 +447,30 @@ REQUIRED_CHECKPOINT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_laye
 def read_checkpoint_config(init: str) -> dict:
     """The config.json of the checkpoint directory `init`, checked to be a supported model type.
 
-    Raises ValueError with the message a user sees (it names [model] init and the fix).
+    Raises ConfigError with the message a user sees (it names [model] init and the fix).
     """
     path = Path(init).expanduser()
-    where = f'[model] init = "{init}"'
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError([f'[model] init = "{init}": {problem}'], source="[model] init")
+
     if not path.is_dir():
-        raise ValueError(f'{where}: no such directory; point it at a local Hugging Face model directory '
-                         f'(config.json + *.safetensors), or set it to "" for a random init')
+        raise refuse('no such directory; point it at a local Hugging Face model directory (config.json + '
+                     '*.safetensors), or set it to "" for a random init')
     if not (path / "config.json").is_file():
-        raise ValueError(f"{where}: the directory has no config.json, so it is not a Hugging Face model directory; "
-                         f"point init at the directory that holds config.json and the *.safetensors weights")
+        raise refuse("the directory has no config.json, so it is not a Hugging Face model directory; point init at "
+                     "the directory that holds config.json and the *.safetensors weights")
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: config.json is not valid JSON ({e})") from None
+        raise refuse(f"config.json is not valid JSON ({e})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in FAMILIES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported; qtrain trains {', '.join(FAMILIES)} "
-                         f"(transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")
+        raise refuse(f"model_type {model_type!r} is not supported; qtrain trains {', '.join(FAMILIES)} "
+                     f"(transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")
     missing = [k for k in REQUIRED_CHECKPOINT_KEYS if not isinstance(raw.get(k), int)]
     if missing:
-        raise ValueError(f"{where}: config.json has no integer {missing[0]}; is it a complete {model_type} config?")
+        raise refuse(f"config.json has no integer {missing[0]}; is it a complete {model_type} config?")
     return raw
 
 
@@ -518,8 +514,8 @@ def _init_problems(cfg: TrainConfig, given: set[str], bad: set[str]) -> list[str
         return []
     try:
         keys, sliding_window = checkpoint_model_keys(read_checkpoint_config(m.init))
-    except ValueError as e:
-        return [str(e)]
+    except ConfigError as e:
+        return e.problems
     heads, width = keys["num_heads"], keys["hidden_size"] // keys["num_heads"]
     same = {"num_kv_heads": lambda a, b: (a or heads) == (b or heads),  # 0 means num_heads
             "head_size": lambda a, b: (a or width) == (b or width)}  # 0 means hidden_size / num_heads
@@ -536,6 +532,24 @@ def _init_problems(cfg: TrainConfig, given: set[str], bad: set[str]) -> list[str
                    f"({path}); qtrain attends causally over the whole sequence, so lower train.seq_len to "
                    f"<= {sliding_window}")
     return out
+
+
+def parse_key(key: str, text: str) -> Any:
+    """The value of one recipe key given as text (a command-line flag standing for `--set key=value`), parsed
+    and checked exactly as that override is: type, range, allowed values. Raises ConfigError naming the range."""
+    d: dict[str, Any] = {}
+    problems = _apply_overrides(d, [f"{key}={text}"])
+    section, _, name = key.partition(".")
+    field_ = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]  # a KeyError is a bug of the caller
+    if not problems:
+        value = d[section][name]
+        try:
+            value = _coerce(field_, value)
+            _check_value(field_, value)
+            return value
+        except ValueError as e:
+            problems.append(f"[{section}] {name} = {text}: {e}")
+    raise ConfigError(problems, source=f"{key} (set from the command line)")
 
 
 # --- parsing helpers -----------------------------------------------------------------------------------

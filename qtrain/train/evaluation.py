@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from qtrain.config.recipe import LoopConfig
+from qtrain.data.protocols import RunData
 from qtrain.model.loss import lm_loss
 
 
 @torch.no_grad()
-def evaluate(model, data, loop_cfg, device, dtype) -> float:
+def evaluate(model: nn.Module, data: RunData, loop_cfg: LoopConfig, device: torch.device, dtype: torch.dtype) -> float:
     """Mean validation loss over the same eval_batches windows every time (correct divisor n, not n + 1)."""
     model.eval()
     total, n = torch.zeros((), device=device, dtype=torch.float64), 0
