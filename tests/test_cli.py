@@ -102,3 +102,28 @@ def test_eval_batches_beyond_the_validation_set_says_how_many_it_holds(run_dir, 
     data_cfg = dataclasses.replace(trained.cfg.data, tokenizer=str(trained.tokenizer_path), eval_tokens=0)
     data = open_run_data(run, data_cfg, trained.tokenizer_path)
     assert sum(len(x) for x, _ in data.val_batches(100000, 4, 64)) == windows
+
+
+def _two_rank_env(tmp_path) -> dict:
+    return {**os.environ, "QTRAIN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_a_recipe_refused_under_nproc_is_printed_once_before_any_rank_starts(tmp_path):
+    err = refused("train", "--nproc", "2", "--fsdp", "--out", str(tmp_path / "run"), "--set", "optim.method=galore",
+                  env=_two_rank_env(tmp_path))
+    assert err.count('FSDP2 shards APOLLO and APOLLO-Mini only') == 1, err
+    assert err.startswith("qtrain train: error: 1 problem(s) in recipe (run on cpu, 2 processes):\n"), err
+    assert not (tmp_path / "run").exists()  # nothing launched, nothing written
+
+
+@pytest.mark.slow  # two torchrun ranks
+def test_a_failed_rank_shows_its_error_not_torchruns_traceback(tmp_path):
+    run = qtrain("train", "--nproc", "2", "--quiet", "--out", str(tmp_path / "run"), "--set",
+                 f"data.corpus={tmp_path / 'missing.txt'}", env=_two_rank_env(tmp_path))
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f'qtrain train: error: [data] corpus = "{tmp_path / "missing.txt"}": no such file' in run.stderr
+    assert "qtrain train: rank 0 of 2 failed first (exit code 2), its error is above\n" in run.stderr
+    # torchrun's report of the same failure: its traceback, the ChildFailedError table, its log lines
+    for noise in ("Traceback", "ChildFailedError", "Root Cause", "torch.distributed.elastic"):
+        assert noise not in run.stderr, run.stderr[-3000:]
+    assert "--resume" not in run.stderr.splitlines()[-1]  # no checkpoint to resume from

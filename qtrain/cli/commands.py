@@ -76,9 +76,19 @@ def load_trained(run: Path, device_name: str | None = None) -> TrainedRun:
     return TrainedRun(cfg, model, device, path, meta, tokenizer_path)
 
 
+def train_config(args) -> TrainConfig:
+    """`qtrain train`'s recipe: the file or shipped name, --set overrides, --fsdp."""
+    return load_config(args.recipe, args.set + (["train.fsdp=true"] if args.fsdp else []))
+
+
+def run_dir(args) -> Path:
+    """`qtrain train`'s run directory: --out, else runs/<recipe name>."""
+    return Path(args.out) if args.out else Path("runs") / find_recipe(args.recipe).stem
+
+
 def cmd_train(args) -> int:
-    cfg = load_config(args.recipe, args.set + (["train.fsdp=true"] if getattr(args, "fsdp", False) else []))
-    out = Path(args.out) if args.out else Path("runs") / find_recipe(args.recipe).stem
+    cfg = train_config(args)
+    out = run_dir(args)
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if result.eval_losses:
         (s0, first), (s1, last) = result.eval_losses[0], result.eval_losses[-1]

@@ -133,19 +133,16 @@ def _recipe_order(name: str) -> tuple:
     return (2, 0, name)
 
 
-def _exec_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process by torchrun running the same command on nproc local processes."""
-    rest, skip = [], False
-    for a in argv:  # the same arguments without --nproc
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "qtrain", *rest]
-    os.execv(sys.executable, cmd)
+def _launch_ranks(args, argv: list[str]) -> int:
+    """`qtrain train --nproc N`: the recipe's rules for N processes checked here, printed once (each rank would
+    print them again), then torchrun starts the ranks (qtrain.cli.torchrun)."""
+    from qtrain.cli import commands, torchrun
+    from qtrain.config import rules
+    from qtrain.core.device import resolve_device
+
+    cfg = commands.train_config(args)
+    rules.check_launch(cfg, args.nproc, resolve_device(cfg.train.device).type)
+    return torchrun.launch(args.nproc, argv, commands.run_dir(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "estimate" and args.fsdp and args.nproc < 2:
         parser.error("estimate --fsdp shards across processes: give their number with --nproc N (N >= 2)")
-    if getattr(args, "nproc", 1) > 1 and args.command == "train" and "WORLD_SIZE" not in os.environ:
-        _exec_torchrun(args.nproc, argv)
+    launcher = args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ
     try:
-        return args.fn(args)
+        return _launch_ranks(args, argv) if launcher else args.fn(args)
     except QtrainError as e:  # anything else is a bug: its traceback stays
+        if isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0":
+            return 2  # a rank: every rank finds the same recipe problems, and rank 0 prints them
         print(f"qtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 

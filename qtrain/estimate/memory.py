@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qtrain.config import rules
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype
@@ -795,9 +796,7 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
 
 
 def _fsdp_notes(cfg: TrainConfig, shards: int) -> list[str]:
-    from qtrain.parallel.fsdp import problems  # the trainer's own checks, on a meta model
-
-    found = problems(cfg, build_model(cfg.model, cfg.quant, META), shards)
+    found = rules.fsdp_problems(cfg, shards)  # the trainer's own checks
     note = (f"FSDP2 over {shards} ranks: weights, float tensors and optimizer states are this rank's shards; "
             f"the gathered unit is an upper bound (one projection's gradient is counted twice)")
     return [note] + [f"qtrain train --fsdp refuses this recipe as it stands: {p}" for p in found]
