@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtrain.checkpoint import store as checkpoint
 from qtrain.checkpoint.store import (
     CheckpointError,
     TrainingProgress,
@@ -22,7 +23,6 @@ from qtrain.checkpoint.store import (
     load_checkpoint,
     save_checkpoint,
 )
-from qtrain.checkpoint import store as checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,15 +16,15 @@ import torch
 from conftest import quant_cfg, tiny_model_cfg
 from safetensors import safe_open
 
-from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint
 from qtrain.checkpoint import store as ckpt_mod
+from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint
 from qtrain.cli.main import main as cli
 from qtrain.config.recipe import TrainConfig
 from qtrain.data.default_corpus import default_corpus_path
 from qtrain.errors import CheckpointError, TrainingError
 from qtrain.model.builder import build_model, dequantized_copy
-from qtrain.train.build import build
 from qtrain.train import loop as loop_mod
+from qtrain.train.build import build
 from qtrain.train.run import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,7 +279,7 @@ def test_bad_out_and_stale_scratch(corpus_file, tmp_path):
 # ---- export ------------------------------------------------------------------------------------------------
 def test_export_copy_is_built_on_meta():
     """dequantized_copy allocates about its output, not a randomly initialised model as well."""
-    from memory_probe import cpu_peak_bytes
+    from qtrain.core.memory_probe import cpu_peak_bytes
 
     model = build_model(tiny_model_cfg(hidden_size=256, intermediate_size=512, vocab_size=512), quant_cfg(), "cpu")
     out_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtrain.checkpoint.store import latest_checkpoint
 from qtrain.checkpoint import store as ckpt_mod
+from qtrain.checkpoint.store import latest_checkpoint
 from qtrain.cli.main import main as cli
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe

@@ -81,4 +81,4 @@ class Method:
         raise NotImplementedError
 
     def validate(self, shape: tuple[int, ...]) -> None:
-        """Raise ValueError naming the hyperparameter if the method cannot handle this shape."""
+        """Raise HyperparameterError naming the hyperparameter if the method cannot handle this shape."""
