@@ -10,6 +10,20 @@ class QtrainError(Exception):
     """Base of the user-facing errors."""
 
 
+class ConfigError(QtrainError, ValueError):
+    """All problems found in a recipe or on the command line; `problems` holds one message per problem."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+class HyperparameterError(QtrainError, ValueError):
+    """An optimizer method or one of its hyperparameters ([optim] method, [optim.args]) is unknown, out of its
+    range, or does not fit a weight's shape."""
+
+
 class DataError(QtrainError, ValueError):
     """A problem with the corpus, tokenizer or token files."""
 

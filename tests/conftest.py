@@ -1,10 +1,11 @@
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+
+from qtrain.config.recipe import ModelConfig, QuantConfig
 
 # Triton fixes interpreted vs compiled mode when it is first imported, and qtrain imports it with the
 # package: without a GPU, set interpreter mode before any test module imports qtrain, so the kernels'
@@ -12,7 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The measurement probes (memory_probe, sync_probe) live with the benchmarks in tools/, not in the package.
+# tools/count_launches.py (the launch counter of tests/test_capturable.py and test_count_launches.py) is still a
+# tool; the memory and sync probes live in qtrain.core.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
@@ -32,16 +34,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model_cfg(**over):
-    """A 2-layer, hidden-64 Llama config (duck-typed [model] section)."""
+def tiny_model_cfg(**over) -> ModelConfig:
+    """A 2-layer, hidden-64 Llama [model] section (the other keys at their recipe defaults)."""
     base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=0,
                 max_seq_len=32, rope_theta=10000.0, init_std=0.02, rms_norm_eps=1e-6, tie_embeddings=False,
                 attn_implementation="sdpa", float_dtype="float32")
-    return SimpleNamespace(**{**base, **over})
+    return ModelConfig(**{**base, **over})
 
 
-def quant_cfg(enabled=True, group_size=64, meta_dtype="float32"):
-    return SimpleNamespace(enabled=enabled, group_size=group_size, meta_dtype=meta_dtype)
+def quant_cfg(enabled=True, group_size=64, meta_dtype="float32") -> QuantConfig:
+    return QuantConfig(enabled=enabled, group_size=group_size, meta_dtype=meta_dtype)
 
 
 def release_trainer(cfg):

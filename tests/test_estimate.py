@@ -19,11 +19,11 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from memory_probe import cpu_peak_bytes
 
 from qtrain.cli.main import main as cli_main
 from qtrain.config.recipe import TrainConfig
 from qtrain.core.device import autocast_dtype
+from qtrain.core.memory_probe import cpu_peak_bytes
 from qtrain.estimate.fit import fit_gpu
 from qtrain.estimate.memory import GiB, _step_float_optimizers_on_meta, activation_bytes, estimate
 from qtrain.model.builder import META_DTYPES, build_model

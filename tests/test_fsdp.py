@@ -207,13 +207,12 @@ def test_unsupported_recipes_are_refused_with_the_fix(spawned):
 
 def test_config_and_shapes_refused_before_training():
     from qtrain.config.recipe import ConfigError, TrainConfig
-    from qtrain.parallel.fsdp import problems
-    from qtrain.train.build import build
+    from qtrain.config.rules import fsdp_problems
 
     with pytest.raises(ConfigError, match=r"fsdp = true updates each shard inside backward: it needs release"):
         TrainConfig.from_toml(TINY, ["train.fsdp=true", "train.release=false", "train.grad_accum_steps=2"])
     cfg = TrainConfig.from_toml(TINY, SETS)
-    found = problems(cfg, build(cfg, "meta", updater=False).model, 3)
+    found = fsdp_problems(cfg, 3)
     assert any("out_features must be a multiple of the world size 3" in p for p in found), found
 
 

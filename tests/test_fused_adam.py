@@ -3,8 +3,8 @@
 import pytest
 import torch
 from conftest import quant_cfg, tiny_model_cfg
-from sync_probe import cpu_syncs
 
+from qtrain.core.sync_probe import cpu_syncs
 from qtrain.model.builder import build_model
 from qtrain.optim import apollo_mini
 from qtrain.optim.float_adam import adam8bit_no_sync_class, float_optimizer_factory

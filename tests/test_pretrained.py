@@ -255,8 +255,7 @@ def test_checkpoint_tokenizer_vocab_and_token_cache(checkpoints, tmp_path):
 def test_estimate_of_an_init_run(tmp_path, family, overrides):
     """Shapes, biases and norms from the checkpoint: persistent bytes exact, the step's peak within 0.2 % of the
     profiler's measurement (the bound docs/estimator.md states for random-init recipes)."""
-    from memory_probe import cpu_peak_bytes
-
+    from qtrain.core.memory_probe import cpu_peak_bytes
     from qtrain.estimate.memory import estimate
     from qtrain.model.loss import lm_loss
     from qtrain.update.release import attach_release

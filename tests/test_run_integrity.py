@@ -279,7 +279,7 @@ def test_bad_out_and_stale_scratch(corpus_file, tmp_path):
 # ---- export ------------------------------------------------------------------------------------------------
 def test_export_copy_is_built_on_meta():
     """dequantized_copy allocates about its output, not a randomly initialised model as well."""
-    from memory_probe import cpu_peak_bytes
+    from qtrain.core.memory_probe import cpu_peak_bytes
 
     model = build_model(tiny_model_cfg(hidden_size=256, intermediate_size=512, vocab_size=512), quant_cfg(), "cpu")
     out_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(

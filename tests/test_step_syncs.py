@@ -4,7 +4,7 @@ On CUDA a step must not wait for the GPU: no tensor value read on the host (.ite
 .tolist()) and no explicit synchronize (torch.cuda.synchronize, current_stream().synchronize(),
 Event.synchronize, or a library helper around them such as bitsandbytes' `sync_gpu`, which its 8-bit
 optimizers called after every parameter: 67 syncs per 7B step before qtrain stepped them itself).
-tools/sync_probe.py counts both on the CPU (see its docstring); here around the second release step (the
+qtrain/core/sync_probe.py counts both on the CPU (see its docstring); here around the second release step (the
 first creates lazy state) of each recipes/*.toml, shrunk to tiny widths by overrides but with its own
 optimizer choices (method, float optimizer, float dtype, lm_head / embedding optimizers, checkpointing,
 release), bf16 autocast as on CUDA. The 7B recipes also run through the Triton kernels (Triton's
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import release_trainer
-from sync_probe import cpu_syncs, explicit_syncs
 
 from qtrain.config.recipe import TrainConfig
+from qtrain.core.sync_probe import cpu_syncs, explicit_syncs
 from qtrain.model.loss import lm_loss
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))

@@ -1,15 +1,15 @@
 """Peak transient memory of one int8 weight's update, measured from the profiler's allocation events.
 
-Documented (README "Memory of one update"): the release hook for an int8 weight holds, besides the
+Documented (docs/performance.md "Memory of one int8 update"): the release hook for an int8 weight holds, besides the
 optimizer state, three fp32 buffers the size of one chunk of rows (the dequantized rows / grid
 positions, the uniforms, their floor) — chunks are at most 2^22 elements, so at most 48 MiB — plus,
 for a bf16 gradient, its fp32 copy while the direction is computed (before the chunks run).
 """
 
 import torch
-from memory_probe import cpu_peak_bytes
 from torch import nn
 
+from qtrain.core.memory_probe import cpu_peak_bytes
 from qtrain.optim import Apollo, apollo_mini
 from qtrain.optim.float_adam import float_optimizer_factory
 from qtrain.quant.groupwise import quantize_groupwise

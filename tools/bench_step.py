@@ -21,7 +21,7 @@ Memory: on CUDA torch.cuda.max_memory_allocated / max_memory_reserved since a re
 built (so weights, optimizer state and activations all count), everything freed between configs. On CPU
 there is no allocator peak: "n/a". "persistent" = bytes of the model's parameters and buffers plus every
 optimizer state tensor after the last step, summed from the tensors (dtype.itemsize), on every device.
-Host syncs (CUDA only, tools/sync_probe.py): one extra step under torch.cuda.set_sync_debug_mode("warn"),
+Host syncs (CUDA only, qtrain/core/sync_probe.py): one extra step under torch.cuda.set_sync_debug_mode("warn"),
 counting the warnings, plus explicit synchronize calls (torch.cuda.synchronize, Stream/Event.synchronize,
 bitsandbytes' sync_gpu), which that mode does not report; for qtrain also one step under "error" mode that
 also fails on any explicit synchronize: pass/fail.
@@ -44,12 +44,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from sync_probe import count_syncs, sync_free
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
+from qtrain.core.sync_probe import count_syncs, sync_free
 from qtrain.model.builder import build_model, enable_activation_checkpointing, is_quantized_projection, llama_config
 from qtrain.model.loss import lm_loss
 from qtrain.quant import triton_kernels

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from sync_probe import count_syncs
 from torch import Tensor
 
 from qtrain.core.seeding import update_seed
+from qtrain.core.sync_probe import count_syncs
 from qtrain.optim.apollo import apollo_mini
 from qtrain.quant import dispatch, triton_kernels
 from qtrain.quant.groupwise import CODE_MAX, quantize_groupwise
@@ -169,7 +169,7 @@ def peak_transient_bytes(step, device: torch.device) -> int:
 
 
 def implicit_syncs(step, device: torch.device) -> str:
-    """Host syncs in one step (CUDA only): see qtrain.sync_probe."""
+    """Host syncs in one step (CUDA only): see qtrain.core.sync_probe."""
     return count_syncs(step) if device.type == "cuda" else "n/a"
 
 

@@ -22,7 +22,7 @@ not depend on the number of tokens, except that dispatch picks the fused dequant
 Not modelled (CUDA launches more or fewer than ops here): a cuBLAS GEMM may add a split-K reduction kernel;
 ops on tensors that live on the CPU even in a CUDA run (torch AdamW's `step` counter) count although they
 launch nothing; multi-tensor `_foreach_*` ops count once (CUDA: one launch per ~36-110 tensors); CPU and
-CUDA autocast differ by a few casts. Host syncs seen in the counted step are reported too (tools/sync_probe).
+CUDA autocast differ by a few casts. Host syncs seen in the counted step are reported too (qtrain/core/sync_probe.py).
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sync_probe import SyncCount, cpu_syncs
-
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype
+from qtrain.core.sync_probe import SyncCount, cpu_syncs
 from qtrain.model.builder import build_model, enable_activation_checkpointing
 from qtrain.model.loss import lm_loss
 from qtrain.quant import dispatch, triton_kernels
@@ -241,9 +240,10 @@ RUNTIME_SYNC = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSync
 def profile_step(cfg: TrainConfig, steps: int, device: torch.device, top: int = 15) -> dict:
     """One real step of the full recipe on device under torch.profiler (after steps - 1 warm-up steps):
     kernels and runtime launch calls, runtime syncs, GPU-busy time (union of kernel intervals) vs wall time,
-    the top kernels by GPU time, and the syncs tools/sync_probe counts in one more step."""
-    from sync_probe import count_syncs
+    the top kernels by GPU time, and the syncs qtrain.core.sync_probe counts in one more step."""
     from torch.profiler import ProfilerActivity, profile
+
+    from qtrain.core.sync_probe import count_syncs
 
     step = step_function(cfg, [None], device)
     cuda = device.type == "cuda"

@@ -12,7 +12,7 @@ optimizer states; the peak is taken over the next step(s).
       torch.cuda.mem_get_info's used bytes minus memory_reserved (estimate.CUDA_CONTEXT_BYTES assumes 600 MiB).
       A 7B point runs only where the prediction fits the GPU.
   --cpu: compute dtype fp32 for dtype = "auto" (bf16 points set train.dtype = "bfloat16", CPU autocast);
-      the peak is qtrain.memory_probe.cpu_peak_bytes of one step above the bytes held before it (the
+      the peak is qtrain.core.memory_probe.cpu_peak_bytes of one step above the bytes held before it (the
       persistent tensors, summed from the tensors), against Breakdown.peak_allocated for device_type "cpu".
       One intra-op thread (the bytes do not depend on it; two threads only spin on a 2-core machine).
 The table goes to stdout and, with --write-docs, into its section of docs/estimator.md (between markers).
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from memory_probe import cpu_peak_bytes
 
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype, to_device
+from qtrain.core.memory_probe import cpu_peak_bytes
 from qtrain.estimate.memory import GiB, MiB, estimate
 from qtrain.model.builder import build_model
 from qtrain.model.loss import lm_loss

@@ -24,8 +24,9 @@ from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype, resolve_device
 from qtrain.data.dataset import fingerprint_now, open_run_data, prepare_data
 from qtrain.data.finetune import FinetuneData, finetune_kind, prepare_run_data
+from qtrain.data.protocols import RunData
 from qtrain.data.tokenizer import load_tokenizer, run_tokenizer_path
-from qtrain.errors import ExportError, TrainingError
+from qtrain.errors import ConfigError, ExportError, TrainingError
 from qtrain.estimate.fit import fit_gpu, format_fit
 from qtrain.estimate.memory import estimate
 from qtrain.estimate.report import format_breakdown
@@ -77,9 +78,19 @@ def load_trained(run: Path, device_name: str | None = None) -> TrainedRun:
     return TrainedRun(cfg, model, device, path, meta, tokenizer_path)
 
 
+def train_config(args) -> TrainConfig:
+    """`qtrain train`'s recipe: the file or shipped name, --set overrides, --fsdp."""
+    return load_config(args.recipe, args.set + (["train.fsdp=true"] if args.fsdp else []))
+
+
+def run_dir(args) -> Path:
+    """`qtrain train`'s run directory: --out, else runs/<recipe name>."""
+    return Path(args.out) if args.out else Path("runs") / find_recipe(args.recipe).stem
+
+
 def cmd_train(args) -> int:
-    cfg = load_config(args.recipe, args.set + (["train.fsdp=true"] if getattr(args, "fsdp", False) else []))
-    out = Path(args.out) if args.out else Path("runs") / find_recipe(args.recipe).stem
+    cfg = train_config(args)
+    out = run_dir(args)
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if result.eval_losses:
         (s0, first), (s1, last) = result.eval_losses[0], result.eval_losses[-1]
@@ -94,7 +105,7 @@ def cmd_eval(args) -> int:
     cfg = r.cfg
     # the run's tokenizer, never one re-derived from the corpus: the token cache is keyed by it
     data_cfg = dataclasses.replace(cfg.data, tokenizer=str(r.tokenizer_path))
-    if args.batches:
+    if args.batches is not None:  # checked as train.eval_batches by the parser
         cfg.train.eval_batches = args.batches
         data_cfg = dataclasses.replace(data_cfg, eval_tokens=0)  # --batches wins over [data] eval_tokens
     trained_on = r.meta.get("data", {}).get("corpus")
@@ -106,6 +117,8 @@ def cmd_eval(args) -> int:
         data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)  # plain text or fine-tuning records
         now = data.corpus_sha256
         evaluated_on = "the current corpus's validation split, tokenized with the run's own tokenizer"
+    if args.batches is not None:
+        _check_eval_batches(data, args.batches, cfg.train)
     if trained_on and now and now != trained_on:
         print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
               f"{trained_on[:16]} then, {now[:16]} now): the loss below is on {evaluated_on}")
@@ -115,10 +128,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_eval_batches(data: RunData, batches: int, t) -> None:
+    """--batches larger than the validation set holds is refused with the number it holds (evaluate would
+    quietly use fewer windows than the line it prints claims)."""
+    windows = data.val_window_count(t.seq_len)
+    most = -(-windows // t.batch_size)
+    if batches > most:
+        raise ConfigError([f"--batches {batches}: the validation set holds {windows:,} windows of {t.seq_len} tokens "
+                           f"= {most:,} batches of {t.batch_size}; use --batches 1 to {most:,}"],
+                          source="the command line")
+
+
 def cmd_prepare(args) -> int:
     """`qtrain prepare RECIPE [--set k=v]`: tokenizer and token shards now, so `qtrain train` starts at once."""
     cfg = load_config(args.recipe, args.set)
-    if args.workers:
+    if args.workers is not None:  # checked as data.prepare_workers by the parser
         cfg.data.prepare_workers = args.workers
     if cfg.model.init or finetune_kind(cfg.data):  # the checkpoint's tokenizer; fine-tuning records
         data = prepare_run_data(cfg, None)

@@ -25,14 +25,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """All problems found in a recipe; `problems` holds one message per problem."""
-
-    def __init__(self, problems: list[str], source: str = "recipe"):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+from qtrain.config import rules
+from qtrain.errors import ConfigError
 
 
 def _bounded(default: Any, **bounds: float) -> Any:
@@ -55,42 +49,50 @@ class ModelConfig:
     """[model]: the architecture (becomes a transformers config), or a Hugging Face checkpoint to start from."""
 
     init: str = ""
-    """"" = random init from the keys below. Else a local Hugging Face model directory (config.json +
-    *.safetensors): its config.json sets family and every shape key (a key the recipe sets to another value is
-    an error), its weights are loaded tensor by tensor and its tokenizer is the run's (qtrain.hf.pretrained)."""
+    """`""` = random init from the keys below. Otherwise a Hugging Face model directory (`config.json` +
+    `*.safetensors`, sharded or not) to start from: continued pretraining or fine-tuning. Its `config.json` sets
+    `family` and every shape key: a key the recipe sets to another value is an error naming both values, so a recipe
+    may repeat the checkpoint's shape (the shipped fine-tuning recipes do, so `qtrain estimate` sizes them before
+    the download) but never contradict it. The weights are read tensor by tensor and each projection is quantized as
+    it arrives (neither host nor GPU holds the model in float); the checkpoint's tokenizer is the run's unless
+    `data.tokenizer` names another. See "Starting from a Hugging Face checkpoint" below."""
     family: str = _choice(*FAMILIES)
-    """"llama". The transformers model: "llama", "mistral", "qwen2" (q/k/v biases) or "qwen3" (q/k RMSNorm);
-    from the checkpoint's model_type with init."""
+    """The transformers model: `LlamaForCausalLM` (Llama 1/2/3), `MistralForCausalLM`, `Qwen2ForCausalLM` (Qwen2 and
+    Qwen2.5: q/k/v biases, kept as float parameters trained by the float optimizer), `Qwen3ForCausalLM` (q/k
+    RMSNorms). With `init`, the checkpoint's `model_type`."""
     hidden_size: int = _bounded(64, ge=1)
-    """64. Width d of the residual stream; weight memory grows as d², activations as d."""
+    """Residual width *d*. Weight memory grows as *d*², activation memory as *d*."""
     intermediate_size: int = _bounded(176, ge=1)
-    """176. Width of the SwiGLU MLP (LLaMA uses ~8/3·d rounded); 3 weights of d × this size per layer."""
+    """SwiGLU MLP width (LLaMA: about 8/3·*d*). Each layer has 3 weights of *d* × this size."""
     num_layers: int = _bounded(2, ge=1)
-    """2. Number of transformer blocks; memory and time per step grow linearly."""
+    """Transformer blocks. Memory and step time grow linearly."""
     num_heads: int = _bounded(4, ge=1)
-    """4. Query heads; must divide hidden_size, and head_dim = hidden_size / num_heads must be even (RoPE)."""
+    """Query heads. head_dim = *d* / num_heads; RoPE rotates pairs of dimensions, so head_dim must be even."""
     num_kv_heads: int = _bounded(0, ge=0)
-    """0 = same as num_heads (multi-head attention). Fewer key/value heads (GQA) must divide num_heads."""
+    """0 = same as `num_heads` (multi-head attention). Fewer heads (GQA) shrink the k/v weights and the KV
+    activations."""
     head_size: int = _bounded(0, ge=0)
-    """0 = hidden_size / num_heads. The per-head width where a checkpoint sets its own (Qwen3: 128 at any width)."""
+    """0 = `hidden_size / num_heads`. A per-head width of its own, as Qwen3 checkpoints have (128 at every width);
+    then `num_heads` need not divide `hidden_size`."""
     vocab_size: int = _bounded(2048, ge=1)
-    """2048. Tokenizer vocabulary; the embedding and lm_head are vocab_size × d float tensors."""
+    """The embedding and the lm_head are each `vocab_size` × *d* float tensors. These dominate memory for small
+    models."""
     max_seq_len: int = _bounded(256, ge=1)
-    """256. Longest sequence the model accepts (max_position_embeddings); train.seq_len must not exceed it."""
+    """Longest sequence the model accepts (`max_position_embeddings`)."""
     rope_theta: float = _bounded(10000.0, gt=0)
-    """10000.0. RoPE base frequency."""
+    """RoPE base frequency."""
     init_std: float = _bounded(0.02, gt=0)
-    """0.02. Std of the normal init of every linear and the embedding (LLaMA initializer_range)."""
+    """Std of the normal init of every linear and of the embedding."""
     rms_norm_eps: float = _bounded(1e-6, gt=0)
-    """1e-6. Epsilon of the RMSNorm layers."""
+    """RMSNorm epsilon."""
     tie_embeddings: bool = False
-    """false. Share the embedding matrix with lm_head (saves vocab_size × d parameters)."""
+    """Share the embedding with the lm_head. This saves `vocab_size` × *d* parameters plus their optimizer state."""
     attn_implementation: str = _choice("sdpa", "eager")
-    """"sdpa" (fused, less activation memory) or "eager" (plain matmuls, for debugging)."""
+    """`"sdpa"` is fused attention: faster, and it does not store the T×T attention matrix. Use `"eager"` for
+    debugging."""
     float_dtype: str = _choice("float32", "bfloat16")
-    """"float32". Storage dtype of the float tensors (embedding, norms, lm_head). "bfloat16" halves them and
-    applies their updates with stochastic rounding (no fp32 master copy); pair it with optimizers whose state
-    is small (embedding_optimizer / lm_head_optimizer = "same_as_matrices") for the leanest 7B."""
+    """Storage dtype of the embedding, norms and lm_head. `"bfloat16"` halves their memory; their updates are then
+    applied with stochastic rounding to bf16 (no fp32 master copy)."""
 
     @property
     def kv_heads(self) -> int:
@@ -108,21 +110,25 @@ class QuantConfig:
     """[quant]: group-wise int8 storage of the linear weights, updated with stochastic rounding."""
 
     enabled: bool = True
-    """true. Store every transformer linear as uint8 codes + per-group scale/offset (~1 byte per weight)."""
+    """Store every transformer linear as uint8 codes plus a scale and offset per group: about 1 byte per weight,
+    against 2 (bf16) or 4 (fp32). The embedding, norms and lm_head stay float."""
     group_size: int = _bounded(128, ge=1)
-    """128. Consecutive weights sharing one scale and offset; each weight's element count must be a multiple."""
+    """Consecutive weights that share one scale and offset. Smaller groups track ranges more finely, at a cost of 2
+    meta values per group."""
     meta_dtype: str = _choice("float32", "bfloat16")
-    """"float32" or "bfloat16": dtype of the per-group scale and offset (2 × 4 or 2 × 2 bytes per group)."""
+    """Dtype of each group's scale and offset: 8 or 4 bytes per group."""
     rounding: str = _choice("stochastic", "nearest")
-    """"stochastic" (unbiased: small updates survive in expectation) or "nearest" (updates < half a step are lost)."""
+    """Rounding of updated weights back to int8. Stochastic rounding is unbiased, so updates below half a
+    quantization step still count in expectation. Nearest rounding loses them, and training stalls once the LR is
+    small."""
     kernels: str = _choice("auto", "torch", "triton")
-    """"auto". Kernels for int8 dequantize and update: "auto" = fused Triton kernels on CUDA (when triton is
-    installed and the group size is a power of two), the plain-torch reference
-    otherwise; "torch" forces the reference; "triton" forces the kernels (error where they cannot run)."""
+    """Backend of int8 dequantize and the fused update: `"auto"` uses the Triton kernels on CUDA (power-of-two group
+    size; fp32 or bf16 metadata) and the plain-torch reference elsewhere; the two are tested against each other."""
     matmul: str = _choice("dequantize", "fused")
-    """"dequantize". How int8 projections multiply: "dequantize" writes Ŵ in the compute dtype, then a cuBLAS GEMM;
-    "fused" = one Triton kernel that dequantizes weight tiles inside the GEMM (forward and input gradient), used
-    where the Triton kernels run (see kernels). tools/bench_matmul.py measures which is faster on your GPU."""
+    """How int8 projections multiply. `"dequantize"`: Ŵ is written in the compute dtype, then a cuBLAS GEMM.
+    `"fused"`: one Triton kernel dequantizes weight tiles inside the GEMM (forward and input gradient), so Ŵ never
+    exists in memory; used where the Triton kernels run (`kernels`), else the dequantize path.
+    `tools/bench_matmul.py` measures which is faster on your GPU; both are tested against each other."""
 
 
 @dataclass
@@ -130,31 +136,34 @@ class OptimConfig:
     """[optim]: the matrix optimizer (APOLLO family), the float-tensor optimizer and the LR schedule."""
 
     method: str = "apollo_mini"
-    """"apollo_mini". Optimizer for the 2-D transformer weights; names are checked by qtrain.optim.registry."""
+    """Optimizer for the 2-D transformer weights. APOLLO state is 2·r·max(m, n) floats per matrix."""
     args: dict[str, Any] = field(default_factory=dict)
-    """{} ([optim.args] table). Method hyperparameters (rank, scale, scale_type, ...), passed through untouched."""
+    """Method hyperparameters, passed through untouched."""
     lr: float = _bounded(0.01, gt=0)
-    """0.01. Peak learning rate of the matrix optimizer."""
+    """Peak LR of the matrix optimizer."""
     warmup_frac: float = _bounded(0.1, ge=0, lt=1)
-    """0.1. Fraction of train.steps spent in linear warmup from 0 to lr."""
+    """Linear warmup from 0 to `lr` over this fraction of `train.steps`."""
     min_lr_ratio: float = _bounded(0.1, ge=0, le=1)
-    """0.1. Cosine decay ends at min_lr_ratio × lr at the last step."""
+    """Cosine decay from `lr` down to `min_lr_ratio` × `lr` at the last step."""
     weight_decay: float = _bounded(0.0, ge=0)
-    """0.0. Decoupled weight decay for the matrix weights."""
+    """Decoupled weight decay on the matrix weights."""
     float_optimizer: str = _choice("adam8bit", "adamw")
-    """"adam8bit" (bitsandbytes, 2 bytes of state per parameter, CUDA only) or "adamw" (torch, 8 bytes)."""
+    """Optimizer for the float tensors (embedding, norms, lm_head). `"adam8bit"` is bitsandbytes, needs CUDA and
+    keeps 2 bytes of state per parameter. `"adamw"` is torch, keeps 8 bytes and runs anywhere."""
     float_lr: float = _bounded(0.0, ge=0)
-    """0.0 = same as lr. Peak LR of the float tensors (embedding, norms, lm_head); follows the same schedule."""
+    """Peak LR of the float tensors, on the same schedule. 0 = same as `lr`."""
     float_betas: tuple[float, float] = (0.9, 0.999)
-    """[0.9, 0.999]. Adam betas of the float optimizer, each in [0, 1)."""
+    """Adam betas of the float optimizer."""
     float_eps: float = _bounded(1e-8, gt=0)
-    """1e-8. Adam epsilon of the float optimizer."""
+    """Adam epsilon of the float optimizer."""
     float_grad_clip: float = _bounded(0.0, ge=0)
-    """0.0 = off. Per-tensor gradient-norm clip for the float tensors, which have no norm-growth limiter."""
+    """Per-tensor gradient-norm clip for the float tensors, which have no norm-growth limiter. 0 = off."""
     lm_head_optimizer: str = _choice("adam", "same_as_matrices")
-    """"adam" (lm_head with the float optimizer, as the papers do) or "same_as_matrices" (the matrix method, weight stays float)."""
+    """`"adam"` keeps the lm_head float under the float optimizer, as the papers do. `"same_as_matrices"` steps it
+    with `method` (it stays a float tensor)."""
     embedding_optimizer: str = _choice("adam", "same_as_matrices")
-    """"adam" (float optimizer, as the papers) or "same_as_matrices" (the matrix method: APOLLO-Mini keeps 2 x vocab floats)."""
+    """Same choice for the token embedding. With APOLLO-Mini, `"same_as_matrices"` needs 2 × vocab_size floats of
+    state instead of Adam's 2 × vocab_size × d (the leanest 7B recipe uses it)."""
 
     @property
     def float_lr_value(self) -> float:
@@ -167,47 +176,56 @@ class LoopConfig:
     """[train]: the training loop: steps, batch shape, memory switches, evaluation and checkpoints."""
 
     steps: int = _bounded(200, ge=1)
-    """200. Optimizer steps; the LR schedule spans exactly this many."""
+    """Optimizer steps. The LR schedule spans exactly this many."""
     batch_size: int = _bounded(8, ge=1)
-    """8. Sequences per micro-batch; activation memory grows linearly."""
+    """Sequences per micro-batch. Activation memory grows linearly. The papers use 512 sequences × 256 tokens per
+    step."""
     seq_len: int = _bounded(128, ge=1)
-    """128. Tokens per training sequence; at most model.max_seq_len."""
+    """Tokens per training sequence. Activation memory grows linearly (with sdpa)."""
     grad_accum_steps: int = _bounded(1, ge=1)
-    """1. Micro-batches per optimizer step (tokens per step = batch_size × seq_len × this); needs release = false."""
+    """Micro-batches per optimizer step. Tokens per step = `batch_size` × `seq_len` × this."""
     release: bool = True
-    """true. Layer-wise gradient release: step each weight inside backward and free its gradient at once."""
+    """Layer-wise gradient release: each weight is stepped inside backward and its gradient freed at once, so no
+    full set of gradients is ever held. Because it steps every micro-batch, it cannot accumulate."""
     activation_checkpointing: bool = False
-    """false. Recompute each block's activations in backward: less memory, ~30% more compute."""
+    """Recompute each block's activations in backward: much less activation memory, about 30% more compute."""
     device: str = _choice("auto", "cpu", "cuda")
-    """"auto" (cuda when available, else cpu), "cpu" or "cuda"."""
+    """`"auto"` picks CUDA when it is available, else the CPU."""
     dtype: str = _choice("auto", "bfloat16", "float32")
-    """"auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16" or "float32": the autocast dtype."""
+    """Autocast dtype. `"auto"` is bfloat16 on CUDA and float32 on the CPU."""
     seed: int = _bounded(0, ge=0)
-    """0. Seeds the model init, the batch sampler and the random projections."""
+    """Seeds the model init, the batch sampler and the random projections."""
     eval_every: int = _bounded(50, ge=1)
-    """50. Steps between validation evaluations (and one at the end)."""
+    """Steps between validation evaluations; there is also one at the end."""
     eval_batches: int = _bounded(8, ge=1)
-    """8. Validation batches per evaluation (fixed windows, same every time)."""
+    """Validation batches per evaluation. The windows are fixed and the same every time."""
     log_every: int = _bounded(10, ge=1)
-    """10. Steps between log lines; logging forces a host sync."""
+    """Steps between log lines. Each one forces a host sync."""
     save_every: int = _bounded(100, ge=0)
-    """100. Steps between checkpoints; 0 = only at the end."""
+    """Steps between checkpoints. 0 = only at the end."""
     keep_last: int = _bounded(2, ge=1)
-    """2. Checkpoints kept on disk; older ones are deleted."""
+    """Checkpoints kept on disk; older ones are deleted."""
     sample_tokens: int = _bounded(48, ge=0)
-    """48. Tokens generated as a text sample at each evaluation; 0 = no sample."""
+    """Tokens of generated text shown at each evaluation. 0 = no sample."""
     legacy_eval_divisor: bool = False
-    """false. true divides the summed eval loss by n + 1 as the official code does (biased low)."""
+    """`true` divides the summed eval loss by n + 1, as the official code does (biased low), for comparison with its
+    numbers."""
     dp_overlap: int = _bounded(2, ge=0)
-    """2. Data parallel (torchrun) with release: gradients whose all-reduce may be in flight while backward goes
-    on; each holds one gradient alive until its update. 0 = reduce and update each gradient at once (no overlap)."""
+    """Data parallel (torchrun, [docs/distributed.md](distributed.md)) with release: how many gradient all-reduces
+    may be in flight while backward goes on; each keeps its gradient alive until its update. 0 reduces and updates
+    each gradient at once (no overlap, least memory). Same numbers either way."""
     fsdp: bool = False
-    """false. Under torchrun (--nproc N): shard the int8 weights, float tensors and optimizer states across the N
-    ranks with FSDP2 instead of replicating them (qtrain train --fsdp sets it); needs release = true."""
+    """Under torchrun (`--nproc N`): shard the int8 weights, the float tensors and every optimizer state across the
+    N ranks with FSDP2 instead of replicating them ([docs/distributed.md](distributed.md)); `qtrain train --fsdp`
+    sets it. Needs `release = true` and method `apollo` or `apollo_mini`; what else it does not take is refused at
+    start with what to change. Same numbers as one process (CPU, 2 ranks: bit for bit)."""
     cuda_graph: bool = False
-    """false. CUDA only: capture one training step (forward, backward with its release updates) in a CUDA graph
-    and replay it every step. Needs release, one micro-batch, one process, Triton kernels, stochastic rounding
-    and APOLLO / APOLLO-Mini on every matrix, embedding and lm_head (see docs/performance.md)."""
+    """CUDA only, not yet run on a GPU: capture one whole training step (forward, backward and every release update
+    inside it) in a CUDA graph after a few eager steps, then replay it each step, so the host issues one launch
+    instead of thousands. Needs `release = true`, `grad_accum_steps = 1`, one process, `quant.kernels = "auto"`,
+    `quant.rounding = "stochastic"`, method `apollo` or `apollo_mini`, and `lm_head_optimizer` =
+    `embedding_optimizer` = `"same_as_matrices"` (as `7b-8gb.toml`); anything else is refused with what to change.
+    Same update rule; see [docs/performance.md](performance.md)."""
 
 
 @dataclass
@@ -215,39 +233,80 @@ class DataConfig:
     """[data]: corpus sources, tokenizer, validation, token shards and their cache."""
 
     corpus: str = "default"
-    """"default" = the embedded corpus; else a file, a directory or a glob of .txt/.md, JSON lines
-    (.jsonl/.json, .gz/.zst), Parquet, or a dataset saved with datasets.save_to_disk (see docs/recipes.md)."""
+    """`"default"` is the embedded corpus: Python's pydoc topics plus stdlib docstrings, about 1.8 MB, extracted at
+    first use. Otherwise a **file** read by its kind: `.txt` / `.md` (or any other name) as text, see
+    `split_blank_lines`; `.jsonl` / `.json` / `.ndjson` as JSON lines (one document per line, from `text_field`),
+    each optionally `.gz` or `.zst` (C4 and Dolma ship `.json.gz`); `.parquet` (C4, FineWeb, SlimPajama, Dolma
+    layouts: the `text_field` column, read one record batch at a time); `.arrow` files of a dataset saved with
+    Hugging Face `datasets` (`save_to_disk`). A **directory**: every such file below it, sorted by path; when it
+    holds JSON lines, Parquet or Arrow files only those are read (a `README.md` beside Parquet shards is not a
+    document), else every `.txt` / `.md`; a plain `.json` in a directory is not read (configs, `dataset_info.json`);
+    files and directories whose name starts with `.` are skipped. A `save_to_disk` directory is read in its own file
+    order; a saved `DatasetDict` by its `"train"` split. A **glob** (`"/data/c4/en/c4-train.*.json.gz"`, `**`
+    recursive) reads the matching files in sorted order. Every file is streamed (never read whole). Documents are
+    stripped; empty ones, and null texts in columnar files, are dropped. Undecodable (non-UTF-8) bytes are skipped,
+    with a warning that names the file and the byte count."""
     sources: dict[str, Any] = field(default_factory=dict)
-    """{} ([data.sources] table). A mixture: source -> weight (or {weight, text_field, split_blank_lines});
-    replaces corpus. Each training window comes from a source with probability proportional to its weight."""
+    """A mixture, replacing `corpus` (which must then stay `"default"`; name the embedded corpus `"default"` in the
+    table if you want it). Each training window first draws its source with probability weight / sum of weights,
+    then a uniform start inside that source's training tokens, so the weights hold whatever the sizes (a small
+    source is repeated more often). Each source is tokenized into its own shards, shared by every mixture that uses
+    it. Validation windows are shared among the sources by weight. Changing a weight changes the data stream: a
+    resume is refused."""
     validation: str = ""
-    """"" = hold out val_fraction of the documents of each source; else a separate validation source."""
+    """`""` holds out `val_fraction` of the documents of every source. A source (file, directory, glob; a saved
+    `DatasetDict` gives its `"validation"`, else `"test"`, split) is used as the whole validation set instead, and
+    nothing is held out of the training sources; e.g. C4's `c4-validation.*.json.gz`."""
     text_field: str = "text"
-    """"text". The JSON field / Parquet or Arrow column that holds each document's text."""
+    """The JSON field, or the Parquet / Arrow column, that holds each document's text. A JSON line without it is an
+    error naming the line; a Parquet file without the column is an error listing its columns."""
     split_blank_lines: int = _bounded(0, ge=0)
-    """0 = one document per text file; N = a run of at least N blank lines ends a document."""
+    """Text files only. `0`: one document per file. `N`: a run of at least `N` blank (whitespace-only) lines ends a
+    document, e.g. `2` for paragraphs apart by one blank line and documents by two. A document longer than 4 MB is
+    tokenized in pieces cut at line ends (each piece encoded on its own, so sentencepiece adds its word-start marker
+    at each cut) with one EOS after the last."""
     val_fraction: float = _bounded(0.05, gt=0, lt=0.5)
-    """0.05. Fraction of the documents held out for validation (whole documents, spread through every file)."""
+    """Fraction of the **documents** held out for validation, never a cut through one: document *j* of file *i* is
+    held out when (*j*·f + u_i, (*j*+1)·f + u_i] holds an integer, u_i a fixed hash of *i*, so exactly one document
+    in every 1/f of each file, spread evenly through it (a directory of one-document files holds out a fraction f of
+    its files). The tokenizer never trains on them. Both splits need at least `train.seq_len + 1` tokens; the error
+    names the document counts. Ignored with `validation`."""
     eval_tokens: int = _bounded(0, ge=0)
-    """0 = train.eval_batches × batch_size × seq_len. Tokens per evaluation, in windows spread over the whole
-    validation set."""
+    """Tokens per evaluation. `0`: `train.eval_batches` × `batch_size` × `seq_len`. Else `eval_tokens // seq_len`
+    windows (at least one). The windows are non-overlapping tiles of the validation stream spread evenly from its
+    first token to its last (all tiles when it has fewer), the same at every evaluation. `qtrain eval --batches N`
+    overrides it."""
     tokenizer: str = ""
-    """"" = train a sentencepiece BPE with model.vocab_size on a sample of the training documents; else a
-    sentencepiece .model, a tokenizer.json or a Hugging Face tokenizer directory."""
+    """`""` trains a BPE sentencepiece model with `model.vocab_size` pieces on a sample of the training documents
+    (below) and caches it. Special ids: unk 0, bos 1, eos 2, pad 3. A `tokenizer.json` or a directory holding one is
+    loaded with `transformers` (`AutoTokenizer`, local files only); a bare `tokenizer.json` takes its EOS from its
+    special tokens (`</s>`, `<|endoftext|>`, `<eos>`, `<|end_of_text|>`). Its piece count must equal
+    `model.vocab_size`. The tokenizer is copied into the run directory, and an export carries it."""
     tokenizer_sample_mb: int = _bounded(200, ge=1)
-    """200. Millions of characters of training documents fed to the tokenizer trainer (from up to 16 files
-    spread through each source)."""
+    """Millions of characters of training documents fed to the tokenizer trainer: each source's share (by weight)
+    comes from the start of up to 16 of its files spread evenly through its file list (with `max_corpus_chars`, from
+    the start of the truncated stream)."""
     tokenizer_sentences: int = _bounded(2_000_000, ge=1)
-    """2000000. sentencepiece input_sentence_size: at most this many lines are kept, sampled uniformly
-    (shuffle_input_sentence, seeded); bounds the trainer's memory."""
+    """sentencepiece's `input_sentence_size`: the documents are cut into lines (at most 4096 characters) and, when
+    there are more, sentencepiece keeps a uniform random sample of this many (`shuffle_input_sentence`, seeded: the
+    same tokenizer every time). This bounds the trainer's memory: measured 0.58 GB at 1M and 1.09 GB peak RSS at 2M
+    lines for 32000 pieces."""
     prepare_workers: int = _bounded(0, ge=0)
-    """0 = one per CPU core. Processes that tokenize the corpus into shards."""
+    """Processes that tokenize the corpus into shards; `0` = one per CPU core (fewer for a small corpus; one encodes
+    in the main process). The token shards are the same whatever the number. Each worker holds its tokenizer and at
+    most one 8 M-character unit of text."""
     fingerprint: str = _choice("stat", "content")
-    """"stat": a corpus is identified by its files' paths, sizes and mtimes; "content": by the sha256 of their bytes."""
+    """How a corpus is identified (token shard cache, tokenizer cache, and the identity a checkpoint records so that
+    `--resume` refuses other data): `"stat"` by each file's path, size and modification time, nothing read;
+    `"content"` by the sha256 of every file's bytes (reads the whole corpus at each start; survives copying the
+    corpus elsewhere). The embedded corpus is identified by its version and size."""
     cache_dir: str = ""
-    """"" = $QTRAIN_CACHE, else ~/.cache/qtrain. Holds the default corpus, tokenizers and token shards."""
+    """Where the default corpus, trained tokenizers and token shards are kept. `""` means `$QTRAIN_CACHE`, or
+    `~/.cache/qtrain` when that is unset. Shards take 2 bytes per token (4 above 65536 pieces), about half the size
+    of the text."""
     max_corpus_chars: int = _bounded(0, ge=0)
-    """0 = no limit. Read only this many characters of each source (quick runs and tests)."""
+    """Read only this many characters of each source (a cut at the end of the budget may fall inside a document). 0
+    = no limit. Useful for quick runs and tests."""
 
     SOURCE_KEYS = ("weight", "text_field", "split_blank_lines")
 
@@ -352,74 +411,10 @@ class TrainConfig:
             model_table = d.get("model")
             given = set(model_table) if isinstance(model_table, dict) else set()
             problems += _init_problems(cfg, given, _override_keys(overrides, "model"), bad)
-        problems += cfg._cross_field_problems(bad)
+        problems += rules.recipe_problems(cfg, bad)  # the constraints between keys (qtrain.config.rules)
         if problems:
             raise ConfigError(problems, source)
         return cfg
-
-    def _cross_field_problems(self, bad: set[str]) -> list[str]:
-        """Constraints between keys; a check is skipped when one of its keys was already rejected."""
-        m, t, o, dc = self.model, self.train, self.optim, self.data
-
-        def ok(*keys: str) -> bool:
-            return not bad.intersection(keys)
-
-        out = []
-        if m.head_size:
-            if m.head_size % 2 and ok("model.head_size"):
-                out.append(f"[model] head_size = {m.head_size} must be even (RoPE rotates pairs of dimensions)")
-        elif ok("model.hidden_size", "model.num_heads"):
-            if m.hidden_size % m.num_heads:
-                out.append(f"[model] num_heads = {m.num_heads} must divide hidden_size = {m.hidden_size}; "
-                           f"choose a divisor of {m.hidden_size}")
-            elif m.head_dim % 2:
-                out.append(f"[model] head_dim = hidden_size / num_heads = {m.hidden_size} / {m.num_heads} = "
-                           f"{m.head_dim} must be even (RoPE rotates pairs of dimensions); change num_heads")
-        if ok("model.num_heads", "model.num_kv_heads") and m.num_kv_heads and m.num_heads % m.num_kv_heads:
-            out.append(f"[model] num_kv_heads = {m.num_kv_heads} must divide num_heads = {m.num_heads}; "
-                       f"use a divisor of {m.num_heads}, or 0 for num_kv_heads = num_heads")
-        if ok("train.seq_len", "model.max_seq_len") and t.seq_len > m.max_seq_len:
-            out.append(f"[train] seq_len = {t.seq_len} exceeds [model] max_seq_len = {m.max_seq_len}; "
-                       f"lower train.seq_len or raise model.max_seq_len")
-        if ok("train.release", "train.grad_accum_steps") and t.release and t.grad_accum_steps > 1:
-            out.append(f"[train] release = true cannot be combined with grad_accum_steps = {t.grad_accum_steps}; "
-                       f"set grad_accum_steps = 1 or release = false")
-        if t.cuda_graph:
-            out += self._cuda_graph_problems()
-        if ok("train.fsdp", "train.release") and t.fsdp and not t.release:
-            out.append("[train] fsdp = true updates each shard inside backward: it needs release = true "
-                       "(and grad_accum_steps = 1)")
-        if ok("optim.method") and not o.method.strip():
-            out.append('[optim] method = "": name an optimizer method, e.g. "apollo" or "apollo_mini"')
-        if ok("data.corpus") and not dc.corpus.strip():
-            out.append('[data] corpus = "": use "default" for the embedded corpus or give a path')
-        if ok("data.sources", "data.corpus"):
-            out += dc.source_problems()
-        return out
-
-    def _cuda_graph_problems(self) -> list[str]:
-        """What keeps [train] cuda_graph = true from capturing the step: each part of its hot path must read its
-        per-step values on the device (qtrain.core.step_state); the device itself is checked when the run starts."""
-        t, o, q = self.train, self.optim, self.quant
-        need = []
-        if t.device == "cpu":
-            need.append('train.device = "auto" or "cuda" (a CUDA graph needs a CUDA device)')
-        if not t.release:
-            need.append("train.release = true (the release hooks are what the graph captures)")
-        if t.grad_accum_steps != 1:
-            need.append("train.grad_accum_steps = 1 (one backward per step)")
-        if o.method not in ("apollo", "apollo_mini"):
-            need.append('optim.method = "apollo" or "apollo_mini" (the methods whose update reads the step on the '
-                        "device)")
-        if o.lm_head_optimizer != "same_as_matrices" or o.embedding_optimizer != "same_as_matrices":
-            need.append('optim.lm_head_optimizer = "same_as_matrices" and optim.embedding_optimizer = '
-                        '"same_as_matrices" (bitsandbytes\' and torch\'s Adam take the LR and step as host numbers; '
-                        "recipes/7b-8gb.toml does this)")
-        if q.kernels == "torch":
-            need.append('quant.kernels = "auto" (the torch references seed a generator on the host)')
-        if q.rounding != "stochastic":
-            need.append('quant.rounding = "stochastic" (nearest rounding is a comparison mode on the host LR)')
-        return [f"[train] cuda_graph = true needs {n}" for n in need]
 
     def apply_overrides(self, overrides: Iterable[str]) -> TrainConfig:
         """A new, validated config with `section.key=value` overrides applied (self is unchanged)."""
@@ -458,28 +453,31 @@ REQUIRED_CHECKPOINT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_laye
 def read_checkpoint_config(init: str) -> dict:
     """The config.json of the checkpoint directory `init`, checked to be a supported model type.
 
-    Raises ValueError with the message a user sees (it names [model] init and the fix).
+    Raises ConfigError with the message a user sees (it names [model] init and the fix).
     """
     path = Path(init).expanduser()
-    where = f'[model] init = "{init}"'
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError([f'[model] init = "{init}": {problem}'], source="[model] init")
+
     if not path.is_dir():
-        raise ValueError(f'{where}: no such directory; point it at a local Hugging Face model directory '
-                         f'(config.json + *.safetensors; a qtrain run makes one: `qtrain train tiny --out runs/tiny '
-                         f'&& qtrain export runs/tiny --to {init}`), or set it to "" for a random init')
+        raise refuse('no such directory; point it at a local Hugging Face model directory (config.json + '
+                     f'*.safetensors; a qtrain run makes one: `qtrain train tiny --out runs/tiny && qtrain export '
+                     f'runs/tiny --to {init}`), or set it to "" for a random init')
     if not (path / "config.json").is_file():
-        raise ValueError(f"{where}: the directory has no config.json, so it is not a Hugging Face model directory; "
-                         f"point init at the directory that holds config.json and the *.safetensors weights")
+        raise refuse("the directory has no config.json, so it is not a Hugging Face model directory; point init at "
+                     "the directory that holds config.json and the *.safetensors weights")
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: config.json is not valid JSON ({e})") from None
+        raise refuse(f"config.json is not valid JSON ({e})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in FAMILIES:
-        raise ValueError(f"{where}: model_type {model_type!r} is not supported; qtrain trains {', '.join(FAMILIES)} "
-                         f"(transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")
+        raise refuse(f"model_type {model_type!r} is not supported; qtrain trains {', '.join(FAMILIES)} "
+                     f"(transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")
     missing = [k for k in REQUIRED_CHECKPOINT_KEYS if not isinstance(raw.get(k), int)]
     if missing:
-        raise ValueError(f"{where}: config.json has no integer {missing[0]}; is it a complete {model_type} config?")
+        raise refuse(f"config.json has no integer {missing[0]}; is it a complete {model_type} config?")
     return raw
 
 
@@ -526,8 +524,8 @@ def _init_problems(cfg: TrainConfig, given: set[str], explicit: set[str], bad: s
         return []
     try:
         keys, sliding_window = checkpoint_model_keys(read_checkpoint_config(m.init))
-    except ValueError as e:
-        return [str(e)]
+    except ConfigError as e:
+        return e.problems
     heads, width = keys["num_heads"], keys["hidden_size"] // keys["num_heads"]
     same = {"num_kv_heads": lambda a, b: (a or heads) == (b or heads),  # 0 means num_heads
             "head_size": lambda a, b: (a or width) == (b or width)}  # 0 means hidden_size / num_heads
@@ -549,6 +547,24 @@ def _init_problems(cfg: TrainConfig, given: set[str], explicit: set[str], bad: s
                    f"({path}); qtrain attends causally over the whole sequence, so lower train.seq_len to "
                    f"<= {sliding_window}")
     return out
+
+
+def parse_key(key: str, text: str) -> Any:
+    """The value of one recipe key given as text (a command-line flag standing for `--set key=value`), parsed
+    and checked exactly as that override is: type, range, allowed values. Raises ConfigError naming the range."""
+    d: dict[str, Any] = {}
+    problems = _apply_overrides(d, [f"{key}={text}"])
+    section, _, name = key.partition(".")
+    field_ = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]  # a KeyError is a bug of the caller
+    if not problems:
+        value = d[section][name]
+        try:
+            value = _coerce(field_, value)
+            _check_value(field_, value)
+            return value
+        except ValueError as e:
+            problems.append(f"[{section}] {name} = {text}: {e}")
+    raise ConfigError(problems, source=f"{key} (set from the command line)")
 
 
 # --- parsing helpers -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from qtrain.config.recipe import DataConfig
 from qtrain.core.atomic import write_atomic
 from qtrain.data.loader import TokenSampler, TokenStream, batches_of, val_batches, val_windows
 from qtrain.data.prepare import planned_workers, tokenize_source
+from qtrain.data.protocols import Tokenizer
 from qtrain.data.shards import ShardSet, is_complete
 from qtrain.data.sources import Source, resolve_sources, sample_texts
 from qtrain.data.tokenizer import (
@@ -54,7 +55,7 @@ __all__ = ["Dataset", "TokenSampler", "prepare_data", "open_run_data", "val_batc
 class Dataset:
     """A prepared corpus: per-source training and validation token streams, the tokenizer, the identity."""
 
-    tokenizer: object  # sentencepiece-like: encode / decode / bos_id / eos_id / get_piece_size
+    tokenizer: Tokenizer
     tokenizer_path: Path
     corpus_sha256: str
     tokenizer_sha256: str
@@ -92,6 +93,9 @@ class Dataset:
     @property
     def num_val_tokens(self) -> int:
         return sum(len(s) for s in self.val_streams)
+
+    def val_window_count(self, seq_len: int) -> int:
+        return sum(max(0, (len(s) - 1) // seq_len) for s in self.val_streams)
 
     def sampler(self, batch_size: int, seq_len: int, seed: int) -> TokenSampler:
         return TokenSampler(self.train_streams, batch_size, seq_len, seed, self.weights)

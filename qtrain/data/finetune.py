@@ -34,6 +34,7 @@ from torch import Tensor
 
 from qtrain.data.dataset import prepare_data
 from qtrain.data.loader import BatchStream
+from qtrain.data.protocols import RunData, Tokenizer
 from qtrain.data.readers import first_json_line, json_lines
 from qtrain.data.tokenizer import document_prefix, load_tokenizer, save_run_tokenizer, tokenizer_sha256
 from qtrain.errors import DataError
@@ -47,7 +48,7 @@ FIX = ('each line must be {"prompt": "...", "completion": "..."} (loss on the co
        'assistant turns) or {"text": "..."} (plain text), the same kind on every line')
 
 
-def prepare_run_data(cfg, run_dir: Path | None):
+def prepare_run_data(cfg, run_dir: Path | None) -> RunData:
     """The data of a run: qtrain.data.dataset's Dataset for plain text, a FinetuneData for prompt/completion or chat.
 
     With [model] init, [data] tokenizer defaults to the checkpoint's tokenizer. Raises DataError.
@@ -233,7 +234,7 @@ class FinetuneData:
     kind: str
     train: Examples
     val: Examples
-    tokenizer: object
+    tokenizer: Tokenizer
     tokenizer_path: Path
     corpus_sha256: str
     tokenizer_sha256: str
@@ -246,6 +247,9 @@ class FinetuneData:
 
     def sampler(self, batch_size: int, seq_len: int, seed: int) -> FinetuneSampler:
         return FinetuneSampler(self.train, batch_size, seq_len, seed, self.pad_id)
+
+    def val_window_count(self, seq_len: int) -> int:
+        return len(self.val)  # one example per window, padded to seq_len
 
     def val_batches(self, n_batches: int, batch_size: int, seq_len: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The first n_batches * batch_size validation examples in order (all of them when fewer)."""

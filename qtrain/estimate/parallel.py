@@ -9,9 +9,10 @@ one GPU's run (`fsdp_unit_bytes`).
 
 from __future__ import annotations
 
+from qtrain.config import rules
 from qtrain.config.recipe import TrainConfig
 from qtrain.estimate.breakdown import Component, MiB
-from qtrain.model.builder import META_DTYPES, build_model
+from qtrain.model.builder import META_DTYPES
 from qtrain.update.updater import Updater
 
 # NCCL's own buffers for a data-parallel process (an assumption until measured: NCCL_BUFFSIZE 4 MiB x up to
@@ -48,9 +49,7 @@ def parallel_components(cfg: TrainConfig, updater: Updater, device_type: str, np
 
 
 def fsdp_notes(cfg: TrainConfig, shards: int) -> list[str]:
-    from qtrain.parallel.fsdp import problems  # the trainer's own checks, on a meta model
-
-    found = problems(cfg, build_model(cfg.model, cfg.quant, "meta"), shards)
+    found = rules.fsdp_problems(cfg, shards)  # the trainer's own checks
     note = (f"FSDP2 over {shards} ranks: weights, float tensors and optimizer states are this rank's shards; "
             f"the gathered unit is an upper bound (one projection's gradient is counted twice)")
     return [note] + [f"qtrain train --fsdp refuses this recipe as it stands: {p}" for p in found]

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qtrain.config.recipe import read_checkpoint_config
-from qtrain.errors import TrainingError
+from qtrain.errors import ConfigError, TrainingError
 from qtrain.quant.groupwise import quantize_groupwise
 from qtrain.quant.linear import Int8Linear
 
@@ -47,8 +47,8 @@ def checkpoint_dir(init: str | Path) -> Path:
     """The checkpoint directory, checked to hold a config.json of a supported model type (TrainingError)."""
     try:
         read_checkpoint_config(str(init))
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
+    except ConfigError as e:
+        raise TrainingError("; ".join(e.problems)) from None
     return Path(init).expanduser()
 
 

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from qtrain.config.recipe import FAMILIES, ConfigError
+from qtrain.config.recipe import FAMILIES, ConfigError, ModelConfig, QuantConfig
 from qtrain.core.seeding import mix_seed, name_uid, seeded_generator
 from qtrain.hf.pretrained import checkpoint_config, load_checkpoint_, row_pieces
 from qtrain.model.loss import LMHead
@@ -57,17 +57,17 @@ CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, 
 assert tuple(CLASSES) == FAMILIES
 
 
-def recipe_config(model_cfg) -> PretrainedConfig:
+def recipe_config(model_cfg: ModelConfig) -> PretrainedConfig:
     """[model] recipe keys -> the family's config (no biases beyond the family's own, untied unless asked, SiLU MLP)."""
-    config_cls = CLASSES[getattr(model_cfg, "family", "llama")][0]
+    config_cls = CLASSES[model_cfg.family][0]
     return config_cls(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,
         intermediate_size=model_cfg.intermediate_size,
         num_hidden_layers=model_cfg.num_layers,
         num_attention_heads=model_cfg.num_heads,
-        num_key_value_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
-        head_dim=getattr(model_cfg, "head_size", 0) or model_cfg.hidden_size // model_cfg.num_heads,
+        num_key_value_heads=model_cfg.kv_heads,
+        head_dim=model_cfg.head_dim,
         max_position_embeddings=model_cfg.max_seq_len,
         rope_theta=model_cfg.rope_theta,
         initializer_range=model_cfg.init_std,
@@ -83,12 +83,12 @@ def recipe_config(model_cfg) -> PretrainedConfig:
 llama_config = recipe_config  # the name tools/ use
 
 
-def model_config(model_cfg) -> PretrainedConfig:
+def model_config(model_cfg: ModelConfig) -> PretrainedConfig:
     """The config qtrain builds: the checkpoint's own with [model] init (when its directory is there: the
     estimator may size a recipe before the download), else the recipe's keys; attention as the recipe says."""
-    init = getattr(model_cfg, "init", "")
+    init = model_cfg.init
     if init and (Path(init).expanduser() / "config.json").is_file():
-        config = checkpoint_config(init, model_cfg if hasattr(model_cfg, "kv_heads") else None)
+        config = checkpoint_config(init, model_cfg)
     else:
         config = recipe_config(model_cfg)
     config._attn_implementation = ATTENTION[model_cfg.attn_implementation]
@@ -99,7 +99,7 @@ def is_quantized_projection(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS
 
 
-def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: int = 0,
+def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.device | str = "cpu", seed: int = 0,
                 weights: bool = True) -> PreTrainedModel:
     """Build the qtrain model: the family's transformers model with int8 projections (if quant_cfg.enabled).
 
@@ -124,8 +124,8 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
         swap_int8_projections(model, quant_cfg, meta_dtype)
     head = model.lm_head  # the same Linear that can also return the chunked loss (qtrain.model.loss.lm_loss)
     model.lm_head = LMHead(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
-    fuse_rms_norms(model, getattr(quant_cfg, "kernels", "auto"))  # one Triton kernel per norm on CUDA
-    param_dtype = META_DTYPES[getattr(model_cfg, "float_dtype", "float32")]
+    fuse_rms_norms(model, quant_cfg.kernels)  # one Triton kernel per norm on CUDA
+    param_dtype = META_DTYPES[model_cfg.float_dtype]
     for p in model.parameters():  # still on meta: free
         p.data = p.data.to(param_dtype)
     model.to_empty(device=device)  # allocates (uninitialised) int8 codes and float params only
@@ -133,7 +133,7 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
         model.tie_weights()  # to_empty gave embedding and lm_head a Parameter each: make them one tensor again
     with torch.device(device):
         model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were computed on meta
-    if materialize and getattr(model_cfg, "init", ""):
+    if materialize and model_cfg.init:
         load_checkpoint_(model, model_cfg.init)  # one checkpoint tensor alive at a time
     elif materialize:
         with torch.no_grad():
@@ -147,7 +147,7 @@ def build_model(model_cfg, quant_cfg, device: torch.device | str = "cpu", seed: 
     return model
 
 
-def swap_int8_projections(model: nn.Module, quant_cfg, meta_dtype: torch.dtype) -> None:
+def swap_int8_projections(model: nn.Module, quant_cfg: QuantConfig, meta_dtype: torch.dtype) -> None:
     """Replace the seven projections (nn.Linear on meta) by Int8Linear, a bias kept as a float Parameter.
 
     Raises ConfigError naming every projection whose element count the group size does not divide.
@@ -163,8 +163,7 @@ def swap_int8_projections(model: nn.Module, quant_cfg, meta_dtype: torch.dtype) 
                     continue
                 q = Int8Linear(child.in_features, child.out_features, g, meta_dtype, device="meta",
                                bias=child.bias is not None)
-                q.kernels = getattr(quant_cfg, "kernels", "auto")
-                q.matmul = getattr(quant_cfg, "matmul", "dequantize")
+                q.kernels, q.matmul = quant_cfg.kernels, quant_cfg.matmul
                 setattr(module, child_name, q)
     if bad:
         sizes = [m * n for _, m, n in bad.values()] + [

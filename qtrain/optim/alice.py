@@ -20,6 +20,7 @@ from torch import Tensor
 
 from qtrain.core.seeding import mix_seed, seeded_generator
 from qtrain.core.step_state import StepState
+from qtrain.errors import HyperparameterError
 from qtrain.optim.base import F32, DirectionBytes, Method, Update
 from qtrain.optim.hyperparams import check_betas, check_matrix_rank, check_range
 from qtrain.optim.limiter import norm_growth_factor
@@ -152,7 +153,7 @@ class AliceMethod(Method):
         a = min(shape)
         lo = max(0, 2 * self.rank - a)  # the switch draws r − l directions from the (a − r)-dim complement
         if not lo <= self.leading <= self.rank:
-            raise ValueError(f"{name} leading = {self.leading} must be in [{lo}, {self.rank}] for rank = {self.rank}"
+            raise HyperparameterError(f"{name} leading = {self.leading} must be in [{lo}, {self.rank}] for rank = {self.rank}"
                              f" and shape {shape}: r − l directions are drawn from the a − r = {a - self.rank}"
                              " dimensional complement")
         check_betas(name, "betas", self.betas, 2)
@@ -211,7 +212,7 @@ class AliceMethod(Method):
 def alice0(**kwargs) -> AliceMethod:
     """Alice-0: Alice with β3 = 0 (no tracking, no Q state; §11)."""
     if kwargs.get("beta3", 0.0) != 0.0:
-        raise ValueError(f"Alice-0 fixes beta3 = 0, got beta3 = {kwargs['beta3']}; use method 'alice' for beta3 > 0")
+        raise HyperparameterError(f"Alice-0 fixes beta3 = 0, got beta3 = {kwargs['beta3']}; use method 'alice' for beta3 > 0")
     return AliceMethod(**{**kwargs, "beta3": 0.0})
 
 

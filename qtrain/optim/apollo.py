@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from qtrain.core.step_state import StepState
+from qtrain.errors import HyperparameterError
 from qtrain.optim import apollo_kernels
 from qtrain.optim.base import F32, DirectionBytes, Method, Update
 from qtrain.optim.limiter import norm_growth_factor
@@ -209,16 +210,16 @@ class Apollo(ApolloScaling):
 
     def validate(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
-            raise ValueError(f"APOLLO needs 2-D weights, got shape {shape}")
+            raise HyperparameterError(f"APOLLO needs 2-D weights, got shape {shape}")
         if not 1 <= self.rank <= min(shape):
-            raise ValueError(f"APOLLO rank = {self.rank} must be in [1, {min(shape)}] for a weight of shape {shape}: "
+            raise HyperparameterError(f"APOLLO rank = {self.rank} must be in [1, {min(shape)}] for a weight of shape {shape}: "
                              f"set optim.args.rank (e.g. --set optim.args.rank={max(1, min(shape) // 4)})")
         if self.scale_type not in SCALE_TYPES:
-            raise ValueError(f"APOLLO scale_type = {self.scale_type!r}; allowed: {SCALE_TYPES}")
+            raise HyperparameterError(f"APOLLO scale_type = {self.scale_type!r}; allowed: {SCALE_TYPES}")
         if self.bias_correction not in BIAS_CORRECTION_MODES:
-            raise ValueError(f"APOLLO bias_correction = {self.bias_correction!r}; allowed: {BIAS_CORRECTION_MODES}")
+            raise HyperparameterError(f"APOLLO bias_correction = {self.bias_correction!r}; allowed: {BIAS_CORRECTION_MODES}")
         if self.update_proj_gap < 1 or self.scale <= 0:
-            raise ValueError(f"APOLLO needs update_proj_gap >= 1 and scale > 0, got {self.update_proj_gap}, {self.scale}")
+            raise HyperparameterError(f"APOLLO needs update_proj_gap >= 1 and scale > 0, got {self.update_proj_gap}, {self.scale}")
 
     def init_state(self, shape, device, uid) -> dict[str, Any]:
         b = max(shape)

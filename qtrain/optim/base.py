@@ -126,7 +126,7 @@ class Method:
         raise NotImplementedError
 
     def validate(self, shape: tuple[int, ...]) -> None:
-        """Raise ValueError naming the hyperparameter if the method cannot handle this shape."""
+        """Raise HyperparameterError naming the hyperparameter if the method cannot handle this shape."""
 
     def configure(self, kernels: str = "auto", keep_projections: bool = False) -> None:
         """The recipe's run-wide choices, set once when the Updater is built: `kernels` ([quant] kernels,

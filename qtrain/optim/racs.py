@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from qtrain.core.step_state import StepState
+from qtrain.errors import HyperparameterError
 from qtrain.optim.base import Method, Update
 from qtrain.optim.hyperparams import check_choice, check_range
 from qtrain.optim.limiter import norm_growth_factor
@@ -72,7 +73,7 @@ class RacsMethod(Method):
 
     def validate(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
-            raise ValueError(f"RACS needs 2-D weights, got shape {shape}; train other tensors with Adam")
+            raise HyperparameterError(f"RACS needs 2-D weights, got shape {shape}; train other tensors with Adam")
         check_range("RACS", "beta", self.beta, 0.0, 1.0, hi_open=True)
         check_range("RACS", "alpha", self.alpha, 0.0, lo_open=True)
         check_range("RACS", "gamma", self.gamma, 1.0)

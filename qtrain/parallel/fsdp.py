@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from qtrain.config import rules
 from qtrain.core.seeding import mix_seed
 from qtrain.errors import TrainingError
-from qtrain.model.builder import float_parameters, int8_layers
+from qtrain.model.builder import int8_layers
 from qtrain.parallel.apollo_sharded import sharded_apollo_scale
 from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
 from qtrain.quant import dispatch
@@ -39,54 +40,6 @@ from qtrain.update.build import build_updater
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
 BLOCK_STATISTICS = ("absmax1", "absmax2")  # bitsandbytes' 8-bit Adam: one absmax per block of its flat state
-BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # its block size, and the size below which a tensor keeps 32-bit state
-
-
-# ---- what is supported -----------------------------------------------------------------------------------
-def problems(cfg, model: nn.Module, world_size: int) -> list[str]:
-    """Why this recipe cannot train under FSDP2 on world_size ranks (empty: it can), each with the fix."""
-    t, o = cfg.train, cfg.optim
-    out = []
-    if o.method not in ("apollo", "apollo_mini"):
-        out.append(f'[optim] method = "{o.method}": FSDP2 shards APOLLO and APOLLO-Mini only (their statistics are '
-                   f'reduced across shards); use method = "apollo_mini" or "apollo", or drop --fsdp')
-    elif o.args.get("official_seed_chain"):
-        out.append("[optim.args] official_seed_chain = true is not supported with FSDP2; remove it")
-    if not t.release:
-        out.append("[train] release = false: FSDP2 updates each shard inside backward (layer-wise release); set "
-                   "train.release = true and grad_accum_steps = 1")
-    if getattr(t, "cuda_graph", False):
-        out.append("[train] cuda_graph = true is not supported with FSDP2; set it to false")
-    if o.float_grad_clip > 0:
-        out.append("[optim] float_grad_clip > 0 clips by a tensor's norm, which a shard does not know; set it to 0")
-    if o.lm_head_optimizer != "adam" or o.embedding_optimizer != "adam":
-        out.append('[optim] lm_head_optimizer / embedding_optimizer = "same_as_matrices" is not supported with '
-                   'FSDP2; set both to "adam"')
-    if o.float_optimizer == "adam8bit":  # blockwise state: a shard must hold whole blocks, and stay 8-bit
-        for name, p in float_parameters(model).items():
-            local = -(-p.shape[0] // world_size) * (p.numel() // max(p.shape[0], 1))
-            if p.dim() == 2 and (p.shape[0] % world_size or local % BNB_BLOCK
-                                 or (p.numel() >= BNB_MIN_8BIT) != (local >= BNB_MIN_8BIT)):
-                out.append(f'{name} {tuple(p.shape)}: 8-bit Adam\'s blocks of {BNB_BLOCK} would straddle its '
-                           f'{world_size} row shards; set optim.float_optimizer = "adamw"')
-                break
-    if cfg.model.tie_embeddings:
-        out.append("[model] tie_embeddings = true is not supported with FSDP2 (one tensor in two units); set it "
-                   "to false")
-    if not cfg.quant.enabled:
-        out.append("[quant] enabled = false: FSDP2 here shards int8 projections; set quant.enabled = true")
-    for name, layer in int8_layers(model).items():
-        m, n = layer.out_features, layer.in_features
-        if m % world_size or (m // world_size * n) % layer.group_size:
-            out.append(f"{name} ({m} x {n}): FSDP2 shards rows evenly and whole groups of {layer.group_size}; "
-                       f"out_features must be a multiple of the world size {world_size} (and each shard a whole "
-                       f"number of groups): use a world size that divides {m}")
-            break
-        if m < n and n % world_size:
-            out.append(f"{name} ({m} x {n}): APOLLO's column blocks need in_features divisible by the world size "
-                       f"{world_size}")
-            break
-    return out
 
 
 def _skip_uniforms(generator: torch.Generator, count: int, device) -> None:
@@ -124,7 +77,7 @@ class ShardedTraining:
     """
 
     def __init__(self, model: nn.Module, cfg, world, device: torch.device):
-        found = problems(cfg, model, world.size)
+        found = rules.fsdp_problems(cfg, world.size)  # `qtrain train` checked them before building anything
         if found:
             raise TrainingError("cannot train with FSDP2: " + "; ".join(found))
         self.cfg, self.world, self.device = cfg, world, device

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtrain.core.step_state import StepValue, device_form, host_form
+from qtrain.errors import ConfigError
 from qtrain.quant import triton_kernels, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise, dequantize_groupwise_bytes
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
@@ -41,7 +42,8 @@ def use_triton(backend: str, tensors: tuple[Tensor, ...], problems: list[str], w
     if backend == "auto":
         return on_cuda and not problems  # e.g. a group size that is not a power of two: the reference takes it
     if problems:
-        raise ValueError(f"{what} cannot run in Triton: " + "; ".join(problems) + ". Use backend='torch'.")
+        raise ConfigError([f"{what} cannot run in Triton: " + "; ".join(problems) + ". Use backend='torch' "
+                           "([quant] kernels = \"torch\" or \"auto\" in a recipe)."], source="[quant] kernels")
     if not on_cuda and not triton_kernels.interpret_mode():
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(
@@ -60,8 +62,8 @@ def _use_triton(backend: str, tensors: tuple[Tensor, ...], codes: Tensor, scale:
         try:
             triton_kernels.check_supported(codes, scale, offset, group_size)
         except ValueError as e:
-            if backend == "triton":
-                raise  # its own message already names every problem and the fix
+            if backend == "triton":  # its own message already names every problem and the fix
+                raise ConfigError([str(e)], source="[quant] kernels") from None
             problems = [str(e)]
     return use_triton(backend, tensors, problems, "the int8 kernels")
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed
+from torch import nn
 from tqdm import tqdm
 
+from qtrain.config.recipe import LoopConfig
 from qtrain.core.device import available_memory
+from qtrain.data.protocols import RunData
 from qtrain.model.loss import lm_loss_per_row
 from qtrain.quant.linear import dequantized_weights
 
@@ -40,7 +43,7 @@ def eval_rows(batch_size: int, seq_len: int, vocab_size: int, windows: int, logi
 
 
 @torch.no_grad()
-def evaluate(model, data, loop_cfg, device, dtype) -> float:
+def evaluate(model: nn.Module, data: RunData, loop_cfg: LoopConfig, device: torch.device, dtype: torch.dtype) -> float:
     """Mean validation loss over the same eval_batches windows every time (correct divisor n, not n + 1)."""
     batches = list(data.val_batches(loop_cfg.eval_batches, loop_cfg.batch_size, loop_cfg.seq_len))
     x = torch.cat([b[0] for b in batches])  # (N, T): every window, in order

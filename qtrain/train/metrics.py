@@ -28,6 +28,7 @@ import torch
 import torch.distributed
 
 from qtrain.core.atomic import write_atomic
+from qtrain.data.dataset import Dataset
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -224,11 +225,10 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
              f"({_bytes(float_bytes)}, {cfg.model.float_dtype})"]
     if cfg.model.init:
         lines.append(init_line(cfg))
-    train_tokens = getattr(data, "num_train_tokens", None)
+    train_tokens = data.num_train_tokens if isinstance(data, Dataset) else None  # plain text: tokens, not examples
     if train_tokens:
-        names = getattr(data, "names", None) or [cfg.data.corpus]
-        val = getattr(data, "num_val_tokens", 0)
-        lines.append(f"data: {', '.join(names)}: {train_tokens:,} training tokens, {val:,} validation tokens")
+        lines.append(f"data: {', '.join(data.names)}: {train_tokens:,} training tokens, {data.num_val_tokens:,} "
+                     f"validation tokens")
     lines.append(f"tokens: {boundary_note(data.tokenizer)}")
     covered = tokens_per_step * t.steps
     epochs = f" = {covered / train_tokens:.2f} epochs of the training tokens" if train_tokens else ""

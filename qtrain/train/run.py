@@ -17,6 +17,7 @@ import torch
 from qtrain.checkpoint.run_dir import RunDir
 from qtrain.checkpoint.run_state import check_resumable, check_same_data, load_run, save_run
 from qtrain.checkpoint.store import TrainingProgress, checkpoint_dirs, load_latest
+from qtrain.config import rules
 from qtrain.config.recipe import TrainConfig
 from qtrain.core.device import autocast_dtype, resolve_device
 from qtrain.data.finetune import prepare_run_data
@@ -50,6 +51,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     dtype = autocast_dtype(cfg.train.dtype, device)
+    rules.check_launch(cfg, world.size, device.type)  # before the data is prepared or anything is built
     distributed.init(world, device)
     resume_hint = f"The newest checkpoint in {run_dir} is complete: fix the failed rank (see its log) and relaunch " \
                   f"with --resume"

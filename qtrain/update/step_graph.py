@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qtrain.config import rules
 from qtrain.errors import TrainingError
 from qtrain.model.loss import lm_loss
 from qtrain.update.updater import Updater
@@ -32,12 +33,9 @@ class CapturedStep:
 
     def __init__(self, model: nn.Module, updater: Updater, device: torch.device, dtype: torch.dtype,
                  world_size: int = 1, warmup: int = WARMUP_STEPS):
-        if torch.device(device).type != "cuda":
-            raise TrainingError(f"[train] cuda_graph = true needs a CUDA device, the run is on {device}; "
-                                f"set train.cuda_graph = false")
-        if world_size > 1:
-            raise TrainingError(f"[train] cuda_graph = true runs in one process, not {world_size} (its gradient "
-                                f"all-reduces are not captured); set train.cuda_graph = false for data parallel")
+        found = rules.cuda_graph_device(torch.device(device).type, world_size)  # checked at launch: a guard here
+        if found:
+            raise TrainingError("; ".join(found))
         self.model, self.updater, self.dtype = model, updater, dtype
         self.eager_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
