@@ -258,9 +258,8 @@ def test_export_holds_one_float_copy(smol, tmp_path):
     """dequantized_copy makes the float model in the export dtype and export_hf saves it as it is: the torch
     allocations of the whole export peak at one copy of the output (plus a piece of one projection in fp32), not
     two (before: export_hf cast a second copy). tools/bench_export.py measures the process RSS on an 8B-shaped model."""
-    from memory_probe import cpu_peak_bytes
-
     from qtrain.config.recipe import TrainConfig
+    from qtrain.core.memory_probe import cpu_peak_bytes
     from qtrain.hf.export import export_hf
     from qtrain.model.builder import build_model, dequantized_copy
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from memory_probe import cpu_peak_bytes
 from torch.profiler import ProfilerActivity, profile
 
 from qtrain.config.recipe import TrainConfig
+from qtrain.core.memory_probe import cpu_peak_bytes
 from qtrain.model import loss as loss_mod
 from qtrain.model.builder import build_model, float_parameters, int8_layers
 from qtrain.model.loss import IGNORE_INDEX, linear_cross_entropy, lm_loss, vocab_chunk

@@ -51,11 +51,15 @@ class ModelConfig:
     init: str = ""
     """`""` = random init from the keys below. Otherwise a Hugging Face model directory (`config.json` +
     `*.safetensors`, sharded or not) to start from: continued pretraining or fine-tuning. Its `config.json` sets
-    `family` and every shape key: a key the recipe sets to another value is an error naming both values, so a recipe
-    may repeat the checkpoint's shape (the shipped fine-tuning recipes do, so `qtrain estimate` sizes them before
-    the download) but never contradict it. The weights are read tensor by tensor and each projection is quantized as
-    it arrives (neither host nor GPU holds the model in float); the checkpoint's tokenizer is the run's unless
-    `data.tokenizer` names another. See "Starting from a Hugging Face checkpoint" below."""
+    `family` and every shape key: the recipe file's shape keys give way (so `finetune-tiny`, `tiny` or any recipe
+    takes a checkpoint of any shape, and the run header lists what the checkpoint set and which recipe values it
+    replaced); only a shape key given on the command line (`--set model.hidden_size=...`) that disagrees is an error
+    naming both values. While the directory is not there, `qtrain estimate` sizes the recipe's own keys (the shipped
+    fine-tuning recipes repeat their checkpoint's shape for that). `qtrain train` checks the directory before
+    anything is built or written: a missing directory or `config.json`, missing shards, or a `.safetensors` file cut
+    short is an error naming the file and the fix. The weights are read tensor by tensor and each projection is
+    quantized as it arrives (neither host nor GPU holds the model in float); the checkpoint's tokenizer is the run's
+    unless `data.tokenizer` names another. See "Starting from a Hugging Face checkpoint" below."""
     family: str = _choice(*FAMILIES)
     """The transformers model: `LlamaForCausalLM` (Llama 1/2/3), `MistralForCausalLM`, `Qwen2ForCausalLM` (Qwen2 and
     Qwen2.5: q/k/v biases, kept as float parameters trained by the float optimizer), `Qwen3ForCausalLM` (q/k
