@@ -2,9 +2,9 @@
 
 Commands that read a run (eval, generate, export) take everything from the run directory: its recipe.toml,
 its tokenizer and its checkpoints. The corpus is never read: generate and export need only the run, and
-eval reads the validation shards the run trained on (recorded in its data.json). Only when those shards are
-gone does eval tokenize the corpus again, with the run's own tokenizer, and says so when the corpus changed
-since training.
+eval reads the validation batches the run kept (eval_windows.npz), or for another --batches the validation
+shards it trained on (recorded in its data.json). Only when those shards are gone does eval tokenize the
+corpus again, with the run's own tokenizer, and says so when the corpus changed since training.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from qtrain.checkpoint.store import load_latest
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype, resolve_device
-from qtrain.data.dataset import fingerprint_now, open_run_data, prepare_data
+from qtrain.data.dataset import RUN_DATA_FILE, fingerprint_now, open_run_data, prepare_data
+from qtrain.data.eval_windows import EVAL_WINDOWS_FILE, load_eval_windows
 from qtrain.data.finetune import FinetuneData, finetune_kind, prepare_run_data
 from qtrain.data.tokenizer import load_tokenizer, run_tokenizer_path
-from qtrain.errors import TrainingError
+from qtrain.errors import DataError, TrainingError
 from qtrain.estimate.memory import estimate, fit_gpu, format_breakdown, format_fit
 from qtrain.hf.export import export_hf
 from qtrain.model.builder import dequantized_copy
@@ -96,14 +97,25 @@ def cmd_eval(args) -> int:
         cfg.train.eval_batches = args.batches
         data_cfg = dataclasses.replace(data_cfg, eval_tokens=0)  # --batches wins over [data] eval_tokens
     trained_on = r.meta.get("data", {}).get("corpus")
-    data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
-    if data is not None:
-        now = fingerprint_now(cfg.data) if trained_on else None
-        evaluated_on = "the validation shards the run trained with"
+    stored = load_eval_windows(Path(args.run), load_tokenizer(r.tokenizer_path))
+    t, now = cfg.train, None
+    if stored is not None and stored.covers(data_cfg.eval_tokens, t.eval_batches, t.batch_size, t.seq_len):
+        data = stored  # the batches every evaluation of the run used, from the run directory alone
     else:
-        data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)  # plain text or fine-tuning records
-        now = data.corpus_sha256
-        evaluated_on = "the current corpus's validation split, tokenized with the run's own tokenizer"
+        data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
+        if data is not None:
+            now = fingerprint_now(cfg.data) if trained_on else None
+            evaluated_on = "the validation shards the run trained with"
+        else:
+            try:  # plain text or fine-tuning records, with the run's own tokenizer
+                data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)
+            except DataError as e:
+                kept = (f"its {EVAL_WINDOWS_FILE} holds the batches of another setting (--batches)" if stored is not None
+                        else f"it keeps no {EVAL_WINDOWS_FILE} (a run from before they were kept)")
+                raise DataError(f"{args.run} cannot be evaluated: {kept}, the validation shards listed in its "
+                                f"{RUN_DATA_FILE} are gone, and its corpus cannot be read again: {e}") from None
+            now = data.corpus_sha256
+            evaluated_on = "the current corpus's validation split, tokenized with the run's own tokenizer"
     if trained_on and now and now != trained_on:
         print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
               f"{trained_on[:16]} then, {now[:16]} now): the loss below is on {evaluated_on}")

@@ -224,8 +224,9 @@ class DataConfig:
     """"" = hold out val_fraction of the documents of each source; else a separate validation source."""
     text_field: str = "text"
     """"text". The JSON field / Parquet or Arrow column that holds each document's text."""
-    split_blank_lines: int = _bounded(0, ge=0)
-    """0 = one document per text file; N = a run of at least N blank lines ends a document."""
+    split_blank_lines: int = _bounded(1, ge=0)
+    """1 = a blank line ends a document (paragraphs); N = a run of at least N blank lines; 0 = one document per
+    text file. A source with too few documents to hold out whole ones validates on the tail of its tokens."""
     val_fraction: float = _bounded(0.05, gt=0, lt=0.5)
     """0.05. Fraction of the documents held out for validation (whole documents, spread through every file)."""
     eval_tokens: int = _bounded(0, ge=0)
@@ -248,6 +249,12 @@ class DataConfig:
     """"" = $QTRAIN_CACHE, else ~/.cache/qtrain. Holds the default corpus, tokenizers and token shards."""
     max_corpus_chars: int = _bounded(0, ge=0)
     """0 = no limit. Read only this many characters of each source (quick runs and tests)."""
+    skip_unreadable: bool = False
+    """false = a damaged corpus file (bad or truncated .gz / .zst, corrupt Parquet) stops with an error naming it;
+    true = keep its documents before the damage, leave out the rest of it, and warn."""
+    format: str = _choice("auto", "text", "prompt_completion", "chat")
+    """"auto" = a JSONL corpus's first record decides (text_field: plain text; prompt/completion; messages), and
+    a record with both is refused; else that format, whatever else the records hold."""
 
     SOURCE_KEYS = ("weight", "text_field", "split_blank_lines")
 
@@ -267,7 +274,7 @@ class DataConfig:
                 out.append(f'[data.sources] "{spec}": the weight must be a number > 0, got {_show(w)}')
             if not isinstance(opts.get("text_field", ""), str):
                 out.append(f'[data.sources] "{spec}": text_field must be a string')
-            b = opts.get("split_blank_lines", 0)
+            b = opts.get("split_blank_lines", 1)
             if isinstance(b, bool) or not isinstance(b, int) or b < 0:
                 out.append(f'[data.sources] "{spec}": split_blank_lines must be an integer >= 0')
         return out
