@@ -97,10 +97,12 @@ def cmd_eval(args) -> int:
         cfg.train.eval_batches = args.batches
         data_cfg = dataclasses.replace(data_cfg, eval_tokens=0)  # --batches wins over [data] eval_tokens
     trained_on = r.meta.get("data", {}).get("corpus")
-    stored = load_eval_windows(Path(args.run), load_tokenizer(r.tokenizer_path))
-    t, now = cfg.train, None
+    stored = load_eval_windows(Path(args.run))
+    t = cfg.train
     if stored is not None and stored.covers(data_cfg.eval_tokens, t.eval_batches, t.batch_size, t.seq_len):
         data = stored  # the batches every evaluation of the run used, from the run directory alone
+        now = fingerprint_now(cfg.data) if trained_on else None
+        evaluated_on = f"the validation batches the run kept ({EVAL_WINDOWS_FILE}), as during training"
     else:
         data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
         if data is not None:
@@ -141,8 +143,10 @@ def cmd_prepare(args) -> int:
     t = cfg.train
     per_step = t.batch_size * t.seq_len * t.grad_accum_steps
     for name, weight, stats in zip(data.names, data.weights, data.stats["train"]):
+        held = ("(the tail of its token stream: too few documents to hold out whole ones)" if stats.get("val_tail")
+                else f"in {stats['val_docs']:,}")
         print(f"{name} (weight {weight:g}): {stats['train_tokens']:,} training tokens in {stats['train_docs']:,} "
-              f"documents, {stats['val_tokens']:,} validation tokens in {stats['val_docs']:,}")
+              f"documents, {stats['val_tokens']:,} validation tokens {held}")
     if cfg.data.validation:
         v = data.stats["val"][0]
         print(f"validation {cfg.data.validation}: {v['val_tokens']:,} tokens in {v['val_docs']:,} documents")

@@ -43,12 +43,11 @@ def save_eval_windows(data, run_dir: Path, eval_batches: int, batch_size: int, s
 
 @dataclass
 class EvalWindows:
-    """Stored validation batches: the evaluation interface of Dataset / FinetuneData (val_batches, tokenizer)."""
+    """Stored validation batches: the evaluation interface of Dataset / FinetuneData (val_batches)."""
 
     x: np.ndarray  # (N, T) int32
     y: np.ndarray  # (N, T) int32, -100 = no loss
     setting: tuple[int, int, int, int]  # ([data] eval_tokens, [train] eval_batches, batch_size, seq_len)
-    tokenizer: object = None
     path: Path | None = None
 
     def covers(self, eval_tokens: int, eval_batches: int, batch_size: int, seq_len: int) -> bool:
@@ -62,14 +61,14 @@ class EvalWindows:
                    torch.from_numpy(self.y[i : i + self.setting[2]].astype(np.int64)))
 
 
-def load_eval_windows(run_dir: Path, tokenizer=None) -> EvalWindows | None:
+def load_eval_windows(run_dir: Path) -> EvalWindows | None:
     """The run's stored validation batches, or None when it has none (a run from before they were kept)."""
     path = Path(run_dir) / EVAL_WINDOWS_FILE
     if not path.is_file():
         return None
     try:
         with np.load(path) as f:
-            return EvalWindows(f["x"], f["y"], tuple(int(v) for v in f["setting"]), tokenizer, path)
+            return EvalWindows(f["x"], f["y"], tuple(int(v) for v in f["setting"]), path)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path} is damaged ({e}); delete it: `qtrain eval` then reads the validation shards or "
                         f"the corpus") from None
