@@ -4,8 +4,8 @@ The setup order matters: the run directory is locked before anything is written 
 checked against the recipe before any state is loaded, and against the corpus (a stat of its files) before
 anything is tokenized; the checkpoint's data identity is checked again once the data is prepared, and only
 then are recipe.toml, the tokenizer, data.json and the evaluation batches (re)written, so a refused resume
-leaves the run directory as it was; under torchrun the ranks
-agree on the recipe before anything else, and on the initial weights before the first step.
+leaves the run directory as it was; under torchrun the ranks agree on the recipe before anything else, and
+on the initial weights before the first step.
 """
 
 from __future__ import annotations
