@@ -241,16 +241,15 @@ def test_corpus_shorter_than_one_sequence(small_tokenizer, tmp_path):
     text = "A short corpus. " * 40
     (tmp_path / "short.txt").write_text(text)
     cfg = DataConfig(corpus=str(tmp_path / "short.txt"), tokenizer=str(small_tokenizer))
-    # one file, one document: it trains, and nothing is left to hold out
-    msg = ("the validation split (0 of 1 documents held out: [data] val_fraction = 0.05) holds 0 tokens but needs "
-           "at least seq_len+1 = 129; raise data.val_fraction, split text files into more documents "
-           "(data.split_blank_lines), give a separate data.validation source")
-    with pytest.raises(DataError, match=re.escape(msg)):
-        prepare_data(cfg, VOCAB, 128)
-    (tmp_path / "short.txt").write_text("\n\n".join(["A short paragraph."] * 30))
+    # one file, one document: too few to hold out whole ones, so validation is the tail of its tokens
+    ds = prepare_data(cfg, VOCAB, 128)
+    total = ds.num_train_tokens + ds.num_val_tokens
+    assert ds.num_val_tokens == 129 and ds.stats["train"][0]["val_tail"]  # max(5 % of the tokens, one window)
+    assert np.array_equal(ds.val[:], np.asarray(ShardSet(ds.token_path).train[0][total - 129 :], dtype=np.int64))
+    (tmp_path / "short.txt").write_text("\n\n".join(["A short paragraph."] * 15))
     cfg = DataConfig(corpus=str(tmp_path / "short.txt"), tokenizer=str(small_tokenizer), split_blank_lines=1)
-    with pytest.raises(DataError, match=r"the validation split \(2 of 30 documents held out: \[data\] val_fraction = "
-                                        r"0.05\) holds \d+ tokens but needs at least seq_len\+1 = 129"):
+    with pytest.raises(DataError, match=r"the training split holds \d+ tokens \(15 documents, the last 129 tokens "
+                                        r"held out for validation\) but needs at least seq_len\+1 = 129"):
         prepare_data(cfg, VOCAB, 128)
 
 

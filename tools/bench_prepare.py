@@ -17,8 +17,11 @@ Layouts (the same documents in each, built from the embedded corpus's paragraphs
 The tokenizer is a sentencepiece BPE (--vocab pieces) trained once by qtrain's own trainer on a sample of the
 corpus (its time and peak RSS are reported separately), then given to every prepare ([data] tokenizer).
 
+With --defaults every [data] key stays at its default (the text layouts then split at every blank line, so
+paragraphs are documents) instead of split_blank_lines = 2.
+
 Usage: python tools/bench_prepare.py [--mb 1024] [--layouts jsonl-gz-dir,jsonl-gz,txt,txt-dir] [--vocab 32000]
-       [--workdir DIR] [--corpus PATH --corpus-layout NAME] [--baseline-mb 64] [--keep]
+       [--workdir DIR] [--corpus PATH --corpus-layout NAME] [--baseline-mb 64] [--keep] [--defaults]
 """
 
 from __future__ import annotations
@@ -48,7 +51,19 @@ from qtrain.data.sources import DocumentStream, iter_documents, resolve_source  
 from qtrain.data.tokenizer import load_tokenizer  # noqa: E402
 
 LAYOUTS = ("jsonl-gz-dir", "jsonl-gz", "txt", "txt-dir")
-BLANK_LINES = {"txt": 2, "txt-dir": 2}  # [data] split_blank_lines of the text layouts
+BLANK_LINES = {"txt": 2, "txt-dir": 2}  # [data] split_blank_lines of the text layouts (documents, not paragraphs)
+DEFAULTS = False  # --defaults: every [data] key as the recipe leaves it (paragraphs are documents)
+
+
+def blank_lines(layout: str) -> int:
+    from qtrain.config.recipe import DataConfig
+
+    return DataConfig().split_blank_lines if DEFAULTS else BLANK_LINES.get(layout, 0)
+
+
+def blank_set(layout: str) -> list[str]:
+    """The --set that gives a layout its split_blank_lines (none with --defaults)."""
+    return [] if DEFAULTS else ["--set", f"data.split_blank_lines={BLANK_LINES.get(layout, 0)}"]
 
 
 # --- the corpus ------------------------------------------------------------------------------------------
@@ -158,7 +173,7 @@ def run_measured(cmd: list[str], env: dict, first_line: str | None = None) -> di
 def baseline(corpus: Path, layout: str, tokenizer_path: Path, limit_bytes: int) -> tuple[float, float, int]:
     """(MB/s, CPU s per MB, MB) of one process, one thread: read the documents and encode them."""
     tok = load_tokenizer(tokenizer_path)
-    source = resolve_source(str(corpus), corpus.parent, split_blank_lines=BLANK_LINES.get(layout, 0))
+    source = resolve_source(str(corpus), corpus.parent, split_blank_lines=blank_lines(layout))
     t0, c0 = time.perf_counter(), time.process_time()
     done, batch, size = 0, [], 0
     for doc in DocumentStream(source):
@@ -191,7 +206,7 @@ print(f"DATA_READY {t1 - t0:.4f} {time.perf_counter() - t1:.4f}")
 
 
 def text_bytes(corpus: Path, layout: str) -> int:
-    source = resolve_source(str(corpus), corpus.parent, split_blank_lines=BLANK_LINES.get(layout, 0))
+    source = resolve_source(str(corpus), corpus.parent, split_blank_lines=blank_lines(layout))
     return sum(len(d.text.encode()) for d in DocumentStream(source))
 
 
@@ -206,7 +221,11 @@ def main() -> None:
     ap.add_argument("--corpus", help="use this corpus instead of building one (with --corpus-layout)")
     ap.add_argument("--corpus-layout", default="jsonl-gz", choices=LAYOUTS)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--defaults", action="store_true", help="leave every [data] key at its default (text layouts: "
+                    "a blank line ends a document) instead of the layouts' split_blank_lines = 2")
     args = ap.parse_args()
+    global DEFAULTS
+    DEFAULTS = args.defaults
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qtrain-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -234,7 +253,7 @@ def main() -> None:
     first = layouts[0]
     tok_cache = work / "tokenizer-cache"
     sets = ["--set", f"model.vocab_size={args.vocab}", "--set", f"data.tokenizer_sample_mb={args.tokenizer_sample_mb}",
-            "--set", f"data.split_blank_lines={BLANK_LINES.get(first, 0)}"]
+            *blank_set(first)]
     r = run_measured(qtrain + ["prepare", "--quiet", "--set", f"data.corpus={corpora[first]}", "--set",
                                f"data.cache_dir={tok_cache}", "--set", f"data.max_corpus_chars={int(2 * args.tokenizer_sample_mb * 1e6)}",
                                *sets], env)
@@ -250,8 +269,7 @@ def main() -> None:
         corpus, cache = corpora[layout], work / f"cache-{layout}"
         shutil.rmtree(cache, ignore_errors=True)
         common = ["--set", f"data.corpus={corpus}", "--set", f"data.tokenizer={tokenizer}", "--set",
-                  f"model.vocab_size={args.vocab}", "--set", f"data.cache_dir={cache}", "--set",
-                  f"data.split_blank_lines={BLANK_LINES.get(layout, 0)}"]
+                  f"model.vocab_size={args.vocab}", "--set", f"data.cache_dir={cache}", *blank_set(layout)]
         text = text_bytes(corpus, layout)
         prep = run_measured(qtrain + ["prepare", "--quiet", *common], env)
         base_mb_s, base_cpu_mb, base_bytes = baseline(corpus, layout, tokenizer, int(args.baseline_mb * 1e6))

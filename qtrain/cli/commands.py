@@ -2,9 +2,9 @@
 
 Commands that read a run (eval, generate, export) take everything from the run directory: its recipe.toml,
 its tokenizer and its checkpoints. The corpus is never read: generate and export need only the run, and
-eval reads the validation shards the run trained on (recorded in its data.json). Only when those shards are
-gone does eval tokenize the corpus again, with the run's own tokenizer, and says so when the corpus changed
-since training.
+eval reads the validation batches the run kept (eval_windows.npz), or for another --batches the validation
+shards it trained on (recorded in its data.json). Only when those shards are gone does eval tokenize the
+corpus again, with the run's own tokenizer, and says so when the corpus changed since training.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from qtrain.checkpoint.store import load_latest
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype, resolve_device
-from qtrain.data.dataset import fingerprint_now, open_run_data, prepare_data
+from qtrain.data.dataset import RUN_DATA_FILE, fingerprint_now, open_run_data, prepare_data
+from qtrain.data.eval_windows import EVAL_WINDOWS_FILE, load_eval_windows
 from qtrain.data.finetune import FinetuneData, finetune_kind, prepare_run_data
 from qtrain.data.protocols import RunData
 from qtrain.data.tokenizer import load_tokenizer, run_tokenizer_path
-from qtrain.errors import ConfigError, ExportError, TrainingError
+from qtrain.errors import ConfigError, DataError, ExportError, TrainingError
 from qtrain.estimate.fit import fit_gpu, format_fit
 from qtrain.estimate.memory import estimate
 from qtrain.estimate.report import format_breakdown
@@ -109,15 +110,28 @@ def cmd_eval(args) -> int:
         cfg.train.eval_batches = args.batches
         data_cfg = dataclasses.replace(data_cfg, eval_tokens=0)  # --batches wins over [data] eval_tokens
     trained_on = r.meta.get("data", {}).get("corpus")
-    data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
-    if data is not None:
+    stored = load_eval_windows(Path(args.run))
+    t = cfg.train
+    if stored is not None and stored.covers(data_cfg.eval_tokens, t.eval_batches, t.batch_size, t.seq_len):
+        data = stored  # the batches every evaluation of the run used, from the run directory alone
         now = fingerprint_now(cfg.data) if trained_on else None
-        evaluated_on = "the validation shards the run trained with"
+        evaluated_on = f"the validation batches the run kept ({EVAL_WINDOWS_FILE}), as during training"
     else:
-        data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)  # plain text or fine-tuning records
-        now = data.corpus_sha256
-        evaluated_on = "the current corpus's validation split, tokenized with the run's own tokenizer"
-    if args.batches is not None:
+        data = open_run_data(Path(args.run), data_cfg, r.tokenizer_path)  # the shards it trained on: no corpus read
+        if data is not None:
+            now = fingerprint_now(cfg.data) if trained_on else None
+            evaluated_on = "the validation shards the run trained with"
+        else:
+            try:  # plain text or fine-tuning records, with the run's own tokenizer
+                data = prepare_run_data(dataclasses.replace(cfg, data=data_cfg), None)
+            except DataError as e:
+                kept = (f"its {EVAL_WINDOWS_FILE} holds the batches of another setting (--batches)" if stored is not None
+                        else f"it keeps no {EVAL_WINDOWS_FILE} (a run from before they were kept)")
+                raise DataError(f"{args.run} cannot be evaluated: {kept}, the validation shards listed in its "
+                                f"{RUN_DATA_FILE} are gone, and its corpus cannot be read again: {e}") from None
+            now = data.corpus_sha256
+            evaluated_on = "the current corpus's validation split, tokenized with the run's own tokenizer"
+    if args.batches is not None and data is not stored:  # the kept batches cover --batches (checked above)
         _check_eval_batches(data, args.batches, cfg.train)
     if trained_on and now and now != trained_on:
         print(f"note: [data] corpus {cfg.data.corpus!r} changed since this run trained on it (sha256 "
@@ -155,8 +169,10 @@ def cmd_prepare(args) -> int:
     t = cfg.train
     per_step = t.batch_size * t.seq_len * t.grad_accum_steps
     for name, weight, stats in zip(data.names, data.weights, data.stats["train"]):
+        held = ("(the tail of its token stream: too few documents to hold out whole ones)" if stats.get("val_tail")
+                else f"in {stats['val_docs']:,}")
         print(f"{name} (weight {weight:g}): {stats['train_tokens']:,} training tokens in {stats['train_docs']:,} "
-              f"documents, {stats['val_tokens']:,} validation tokens in {stats['val_docs']:,}")
+              f"documents, {stats['val_tokens']:,} validation tokens {held}")
     if cfg.data.validation:
         v = data.stats["val"][0]
         print(f"validation {cfg.data.validation}: {v['val_tokens']:,} tokens in {v['val_docs']:,} documents")

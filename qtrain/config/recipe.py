@@ -264,11 +264,12 @@ class DataConfig:
     text_field: str = "text"
     """The JSON field, or the Parquet / Arrow column, that holds each document's text. A JSON line without it is an
     error naming the line; a Parquet file without the column is an error listing its columns."""
-    split_blank_lines: int = _bounded(0, ge=0)
-    """Text files only. `0`: one document per file. `N`: a run of at least `N` blank (whitespace-only) lines ends a
-    document, e.g. `2` for paragraphs apart by one blank line and documents by two. A document longer than 4 MB is
-    tokenized in pieces cut at line ends (each piece encoded on its own, so sentencepiece adds its word-start marker
-    at each cut) with one EOS after the last."""
+    split_blank_lines: int = _bounded(1, ge=0)
+    """Text files only. `1` (the default): a blank (whitespace-only) line ends a document, so a book's paragraphs
+    are its documents. `N`: a run of at least `N` blank lines ends one, e.g. `2` for paragraphs apart by one blank
+    line and documents by two. `0`: one document per file. A source with too few documents to hold out whole ones
+    validates on the tail of its tokens. A document longer than 4 MB is tokenized in pieces cut at line ends (each
+    piece encoded on its own, so sentencepiece adds its word-start marker at each cut) with one EOS after the last."""
     val_fraction: float = _bounded(0.05, gt=0, lt=0.5)
     """Fraction of the **documents** held out for validation, never a cut through one: document *j* of file *i* is
     held out when (*j*·f + u_i, (*j*+1)·f + u_i] holds an integer, u_i a fixed hash of *i*, so exactly one document
@@ -311,6 +312,12 @@ class DataConfig:
     max_corpus_chars: int = _bounded(0, ge=0)
     """Read only this many characters of each source (a cut at the end of the budget may fall inside a document). 0
     = no limit. Useful for quick runs and tests."""
+    skip_unreadable: bool = False
+    """false = a damaged corpus file (bad or truncated .gz / .zst, corrupt Parquet) stops with an error naming it;
+    true = keep its documents before the damage, leave out the rest of it, and warn."""
+    format: str = _choice("auto", "text", "prompt_completion", "chat")
+    """"auto" = a JSONL corpus's first record decides (text_field: plain text; prompt/completion; messages), and
+    a record with both is refused; else that format, whatever else the records hold."""
 
     SOURCE_KEYS = ("weight", "text_field", "split_blank_lines")
 
@@ -330,7 +337,7 @@ class DataConfig:
                 out.append(f'[data.sources] "{spec}": the weight must be a number > 0, got {_show(w)}')
             if not isinstance(opts.get("text_field", ""), str):
                 out.append(f'[data.sources] "{spec}": text_field must be a string')
-            b = opts.get("split_blank_lines", 0)
+            b = opts.get("split_blank_lines", 1)
             if isinstance(b, bool) or not isinstance(b, int) or b < 0:
                 out.append(f'[data.sources] "{spec}": split_blank_lines must be an integer >= 0')
         return out

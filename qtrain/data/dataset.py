@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from qtrain.config.recipe import DataConfig
 from qtrain.core.atomic import write_atomic
+from qtrain.data.holdout import check_validation_source, plan_holdout, split_tail, tail_tokens
 from qtrain.data.loader import TokenSampler, TokenStream, batches_of, val_batches, val_windows
 from qtrain.data.prepare import planned_workers, tokenize_source
 from qtrain.data.protocols import Tokenizer
@@ -67,10 +69,19 @@ class Dataset:
     shard_dirs: list[Path]  # the training sources' shard directories (then the validation source's, if any)
     eval_tokens: int = 0  # [data] eval_tokens (0: eval_batches windows)
     stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # lines for the run header (how validation was formed)
+
+    run_record: dict = field(default_factory=dict)  # what data.json records (set by prepare_data)
 
     def identity(self) -> dict[str, str]:
         """What a checkpoint records of its data: a resume or an eval on other data can say so."""
         return {"corpus": self.corpus_sha256, "tokenizer": self.tokenizer_sha256}
+
+    def record(self, run_dir: Path) -> None:
+        """Copy the tokenizer into run_dir and write run_dir/data.json (identity and shard directories)."""
+        save_run_tokenizer(self.tokenizer_path, run_dir)
+        if self.run_record:
+            write_atomic(Path(run_dir) / RUN_DATA_FILE, json.dumps(self.run_record, indent=1).encode())
 
     @property
     def train(self) -> TokenStream:
@@ -136,15 +147,23 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
     train_sources, val_source = resolve_sources(data_cfg, root)
     corpus_sha, fps, val_fp = corpus_identity(data_cfg, train_sources, val_source)
     held_out = 0.0 if val_source is not None else data_cfg.val_fraction
+    # checks that need no tokens come first: nothing is trained or tokenized for a corpus that cannot be used
+    if val_source is None:
+        plans = [plan_holdout(s, fp, held_out, seq_len, data_cfg.max_corpus_chars, root) for s, fp in zip(train_sources, fps)]
+    else:
+        plans = [None] * len(train_sources)
+        check_validation_source(val_source, seq_len, data_cfg.max_corpus_chars)
 
-    tokenizer_path = _tokenizer_file(data_cfg, train_sources, fps, held_out, vocab_size, root)
+    tokenizer_path = _tokenizer_file(data_cfg, train_sources, fps, held_out, vocab_size, root, plans)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab(tokenizer, vocab_size)
     tokenizer_sha = tokenizer_sha256(tokenizer_path)
     prefix = document_prefix(tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
-    jobs = [(s, fp, held_out) for s, fp in zip(train_sources, fps)]
+    # a tail-mode source is tokenized whole into its training split (the same shards as with a separate
+    # validation source) and cut below
+    jobs = [(s, fp, 0.0 if p is not None and p.tail else held_out) for s, fp, p in zip(train_sources, fps, plans)]
     if val_source is not None:
         jobs.append((val_source, val_fp, 1.0))
     sets, dirs = [], []
@@ -167,32 +186,59 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
         sets.append(ShardSet(out))
         dirs.append(out)
 
-    train_sets = sets[: len(train_sources)]
-    val_sets = sets[len(train_sources):] or train_sets
-    ds = Dataset(
-        tokenizer, Path(tokenizer_path), corpus_sha, tokenizer_sha, [s.spec for s in train_sources],
-        [TokenStream(s.train) for s in train_sets], [s.weight for s in train_sources],
-        [TokenStream(s.val) for s in val_sets],
-        [1.0] if val_source is not None else [s.weight for s in train_sources], dirs, data_cfg.eval_tokens,
-        {"train": [s.totals() for s in train_sets], "val": [s.totals() for s in val_sets]})
+    tails = [tail_tokens(len(TokenStream(sets[i].train)), held_out, seq_len) if p is not None and p.tail else 0
+             for i, p in enumerate(plans)]
+    ds = _dataset(tokenizer, Path(tokenizer_path), corpus_sha, tokenizer_sha, train_sources, sets, dirs,
+                  val_source is not None, tails, data_cfg.eval_tokens)
+    for source in train_sources + ([val_source] if val_source else []):
+        if len(source.kinds()) > 1:  # a directory of several kinds: every file is read, each by its kind
+            ds.notes.append(f"files: {source.describe()}: every file read, each by its kind")
     _check_lengths(ds, data_cfg, train_sources, val_source, seq_len)
+    ds.run_record = {"identity": ds.identity(),
+                     "sources": [{"spec": s.spec, "weight": s.weight, "shards": str(d), "val_tail": t}
+                                 for s, d, t in zip(train_sources, dirs, tails)],
+                     "validation": {"spec": val_source.spec, "shards": str(dirs[-1])} if val_source else None}
     if run_dir is not None:
-        save_run_tokenizer(tokenizer_path, run_dir)
-        record = {"identity": ds.identity(), "sources": [{"spec": n, "weight": w, "shards": str(d)} for n, w, d in
-                                                          zip(ds.names, ds.weights, dirs)],
-                  "validation": {"spec": val_source.spec, "shards": str(dirs[-1])} if val_source else None}
-        write_atomic(Path(run_dir) / RUN_DATA_FILE, json.dumps(record, indent=1).encode())
+        ds.record(run_dir)
     return ds
+
+
+def _dataset(tokenizer, tokenizer_path: Path, corpus_sha: str, tokenizer_sha: str, train_sources, sets: list[ShardSet],
+             dirs: list[Path], separate_val: bool, tails: list[int], eval_tokens: int) -> Dataset:
+    """The Dataset of opened shard sets: training sources first, then the validation source's when separate;
+    tails[i] > 0 holds out the last tails[i] tokens of source i (qtrain.data.holdout)."""
+    train_sets = sets[: len(tails)]
+    train, val, stats, notes = [], [], {"train": [], "val": []}, []
+    for source, shard_set, held in zip(train_sources, train_sets, tails):
+        stream, totals = TokenStream(shard_set.train), shard_set.totals()
+        if held:
+            stream, tail = split_tail(stream, min(held, len(stream)))
+            val.append(tail)
+            totals = {**totals, "train_tokens": len(stream), "val_tokens": len(tail), "val_tail": True}
+            stats["val"].append(totals)
+            notes.append(f"validation: the last {len(tail):,} tokens of {source.spec} ({len(tail) / max(len(stream) + len(tail), 1):.1%}"
+                         f" of its tokens; its {totals['train_docs']:,} document(s) are too few to hold out whole ones)")
+        elif not separate_val:
+            val.append(TokenStream(shard_set.val))
+            stats["val"].append(totals)
+        train.append(stream)
+        stats["train"].append(totals)
+    if separate_val:
+        val, stats["val"] = [TokenStream(sets[-1].val)], [sets[-1].totals()]
+    weights = [s.weight for s in train_sources]
+    return Dataset(tokenizer, tokenizer_path, corpus_sha, tokenizer_sha, [s.spec for s in train_sources], train, weights,
+                   val, [1.0] if separate_val else weights, dirs, eval_tokens, stats, notes)
 
 
 def _check_lengths(ds: Dataset, data_cfg: DataConfig, train: list[Source], val: Source | None, seq_len: int) -> None:
     need = seq_len + 1  # one window: seq_len inputs and the token after the last as its target
     for name, stream, stats, source in zip(ds.names, ds.train_streams, ds.stats["train"], train):
         if len(stream) < need:
-            held = stats["val_docs"]
+            held = (f"the last {stats['val_tokens']} tokens held out for validation" if stats.get("val_tail") else
+                    f"{stats['val_docs']} held out for validation")
             raise DataError(
                 f"{source.key} = \"{name}\": the training split holds {len(stream)} tokens "
-                f"({stats['train_docs']} documents, {held} held out for validation) but needs at least "
+                f"({stats['train_docs']} documents, {held}) but needs at least "
                 f"seq_len+1 = {need}; provide more text or lower train.seq_len")
     if ds.num_val_tokens < need:
         if val is not None:
@@ -208,19 +254,25 @@ def _check_lengths(ds: Dataset, data_cfg: DataConfig, train: list[Source], val: 
 
 
 def _tokenizer_file(data_cfg: DataConfig, sources: list[Source], fps: list[str], held_out: float,
-                    vocab_size: int, root: Path) -> Path:
-    """The user's tokenizer, or the one trained on a sample of the training documents (trained now unless cached)."""
+                    vocab_size: int, root: Path, plans: list | None = None) -> Path:
+    """The user's tokenizer, or the one trained on a sample of the training documents (trained now unless cached).
+
+    A tail-mode source (qtrain.data.holdout) gives its sample from its start, stopping before its tail."""
     if data_cfg.tokenizer:
         return Path(data_cfg.tokenizer).expanduser()
     budget = data_cfg.tokenizer_sample_mb * 1_000_000
-    key = _sha({"format": DATA_FORMAT, "sources": [[fp, s.weight] for fp, s in zip(fps, sources)],
-                "held_out": held_out, "max_chars": data_cfg.max_corpus_chars, "sample_chars": budget})
+    stops = [p.sample_stop(held_out) if p is not None else 0 for p in plans or [None] * len(sources)]
+    blob = {"format": DATA_FORMAT, "sources": [[fp, s.weight] for fp, s in zip(fps, sources)],
+            "held_out": held_out, "max_chars": data_cfg.max_corpus_chars, "sample_chars": budget}
+    if any(stops):  # (only then: the key of every other corpus stays as it was)
+        blob["sample_stops"] = stops
+    key = _sha(blob)
     path = root / "tokenizers" / f"{key[:16]}-v{vocab_size}-{trainer_fingerprint(data_cfg.tokenizer_sentences)}.model"
     if not path.exists():
         t0 = time.perf_counter()
         print(f"training a sentencepiece tokenizer ({vocab_size} pieces) on up to {data_cfg.tokenizer_sample_mb} M "
               f"characters of training documents ([data] tokenizer_sample_mb) ...", file=sys.stderr)
-        train_tokenizer(sample_texts(sources, budget, held_out, data_cfg.max_corpus_chars), vocab_size, path,
+        train_tokenizer(sample_texts(sources, budget, held_out, data_cfg.max_corpus_chars, stops), vocab_size, path,
                         sentences=data_cfg.tokenizer_sentences)
         print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s -> {path}", file=sys.stderr)
     return path
@@ -240,14 +292,11 @@ def open_run_data(run_dir: Path, data_cfg: DataConfig, tokenizer_path: Path) -> 
     if not all(is_complete(d) for d in dirs + ([val_dir] if val_dir else [])):
         return None
     tokenizer = load_tokenizer(tokenizer_path)
-    train_sets = [ShardSet(d) for d in dirs]
-    val_sets = [ShardSet(val_dir)] if val_dir else train_sets
-    weights = [float(s["weight"]) for s in record["sources"]]
-    return Dataset(tokenizer, Path(tokenizer_path), record["identity"]["corpus"], record["identity"]["tokenizer"],
-                   [s["spec"] for s in record["sources"]], [TokenStream(s.train) for s in train_sets], weights,
-                   [TokenStream(s.val) for s in val_sets], [1.0] if val_dir else weights,
-                   dirs + ([val_dir] if val_dir else []), data_cfg.eval_tokens,
-                   {"train": [s.totals() for s in train_sets], "val": [s.totals() for s in val_sets]})
+    sets = [ShardSet(d) for d in dirs + ([val_dir] if val_dir else [])]
+    sources = [SimpleNamespace(spec=s["spec"], weight=float(s["weight"])) for s in record["sources"]]
+    return _dataset(tokenizer, Path(tokenizer_path), record["identity"]["corpus"], record["identity"]["tokenizer"],
+                    sources, sets, dirs + ([val_dir] if val_dir else []), val_dir is not None,
+                    [int(s.get("val_tail", 0)) for s in record["sources"]], data_cfg.eval_tokens)
 
 
 def fingerprint_now(data_cfg: DataConfig) -> str | None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qtrain.data.dataset import prepare_data
+from qtrain.data.dataset import fingerprint_now, prepare_data
 from qtrain.data.loader import BatchStream
 from qtrain.data.protocols import RunData, Tokenizer
 from qtrain.data.readers import first_json_line, json_lines
@@ -67,11 +67,24 @@ def prepare_run_data(cfg, run_dir: Path | None) -> RunData:
                             f'{cfg.model.vocab_size} rows ([model] vocab_size): use the tokenizer that came with the '
                             f'checkpoint, or a model with at least {pieces} rows')
     if kind is None:  # plain text; the tokenizer's own size: qtrain.data.dataset checks it exactly
-        return prepare_data(data_cfg, pieces, cfg.train.seq_len, run_dir)
-    return prepare_finetune(data_cfg, kind, cfg.train.seq_len, run_dir)
+        data = prepare_data(data_cfg, pieces, cfg.train.seq_len, run_dir)
+    else:
+        data = prepare_finetune(data_cfg, kind, cfg.train.seq_len, run_dir)
+    note = format_note(data_cfg, kind)
+    if note:
+        data.notes.insert(0, note)
+    return data
 
 
 # --- records -------------------------------------------------------------------------------------------
+
+
+def corpus_identity_now(cfg) -> str | None:
+    """The plain-text corpus identity as the files stand now, from a stat of them (no tokens, no reading), or
+    None when it cannot be had that cheaply (fine-tuning records are identified by their content)."""
+    if finetune_kind(cfg.data):
+        return None
+    return fingerprint_now(cfg.data)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -100,10 +113,21 @@ def _kind_of(record: dict, text_field: str = "text") -> str | None:
 
 
 def finetune_kind(data_cfg) -> str | None:
-    """PROMPT_COMPLETION or CHAT for a JSONL corpus whose first record says so; None for plain text (any other
-    corpus, a [data.sources] mixture, or records with [data] text_field)."""
+    """PROMPT_COMPLETION or CHAT for fine-tuning records, None for plain text: as [data] format says, or with
+    "auto" as the first record of a JSONL corpus says (any other corpus, or a [data.sources] mixture, is plain
+    text). A record with both [data] text_field and fine-tuning fields is refused under "auto"."""
+    fmt = getattr(data_cfg, "format", "auto")
     path = Path(data_cfg.corpus).expanduser()
-    if data_cfg.sources or not (path.name.endswith((".jsonl", ".jsonl.gz")) and path.is_file()):
+    jsonl = not data_cfg.sources and path.name.endswith((".jsonl", ".jsonl.gz")) and path.is_file()
+    if fmt == "text":
+        return None
+    if fmt in FIELDS:
+        if not jsonl:
+            raise DataError(f'[data] format = "{fmt}" needs [data] corpus to be one .jsonl / .jsonl.gz file of '
+                            f'records, not "{data_cfg.corpus}"{" and [data.sources]" if data_cfg.sources else ""}; '
+                            f'set [data] format = "auto" or "text" for plain text')
+        return fmt
+    if not jsonl:
         return None
     first = first_json_line(path)  # one buffer, not the file: this runs at every start
     if first is None:
@@ -111,10 +135,29 @@ def finetune_kind(data_cfg) -> str | None:
     lineno, line = first
     record = _record(path, lineno, line.decode("utf-8", errors="replace"))
     kind = _kind_of(record, data_cfg.text_field)
+    if kind is None and _kind_of({k: v for k, v in record.items() if k != data_cfg.text_field}) in FIELDS:
+        tuned = sorted(set(record) & {"prompt", "completion", "messages"})
+        raise DataError(f'{path}:{lineno}: the record has a "{data_cfg.text_field}" field (plain text) and '
+                        f'{", ".join(f"{k!r}" for k in tuned)} (fine-tuning): ambiguous; set [data] format = "text" to '
+                        f'train on "{data_cfg.text_field}", or "{_kind_of({k: 1 for k in tuned})}" to fine-tune')
     if kind == "unknown":
         raise DataError(f"{path}:{lineno}: the record has fields {sorted(record)[:5]} but none of "
                         f"{data_cfg.text_field} ([data] text_field), prompt/completion, messages; {FIX}")
     return kind
+
+
+def format_note(data_cfg, kind: str | None) -> str | None:
+    """The header line saying which data format the run uses and why (None for non-JSONL plain text)."""
+    fmt = getattr(data_cfg, "format", "auto")
+    what = {None: f'plain text (the "{data_cfg.text_field}" field of each record)',
+            PROMPT_COMPLETION: "prompt/completion records (loss on the completions)",
+            CHAT: "chat records (the tokenizer's chat template; loss on the assistant turns)"}[kind]
+    if fmt != "auto":
+        return f'format: {what}, as [data] format = "{fmt}" says'
+    path = Path(data_cfg.corpus).expanduser()
+    if data_cfg.sources or not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    return f'format: {what}, detected from the first record of {path} ([data] format = "auto")'
 
 
 def read_records(path: Path, kind: str, minimum: int = 2) -> list[dict]:
@@ -215,6 +258,17 @@ class Examples:
     def __len__(self) -> int:
         return len(self.starts) - 1
 
+    def inputs(self, i: int) -> int:
+        """Real (unpadded) input positions of example i in its row: its tokens but the last."""
+        return int(self.starts[i + 1] - self.starts[i]) - 1
+
+    def real_tokens(self) -> int:
+        return int(self.starts[-1] - self.starts[0]) - len(self)
+
+    def target_tokens(self) -> int:
+        """Positions with loss: every target token but an example's first (it is never predicted)."""
+        return int(self.is_target.sum()) - int(self.is_target[self.starts[:-1]].sum())
+
     def batch(self, indices, seq_len: int, pad_id: int) -> tuple[Tensor, Tensor]:
         """x (B, T) padded with pad_id, y (B, T) the next token where it is a target, else IGNORE."""
         x = np.full((len(indices), seq_len), pad_id, dtype=np.int64)
@@ -241,9 +295,25 @@ class FinetuneData:
     pad_id: int
     truncated: int = 0  # examples cut to seq_len + 1 tokens
     dropped: int = 0  # examples whose answer starts beyond seq_len + 1 tokens: left out
+    notes: list[str] = dataclasses.field(default_factory=list)  # lines for the run header
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train)
+
+    def describe(self) -> str:
+        """The header's data line: examples, and their real (unpadded) tokens."""
+        tr, va = self.train, self.val
+        return (f"data: {self.kind} records: {len(tr):,} training examples ({tr.real_tokens():,} tokens, "
+                f"{tr.target_tokens():,} with loss; each padded to train.seq_len), {len(va):,} validation examples "
+                f"({va.real_tokens():,} tokens)")
 
     def identity(self) -> dict[str, str]:
         return {"corpus": self.corpus_sha256, "tokenizer": self.tokenizer_sha256}
+
+    def record(self, run_dir: Path) -> None:
+        """Copy the tokenizer into run_dir (the examples are re-read from the corpus at each start)."""
+        save_run_tokenizer(self.tokenizer_path, run_dir)
 
     def sampler(self, batch_size: int, seq_len: int, seed: int) -> FinetuneSampler:
         return FinetuneSampler(self.train, batch_size, seq_len, seed, self.pad_id)
@@ -285,6 +355,10 @@ class FinetuneSampler(BatchStream):
     def batch_at(self, k: int) -> tuple[Tensor, Tensor]:
         """Batch k: x (B, T) padded, y (B, T) with IGNORE where no loss is wanted."""
         return self.examples.batch(self.indices(k), self.seq_len, self.pad_id)
+
+    def tokens_at(self, k: int) -> int:
+        """Real tokens of batch k (padding not counted): what tokens/s and tokens seen count."""
+        return sum(self.examples.inputs(i) for i in self.indices(k))
 
     def size(self) -> int:
         return len(self.examples)
@@ -343,8 +417,6 @@ def prepare_finetune(data_cfg, kind: str, seq_len: int, run_dir: Path | None) ->
     for r in records:
         h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     truncated, dropped = counts["truncated"], counts["dropped"]
-    if run_dir is not None:
-        save_run_tokenizer(data_cfg.tokenizer, run_dir)
     pad = getattr(getattr(tokenizer, "hf", None), "pad_token_id", None)
     pad_id = pad if pad is not None else tokenizer.eos_id()  # any id: padded positions carry no loss
     data = FinetuneData(kind, _examples(train), _examples(val), tokenizer,
@@ -353,4 +425,6 @@ def prepare_finetune(data_cfg, kind: str, seq_len: int, run_dir: Path | None) ->
     if truncated or dropped:
         print(f"note: {path}: {truncated} of {len(records)} examples cut to train.seq_len + 1 = {seq_len + 1} "
               f"tokens, {dropped} left out (no answer token within that length)")
+    if run_dir is not None:
+        data.record(run_dir)
     return data

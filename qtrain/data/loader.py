@@ -92,6 +92,10 @@ class BatchStream:
     def size(self) -> int:
         raise NotImplementedError
 
+    def tokens_at(self, k: int) -> int:
+        """Tokens micro-batch k trains on (padding excluded): batch_size x seq_len for windows of a stream."""
+        return self.batch_size * self.seq_len
+
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """Micro-batch number batches_drawn, then count it drawn."""
         batch = self.batch_at(self.batches_drawn)

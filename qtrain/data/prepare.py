@@ -14,9 +14,11 @@ last closed shard: only the unclosed part is read and tokenized again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -132,7 +134,31 @@ def worker_tokenizer(tokenizer, tokenizer_path: Path) -> tuple:
     return ("spm", str(tokenizer_path))
 
 
-def _init_worker(spec: tuple, dtype: str, prefix: list[int]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the process that started it dies: a `kill -9` of `qtrain prepare` runs no cleanup,
+    and its workers would otherwise go on encoding into a queue nobody reads. Linux: the kernel sends SIGKILL
+    (PR_SET_PDEATHSIG); elsewhere a thread polls the parent's pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    else:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _init_worker(spec: tuple, dtype: str, prefix: list[int], parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker for Hugging Face tokenizers too
     if spec[0] == "hf":
         _worker["tokenizer"] = _BackendTokenizer(spec[1], spec[2])
@@ -246,6 +272,20 @@ def tokenize_source(source: Source, tokenizer, tokenizer_path: Path, out_dir: Pa
                          meta, shard_tokens, unit_chars or UNIT_CHARS, progress, label)
 
 
+def _disk_full(out_dir: Path, source: Source, writer: ShardWriter, tokens: int, raw_done: int, itemsize: int) -> DataError:
+    """The error for a full disk: which directory, what the shards need, and that a rerun resumes."""
+    free = shutil.disk_usage(out_dir).free
+    kept = writer.totals()
+    need = tokens * itemsize * source.total_bytes / max(raw_done, 1)  # extrapolated from what was read so far
+    return DataError(
+        f"no space left on the disk of {out_dir} while writing the token shards of {source.key} = \"{source.spec}\": "
+        f"{tokens * itemsize / 1e9:.2f} GB of tokens after {raw_done / 1e6:,.0f} of {source.total_bytes / 1e6:,.0f} MB "
+        f"of input, so about {need / 1e9:.2f} GB in all (plus their document offsets); {free / 1e9:.2f} GB is free "
+        f"there now. Free space on that disk and run the same command again: it resumes from the last complete shard "
+        f"({len(writer.index['shards'])} complete, {kept['train_tokens'] + kept['val_tokens']:,} tokens kept). Or put "
+        f"the cache on a larger disk with [data] cache_dir or $QTRAIN_CACHE (that starts over)")
+
+
 @contextlib.contextmanager
 def _locked(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +337,7 @@ def _tokenize(source: Source, tokenizer, tokenizer_path: Path, out_dir: Path, dt
         else:
             pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                        initargs=(worker_tokenizer(tokenizer, tokenizer_path), np.dtype(dtype).name,
-                                                 prefix))
+                                                 prefix, os.getpid()))
             pending: deque = deque()
             for unit, end, raw in _units(stream, unit_chars):
                 pending.append((pool.submit(_encode_task, unit), end, raw))
@@ -312,6 +352,11 @@ def _tokenize(source: Source, tokenizer, tokenizer_path: Path, out_dir: Path, dt
             raise DataError(f'{source.key} = "{source.spec}" contains no text (empty after stripping whitespace); '
                             f'add text to it or point {source.key} elsewhere')
         writer.finish(stream.position.to_dict(), stream.raw_bytes())
+    except OSError as e:
+        writer.close()
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(out_dir, source, writer, tokens, stream.raw_bytes(), np.dtype(dtype).itemsize) from None
     except BaseException:
         writer.close()
         raise

@@ -17,7 +17,8 @@ File kinds (chosen by suffix; compression .gz or .zst is undone on the fly):
              streams), memory-mapped. pos = rows consumed.
 Documents are stripped of surrounding whitespace and empty ones are dropped (a missing or null field too,
 in columnar files). Non-UTF-8 bytes are dropped and an `UndecodableBytesWarning` names the file and the
-count once the file is done.
+count once the file is done. A damaged file (bad or truncated compression, corrupt Parquet) is an error that
+names the file and where it broke, or with [data] skip_unreadable a warning, the file ending at the damage.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import gzip
 import io
 import json
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -151,22 +153,71 @@ class _Utf8:
 
 
 def read_file(path: Path, kind: str, *, text_field: str = "text", split_blank_lines: int = 0, start: int = 0,
-              in_doc: int = 0, stream: list | None = None) -> Iterator[Item]:
+              in_doc: int = 0, stream: list | None = None, skip_unreadable: bool = False) -> Iterator[Item]:
     """The documents of one file from position `start` (0 = its beginning); see the module docstring.
 
     in_doc: the `state` of the item that ended at `start` (nonzero: inside a document cut into pieces, the
     next text continues it). stream: when a list, the open ByteStream is appended to it (the caller reads
-    raw_pos() for progress).
+    raw_pos() for progress). A damaged file (a bad gzip or zstd stream, a truncated archive, a corrupt
+    Parquet page) raises DataError naming the file and where it broke; with skip_unreadable the documents
+    before the damage are kept, an UnreadableFileWarning says what was left out, and the file ends there.
     """
+    streams = stream if stream is not None else []
     if kind == "text":
-        return _read_text(path, split_blank_lines, start, in_doc, stream)
-    if kind == "jsonl":
-        return _read_jsonl(path, text_field, start, stream)
-    if kind == "parquet":
-        return _read_parquet(path, text_field, start)
-    if kind == "arrow":
-        return _read_arrow(path, text_field, start)
-    raise ValueError(kind)
+        items = _read_text(path, split_blank_lines, start, in_doc, streams)
+    elif kind == "jsonl":
+        items = _read_jsonl(path, text_field, start, streams)
+    elif kind == "parquet":
+        items = _read_parquet(path, text_field, start)
+    elif kind == "arrow":
+        items = _read_arrow(path, text_field, start)
+    else:
+        raise ValueError(kind)
+    return _guarded(items, path, kind, start, streams, skip_unreadable)
+
+
+class UnreadableFileWarning(UserWarning):
+    """A damaged corpus file was read up to the damage and the rest of it left out ([data] skip_unreadable)."""
+
+
+def _damage(e: BaseException) -> str | None:
+    """What broke, in words, for the errors of a damaged file; None for any other error (raised as it is)."""
+    if isinstance(e, gzip.BadGzipFile):
+        text = str(e)
+        return ("not a gzip file (its first bytes are not the gzip magic number)" if text.startswith("Not a gzipped")
+                else f"the gzip data is corrupt ({text})")
+    if isinstance(e, EOFError):
+        return f"the compressed data ends early: the file is truncated ({e})"
+    if isinstance(e, zlib.error):
+        return f"the gzip data is corrupt ({e})"
+    if type(e).__name__ in ("ZstdError", "ArrowInvalid") or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError)):
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _guarded(items: Iterator[Item], path: Path, kind: str, start: int, streams: list, skip: bool) -> Iterator[Item]:
+    done, pos = 0, start
+    try:
+        for item in items:
+            yield item
+            done += item.last
+            pos = item.pos
+    except Exception as e:  # noqa: BLE001 (the damaged-file errors are told apart by _damage)
+        reason = _damage(e)
+        if reason is None:
+            raise
+        raw = streams[-1].raw_pos() if streams else None
+        unit = "rows" if kind in ("parquet", "arrow") else "bytes of decompressed data" if path.name.lower().endswith(
+            COMPRESSIONS) else "bytes"
+        where = (f"at byte {raw:,} of {path.stat().st_size:,} on disk, " if raw is not None else "") + \
+                f"after {done:,} documents ({pos:,} {unit}) read fine from position {start:,}"
+        if skip:
+            warnings.warn(f"{path}: {reason}, {where}; [data] skip_unreadable = true: those documents are kept and "
+                          f"the rest of this file is left out", UnreadableFileWarning, stacklevel=2)
+            return
+        raise DataError(f"{path}: {reason}, {where}. The documents before that point and the other files are "
+                        f"intact. Replace the file (e.g. download it again), remove it from the corpus, or set "
+                        f"[data] skip_unreadable = true to keep what precedes the damage and go on") from None
 
 
 def _read_text(path: Path, blank_lines: int, start: int, in_doc: int, streams: list | None) -> Iterator[Item]:
@@ -379,5 +430,5 @@ def _read_arrow(path: Path, field: str, start: int) -> Iterator[Item]:
         source.close()
 
 
-__all__ = ["DEFAULT_CORPUS", "DataError", "Item", "UndecodableBytesWarning", "default_corpus_path", "file_kind",
+__all__ = ["DEFAULT_CORPUS", "DataError", "Item", "UndecodableBytesWarning", "UnreadableFileWarning", "default_corpus_path", "file_kind",
            "first_json_line", "is_data_file", "read_file"]

@@ -3,9 +3,9 @@
 A source is what one `[data] corpus` value (or one key of `[data.sources]`, or `[data] validation`) names:
     "default"        the embedded corpus (qtrain.data.default_corpus), one JSONL file in the cache;
     a file           read by its kind (qtrain.data.readers: text, JSON lines, Parquet, Arrow; .gz / .zst);
-    a directory      every data file below it, recursively, sorted by path: JSON lines, Parquet and Arrow
-                     files when there are any (a README.md beside Parquet shards is not a document), else
-                     every .txt / .md file. A dataset saved with Hugging Face `datasets.save_to_disk` (a
+    a directory      every data file below it, recursively, sorted by path, whatever their kinds (.txt / .md,
+                     JSON lines, Parquet, Arrow: each file read by its own kind); only a README beside
+                     record files (Parquet shards' README.md) is not a document. A dataset saved with Hugging Face `datasets.save_to_disk` (a
                      state.json beside .arrow files) is read in its own file order; a DatasetDict
                      (dataset_dict.json) by its "train" split, or for `[data] validation` its
                      "validation" (else "test") split;
@@ -62,6 +62,7 @@ class Source:
     split_blank_lines: int = 0
     weight: float = 1.0
     embedded: bool = False  # the default corpus
+    skip_unreadable: bool = False  # [data] skip_unreadable: a damaged file ends at the damage, with a warning
 
     @property
     def total_bytes(self) -> int:
@@ -81,10 +82,18 @@ class Source:
                 "split_blank_lines": self.split_blank_lines if uses_blank else None}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
+    def kinds(self) -> dict[str, int]:
+        """Files of each kind, e.g. {"text": 300, "jsonl": 1}."""
+        out: dict[str, int] = {}
+        for f in self.files:
+            out[f.kind] = out.get(f.kind, 0) + 1
+        return dict(sorted(out.items()))
+
     def describe(self) -> str:
-        kinds = sorted({f.kind for f in self.files})
-        size = self.total_bytes
-        return f"{self.spec} ({len(self.files)} file{'s' * (len(self.files) != 1)}, {', '.join(kinds)}, {_mb(size)})"
+        kinds = self.kinds()
+        what = ", ".join(f"{n} {k}" for k, n in kinds.items()) if len(kinds) > 1 else next(iter(kinds), "")
+        n = len(self.files)
+        return f"{self.spec} ({n} file{'s' * (n != 1)}, {what}, {_mb(self.total_bytes)})"
 
 
 def _mb(n: float) -> str:
@@ -146,9 +155,10 @@ def _directory_files(path: Path, spec: str, key: str, split: str) -> list[Path]:
         return [path / f["filename"] for f in state.get("_data_files", [])]
     found = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p)
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    data = [p for p in found if file_kind(p) != "text"]
-    if data or found:
-        return data or found
+    if any(file_kind(p) != "text" for p in found):  # a README beside data shards documents them: not a document
+        found = [p for p in found if not (file_kind(p) == "text" and p.name.lower().startswith("readme"))]
+    if found:
+        return found
     raise DataError(f'{key} = "{spec}": the directory has no .txt or .md files and no .jsonl / .json(.gz/.zst), '
                     f'.parquet or .arrow files')
 
@@ -169,6 +179,8 @@ def resolve_sources(data_cfg, cache_root: Path) -> tuple[list[Source], Source | 
     if data_cfg.validation:
         val = resolve_source(data_cfg.validation, cache_root, text_field=data_cfg.text_field,
                              split_blank_lines=data_cfg.split_blank_lines, key="[data] validation", split="validation")
+    for s in train + ([val] if val else []):
+        s.skip_unreadable = bool(getattr(data_cfg, "skip_unreadable", False))
     return train, val
 
 
@@ -251,7 +263,7 @@ class DocumentStream:
             phase = file_phase(fi)
             self._streams = []
             items = read_file(f.path, f.kind, text_field=s.text_field, split_blank_lines=s.split_blank_lines,
-                              start=start, in_doc=in_doc, stream=self._streams)
+                              start=start, in_doc=in_doc, stream=self._streams, skip_unreadable=s.skip_unreadable)
             for text, last, pos, state in items:
                 cut = bool(limit) and chars + len(text) >= limit
                 if cut:
@@ -276,18 +288,22 @@ def stream_documents(source: Source, start: Position = Position(), val_fraction:
     return DocumentStream(source, start, val_fraction, max_chars)
 
 
-def sample_texts(sources: list[Source], budget_chars: int, val_fraction: float, max_chars: int = 0) -> Iterator[str]:
+def sample_texts(sources: list[Source], budget_chars: int, val_fraction: float, max_chars: int = 0,
+                 stops: list[int] | None = None) -> Iterator[str]:
     """Training documents (never held-out ones) for the tokenizer: about budget_chars in all.
 
     Each source gives a share of the budget by its weight, taken from the start of up to SAMPLE_FILES of its
     files spread evenly through its file list (equal shares per file). With max_chars the stream is truncated
-    first, so the sample comes from its start.
+    first, so the sample comes from its start. stops[i] > 0 (a source whose validation split is the tail of its
+    token stream, qtrain.data.holdout): its sample reads no further than that many characters from its start.
     """
     total_weight = sum(s.weight for s in sources)
-    for s in sources:
+    for s, stop in zip(sources, stops or [0] * len(sources)):
         share = budget_chars * s.weight / total_weight
         n = len(s.files)
-        if max_chars:  # the truncated stream, from its start
+        limit = min(c for c in (max_chars, stop) if c) if (max_chars or stop) else 0
+        fraction = 0.0 if stop else val_fraction
+        if limit:  # the truncated stream, from its start
             spans = [(0, n)]
         elif n <= SAMPLE_FILES:
             spans = [(i, i + 1) for i in range(n)]
@@ -296,7 +312,7 @@ def sample_texts(sources: list[Source], budget_chars: int, val_fraction: float, 
         left_over = 0.0
         for first, end in spans:
             budget, taken = share / len(spans) + left_over, 0
-            for doc in DocumentStream(s, Position(file=first), val_fraction, max_chars, end_file=end):
+            for doc in DocumentStream(s, Position(file=first), fraction, limit, end_file=end):
                 if doc.val:
                     continue
                 yield doc.text

@@ -61,6 +61,28 @@ def _training_lines(documents: Iterable[str]) -> Iterator[str]:
                     yield piece
 
 
+class _Guarded:
+    """An iterator that keeps the exception its source raised: sentencepiece turns it into an opaque
+    "INTERNAL: ..." RuntimeError, and the data problem (file, line) is what the user needs to see."""
+
+    def __init__(self, source: Iterator[str]):
+        self.source, self.error, self.count = source, None, 0
+
+    def __iter__(self) -> _Guarded:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self.source)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise
+        self.count += 1
+        return line
+
+
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path,
                     sentences: int = MAX_TRAINING_LINES) -> spm.SentencePieceProcessor:
     """Train a BPE sentencepiece model with vocab_size pieces on documents; write it atomically to out_path.
@@ -72,9 +94,10 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path,
     """
     model = io.BytesIO()
     spm.set_random_generator_seed(TRAINER_SEED)  # the line sample (shuffle_input_sentence) is reproducible
+    lines = _Guarded(_training_lines(documents))
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(documents),
+            sentence_iterator=lines,
             model_writer=model,
             vocab_size=vocab_size,
             num_threads=min(os.cpu_count() or 1, 16),
@@ -82,6 +105,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path,
             **{**TRAINER_OPTIONS, "input_sentence_size": sentences},
         )
     except RuntimeError as e:
+        if lines.error is not None:  # the data failed (a bad record, a damaged file): that is the problem to report
+            raise lines.error from None
+        if lines.count == 0:
+            raise DataError("the tokenizer's training sample is empty: the training documents hold no text (empty "
+                            "after stripping whitespace, or every document held out); add text to [data] corpus, or "
+                            "give a trained tokenizer in [data] tokenizer") from None
         raise _vocab_error(str(e), vocab_size) from None
     write_atomic(Path(out_path), [model.getvalue()])
     return spm.SentencePieceProcessor(model_proto=model.getvalue())

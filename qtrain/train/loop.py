@@ -64,7 +64,6 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
     W, A = world.size, t.grad_accum_steps
     result = RunResult(run_dir, progress.step)
     log = MetricsLog(run_dir, progress.step, enabled=world.main)
-    tokens_per_step = W * t.batch_size * t.seq_len * A
     # (step, loss on device, lr, tokens, grad norm on device, host time): synced at log time
     pending: list[tuple[int, torch.Tensor, float, int, torch.Tensor, float]] = []
     lines = not quiet and plain_output()  # stdout is a file or a pipe: plain log lines, no progress bar
@@ -158,9 +157,10 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
                         (loss / (A * W)).backward()  # release mode: every tensor is updated in here
                         step_loss += loss.detach() / (A * W)
                     updater.finish_step()
+                # real tokens of the step's W*A micro-batches (fine-tuning rows are padded: padding is not counted)
+                progress.tokens_seen += sum(sampler.tokens_at(sampler.batches_drawn + j) for j in range(W * A))
                 sampler.batches_drawn += W * A
                 progress.step += 1
-                progress.tokens_seen += tokens_per_step
                 pending.append((progress.step, step_loss, lr, progress.tokens_seen, grad_norm.take(), time.time()))
                 bar.update(1)
                 if predicted is not None and progress.step == start_step + MEASURE_AFTER_STEPS:

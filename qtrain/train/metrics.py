@@ -28,7 +28,6 @@ import torch
 import torch.distributed
 
 from qtrain.core.atomic import write_atomic
-from qtrain.data.dataset import Dataset
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -225,16 +224,27 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
              f"({_bytes(float_bytes)}, {cfg.model.float_dtype})"]
     if cfg.model.init:
         lines.append(init_line(cfg))
-    train_tokens = data.num_train_tokens if isinstance(data, Dataset) else None  # plain text: tokens, not examples
+    train_tokens = getattr(data, "num_train_tokens", None)
+    examples = getattr(data, "num_train_examples", None)  # fine-tuning: padded rows, one example each
     if train_tokens:
-        lines.append(f"data: {', '.join(data.names)}: {train_tokens:,} training tokens, {data.num_val_tokens:,} "
-                     f"validation tokens")
+        names = getattr(data, "names", None) or [cfg.data.corpus]
+        val = getattr(data, "num_val_tokens", 0)
+        lines.append(f"data: {', '.join(names)}: {train_tokens:,} training tokens, {val:,} validation tokens")
+    elif examples:
+        lines.append(data.describe())
     lines.append(f"tokens: {boundary_note(data.tokenizer)}")
-    covered = tokens_per_step * t.steps
-    epochs = f" = {covered / train_tokens:.2f} epochs of the training tokens" if train_tokens else ""
-    lines.append(f"steps: {t.steps:,} x {tokens_per_step:,} tokens per step ({world_size} x {t.batch_size} x "
-                 f"{t.seq_len} x {t.grad_accum_steps} accumulated) = {covered:,} tokens{epochs}"
-                 + (f"; resuming at step {start_step}" if start_step else ""))
+    lines += getattr(data, "notes", [])  # how validation was formed, the detected record format
+    resuming = f"; resuming at step {start_step}" if start_step else ""
+    if examples and not train_tokens:
+        rows = world_size * t.batch_size * t.grad_accum_steps
+        lines.append(f"steps: {t.steps:,} x {rows:,} examples per step ({world_size} x {t.batch_size} x "
+                     f"{t.grad_accum_steps} accumulated) = {rows * t.steps:,} examples = "
+                     f"{rows * t.steps / examples:.2f} epochs of the training examples{resuming}")
+    else:
+        covered = tokens_per_step * t.steps
+        epochs = f" = {covered / train_tokens:.2f} epochs of the training tokens" if train_tokens else ""
+        lines.append(f"steps: {t.steps:,} x {tokens_per_step:,} tokens per step ({world_size} x {t.batch_size} x "
+                     f"{t.seq_len} x {t.grad_accum_steps} accumulated) = {covered:,} tokens{epochs}{resuming}")
     lines.append(f"device: {device} ({str(dtype).removeprefix('torch.')} compute{cpu_threads(device)}), world size "
                  f"{world_size}, release {t.release}, optimizer {cfg.optim.method}")
     return "\n".join("qtrain: " + line for line in lines)

@@ -1,9 +1,11 @@
 """`qtrain train`: a recipe and a run directory -> data, model, updater, resumed state -> the loop.
 
 The setup order matters: the run directory is locked before anything is written into it; a resume is
-checked against the recipe before any state is loaded, and recipe.toml is (re)written only once the resume
-is accepted; the checkpoint's data identity is checked once the data is prepared; under torchrun the ranks
-agree on the recipe before anything else, and on the initial weights before the first step.
+checked against the recipe before any state is loaded, and against the corpus (a stat of its files) before
+anything is tokenized; the checkpoint's data identity is checked again once the data is prepared, and only
+then are recipe.toml, the tokenizer, data.json and the evaluation batches (re)written, so a refused resume
+leaves the run directory as it was; under torchrun the ranks agree on the recipe before anything else, and
+on the initial weights before the first step.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from qtrain.checkpoint.store import TrainingProgress, checkpoint_dirs, load_late
 from qtrain.config import rules
 from qtrain.config.recipe import TrainConfig
 from qtrain.core.device import autocast_dtype, resolve_device
-from qtrain.data.finetune import prepare_run_data
+from qtrain.data.eval_windows import save_eval_windows
+from qtrain.data.finetune import corpus_identity_now, prepare_run_data
 from qtrain.errors import TrainingError
 from qtrain.estimate.memory import estimate
 from qtrain.hf.pretrained import checkpoint_problems, checkpoint_tokenizer
@@ -95,16 +98,23 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
     found = load_latest(run_dir, accept=lambda path, meta: check_resumable(path, meta, cfg)) if resume else None
     if resume and found is None and world.main:
         print(f"note: --resume given but {run_dir} has no checkpoint yet; starting from step 0")
+    if found is not None and world.main and (now := corpus_identity_now(cfg)) is not None:
+        # a changed corpus, from a stat of its files: refused before anything is tokenized
+        check_same_data(found[0], found[2], {**found[2].get("data", {}), "corpus": now})
     if world.main:
-        run.write_recipe(cfg.to_toml())  # only now: a refused resume leaves the run's recipe as it was
-        if cfg.model.init:  # the architecture, so eval / generate / export work without the init directory
-            run.write_init_config(Path(cfg.model.init).expanduser() / "config.json")
-        data = prepare_run_data(cfg, run_dir)  # plain text (qtrain.data.dataset) or prompt/completion / chat records
+        data = prepare_run_data(cfg, None)  # plain text (qtrain.data.dataset) or prompt/completion / chat records
     distributed.barrier()  # rank 0 built the caches; the others open them
     if not world.main:
         data = prepare_run_data(cfg, None)
     if found is not None:
         check_same_data(found[0], found[2], data.identity())
+    if world.main:  # only now: a refused resume leaves the run directory as it was
+        run.write_recipe(cfg.to_toml())
+        if cfg.model.init:  # the architecture, so eval / generate / export work without the init directory
+            run.write_init_config(Path(cfg.model.init).expanduser() / "config.json")
+        data.record(run_dir)  # its tokenizer and data.json
+        t = cfg.train  # the batches every evaluation uses: `qtrain eval` needs neither the corpus nor the cache
+        save_eval_windows(data, run_dir, t.eval_batches, t.batch_size, t.seq_len, cfg.data.eval_tokens)
     torch.manual_seed(cfg.train.seed)
     # FSDP2 on CUDA: the whole model is built in host memory and fully_shard moves each rank's shards to its GPU
     build_device = torch.device("cpu") if world.sharded else device
