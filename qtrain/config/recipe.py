@@ -274,8 +274,11 @@ class DataConfig:
     """Fraction of the **documents** held out for validation, never a cut through one: document *j* of file *i* is
     held out when (*j*·f + u_i, (*j*+1)·f + u_i] holds an integer, u_i a fixed hash of *i*, so exactly one document
     in every 1/f of each file, spread evenly through it (a directory of one-document files holds out a fraction f of
-    its files). The tokenizer never trains on them. Both splits need at least `train.seq_len + 1` tokens; the error
-    names the document counts. Ignored with `validation`."""
+    its files). The tokenizer never trains on them. A source with too few documents for that (one book without blank
+    lines, a dump of a few huge documents: decided before anything is tokenized, from at most its first 32 M
+    characters) validates instead on the last `val_fraction` of its token stream (at least one window), and the run
+    header says so ([docs/data.md](data.md#validation)). Both splits need at least `train.seq_len + 1` tokens; a
+    source that cannot hold both is refused before the tokenizer is trained. Ignored with `validation`."""
     eval_tokens: int = _bounded(0, ge=0)
     """Tokens per evaluation. `0`: `train.eval_batches` × `batch_size` × `seq_len`. Else `eval_tokens // seq_len`
     windows (at least one). The windows are non-overlapping tiles of the validation stream spread evenly from its
@@ -313,11 +316,16 @@ class DataConfig:
     """Read only this many characters of each source (a cut at the end of the budget may fall inside a document). 0
     = no limit. Useful for quick runs and tests."""
     skip_unreadable: bool = False
-    """false = a damaged corpus file (bad or truncated .gz / .zst, corrupt Parquet) stops with an error naming it;
-    true = keep its documents before the damage, leave out the rest of it, and warn."""
+    """`false`: a damaged corpus file (a `.gz` that is not gzip, a CRC error, a truncated `.gz` / `.zst`, a corrupt
+    Parquet page) stops `qtrain prepare` / `train` with an error that names the file, the byte offset on disk and
+    the documents read fine before it (those and the other files are intact). `true`: keep the documents before the
+    damage, leave out the rest of that file, and warn (`UnreadableFileWarning`). Part of no cache key: the same
+    damage gives the same documents."""
     format: str = _choice("auto", "text", "prompt_completion", "chat")
-    """"auto" = a JSONL corpus's first record decides (text_field: plain text; prompt/completion; messages), and
-    a record with both is refused; else that format, whatever else the records hold."""
+    """What a JSONL corpus is. `"auto"`: its first record decides: `text_field` means plain text,
+    `prompt`/`completion` fine-tuning pairs, `messages` a chat; a record with both `text_field` and fine-tuning
+    fields is refused as ambiguous. Any other value is followed whatever the records also hold. The run header says
+    which format was used and why."""
 
     SOURCE_KEYS = ("weight", "text_field", "split_blank_lines")
 
