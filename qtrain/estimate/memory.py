@@ -28,6 +28,7 @@ import torch
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype
+from qtrain.core.statetree import tensors as _tensors
 from qtrain.model.builder import META_DTYPES, build_model, is_quantized_projection
 from qtrain.optim.adam import Adam
 from qtrain.optim.alice import AliceMethod
@@ -112,16 +113,6 @@ class Breakdown:
 
 
 # ---- persistent bytes: the real constructors on the meta device ----------------------------------------
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def _on_device(tensors, device_type: str) -> list[torch.Tensor]:
     """Distinct tensors that live on the training device.
 

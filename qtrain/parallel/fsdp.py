@@ -26,15 +26,13 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from qtrain.core.seeding import mix_seed
+from qtrain.core import statetree
+from qtrain.core.statetree import map_tensors
 from qtrain.errors import TrainingError
 from qtrain.model.builder import float_parameters, int8_layers
 from qtrain.parallel.apollo_sharded import sharded_apollo_scale
 from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
-from qtrain.quant import dispatch
-from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.linear import Int8Linear
-from qtrain.quant.stochastic_round import UNIFORM_BITS
 from qtrain.update.build import build_updater
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
@@ -87,16 +85,6 @@ def problems(cfg, model: nn.Module, world_size: int) -> list[str]:
                        f"{world_size}")
             break
     return out
-
-
-def _skip_uniforms(generator: torch.Generator, count: int, device) -> None:
-    """Advance a CPU generator past `count` SR uniforms (qtrain.quant.stochastic_round.sr_uniforms draws one
-    32-bit number per element, in row-major order, whatever the chunking)."""
-    block = 1 << 22
-    while count > 0:
-        k = min(count, block)
-        torch.randint(0, 1 << UNIFORM_BITS, (k,), generator=generator, device=device, dtype=torch.float32)
-        count -= k
 
 
 # ---- the sharded model and its updater -----------------------------------------------------------------
@@ -168,6 +156,7 @@ class ShardedTraining:
             if name.removesuffix(".weight") not in self.int8_shapes and p.requires_grad:
                 _place(root, name, nn.Parameter(local_tensor(p), requires_grad=True))  # shares the shard's storage
         updater = build_updater(root, self.cfg)  # the method validates the unsharded shapes
+        updater.shards = self
         for layer_name, loc in int8.items():  # then each layer holds this rank's rows
             w = local_tensor(self.params[f"{layer_name}.weight"])
             loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
@@ -176,30 +165,21 @@ class ShardedTraining:
     # ---- the hooks FSDP2 calls after each reduce-scatter ----------------------------------------------
     @torch.no_grad()
     def _update_int8(self, name: str, p: nn.Parameter) -> None:
-        u = self.updater
         grad, w = local_tensor(p.grad), local_tensor(p)
         p.grad = None
-        loc = u.int8[name]
+        loc = self.updater.int8[name]
         if loc.codes is not w.codes:  # FSDP2 re-padded the shard: follow its tensors
             loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
-        for hook in u.grad_hooks:
-            hook(name, grad)
-        method, shape = u.matrix_method, self.int8_shapes[name]
-        b_local = max(shape) // self.size
-        state = u.method_state(name, method, (b_local,), grad.device)  # a column block of the moments
-        scale = sharded_apollo_scale(method, grad, state, shape, self.rank, self.size)
-        row0 = self.rank * w.codes.shape[0]
-        args = (w.codes, w.scale, w.offset, w.group_size, grad, scale, u.lr, method.weight_decay)
-        seed = u.clock.seed(name).host  # update_seed(run seed, tensor, step), as the unsharded update's
-        if u.rounding != "stochastic":
-            int8_scaled_update_(*args, None)
-        elif w.codes.device.type == "cpu":  # the unsharded stream: skip the rows before this shard
-            generator = torch.Generator().manual_seed(seed)
-            _skip_uniforms(generator, row0 * shape[1], w.codes.device)
-            int8_scaled_update_(*args, generator)
-        else:  # counter-based noise (Triton): a seed per shard, the same distribution
-            dispatch.int8_scaled_update_(*args, seed if row0 == 0 else mix_seed(seed, row0) >> 32, u.kernels)
-        u._mark(name)
+        self.updater.update_int8(loc, grad)  # the Updater's update of these rows (RowShards below)
+
+    # ---- RowShards: what the Updater asks of the sharding -------------------------------------------
+    def first_row(self, name: str) -> int:
+        return self.rank * (self.int8_shapes[name][0] // self.size)
+
+    def grad_scale(self, name: str, grad: Tensor) -> Tensor:
+        method, shape = self.updater.matrix_method, self.int8_shapes[name]
+        state = self.updater.method_state(name, method, (max(shape) // self.size,), grad.device)  # a column block
+        return sharded_apollo_scale(method, grad, state, shape, self.rank, self.size)
 
     @torch.no_grad()
     def _update_float(self, name: str, p: nn.Parameter) -> None:
@@ -255,7 +235,7 @@ class ShardedTraining:
         """One tensor's optimizer state (any nesting) with every sharded tensor gathered, on the CPU."""
         if name in self.int8_shapes:  # APOLLO: the moments by columns of the oriented gradient
             b = max(self.int8_shapes[name])
-            return _map_tensors(state, lambda key, v: self._gather(v, b, 1) if key in MOMENTS else _cpu(v))
+            return map_tensors(state, lambda key, v: self._gather(v, b, 1) if key in MOMENTS else _cpu(v))
         local, full = tuple(self.updater.floats[name].shape), self.full_shapes[name]
 
         def gather(key, v):
@@ -266,14 +246,14 @@ class ShardedTraining:
                 return self._gather(v, -(-math.prod(full) // per_block), 0)
             return _cpu(v)  # step counters, 8-bit Adam's quantization maps: replicated
 
-        return _map_tensors(state, gather)
+        return map_tensors(state, gather)
 
     def _sliced(self, name: str, state):
         """The inverse of _gathered: this rank's blocks of an unsharded state."""
         if name in self.int8_shapes:
-            return _map_tensors(state, lambda key, v: self._block(v, 1) if key in MOMENTS else v)
+            return map_tensors(state, lambda key, v: self._block(v, 1) if key in MOMENTS else v)
         full = self.full_shapes[name]
-        return _map_tensors(state, lambda key, v: self._block(v, 0) if (
+        return map_tensors(state, lambda key, v: self._block(v, 0) if (
             v.dim() and tuple(v.shape) == full) or key in BLOCK_STATISTICS else v)
 
     def persistent_bytes(self) -> int:
@@ -289,7 +269,7 @@ def persistent_bytes(model: nn.Module, updater) -> int:
         local = local_tensor(p)
         tensors += [local.codes, local.scale, local.offset] if isinstance(local, Int8Weight) else [local]
     tensors += list(model.buffers())
-    tensors += _tensors(updater.state) + _tensors([list(opt.state.values()) for opt in updater.float_opts.values()])
+    tensors += statetree.tensors(updater.state) + statetree.tensors([list(opt.state.values()) for opt in updater.float_opts.values()])
     seen, total = set(), 0
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
@@ -301,23 +281,6 @@ def persistent_bytes(model: nn.Module, updater) -> int:
 
 def _cpu(v):
     return v.detach().cpu() if isinstance(v, Tensor) else v
-
-
-def _map_tensors(obj, fn, key=None):
-    """obj (nested dicts, lists, tuples) with each tensor v replaced by fn(key, v), key its dict key."""
-    if isinstance(obj, Tensor):
-        return fn(key, obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn, k) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn, key) for v in obj)
-    return obj
-
-
-def _tensors(obj) -> list[Tensor]:
-    out = []
-    _map_tensors(obj, lambda key, v: out.append(v))
-    return out
 
 
 class StateView:
