@@ -36,9 +36,21 @@ def runs(env, tmp_path_factory):  # noqa: F811
     return root
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process(runs):
     """Codes, scales, offsets, float tensors, APOLLO-Mini and AdamW states, data position and losses after
-    2, 4 and 6 steps: bit for bit (the checkpoints are the unsharded format, gathered by rank 0)."""
+    2, 4 and 6 steps: bit for bit. The FSDP2 checkpoints are sharded (torch.distributed.checkpoint: one file
+    per rank, each holding its half of the tensors), read whole here."""
+    from qtrain.checkpoint.store import read_meta
+
+    for step in (2, 4, 6):
+        path = runs / "fsdp" / "checkpoints" / f"step-{step:08d}"
+        meta = read_meta(path)
+        assert meta["layout"] == "dcp" and sorted(meta["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert meta["shard_dims"]["model/model.layers.0.mlp.up_proj.codes"] == 0
+        assert meta["shard_dims"]["optim/method_state/model.layers.0.mlp.up_proj/exp_avg"] == 1
+        one = (runs / "one" / "checkpoints" / f"step-{step:08d}" / "tensors.safetensors").stat().st_size
+        assert all((path / f).stat().st_size < 0.7 * one for f in ("__0_0.distcp", "__1_0.distcp"))
     assert_same_run(runs / "one", runs / "fsdp")
     for step in (2, 4):
         a, b = (final_state_at(runs / r, step) for r in ("one", "fsdp"))
@@ -52,16 +64,19 @@ def final_state_at(run: Path, step: int) -> dict:
     return load_checkpoint(run / "checkpoints" / f"step-{step:08d}")[0]
 
 
+@pytest.mark.slow
 def test_resume_between_fsdp_and_one_process(env, runs, tmp_path):  # noqa: F811
-    """An FSDP2 checkpoint continues in one process, and a one-process checkpoint under FSDP2: both end
-    exactly where the uninterrupted run does (the checkpoint is world-size free)."""
-    for run in ("one", "fsdp"):
-        shutil.copytree(runs / run, tmp_path / run)
-        shutil.rmtree(tmp_path / run / "checkpoints" / "step-00000006")
+    """A sharded FSDP2 checkpoint continues in one process and in 2 ranks (each reading its blocks), and a
+    one-process checkpoint under FSDP2: all end exactly where the uninterrupted run does, with its losses (the
+    checkpoint is world-size free)."""
+    for run, copy in (("one", "one"), ("fsdp", "fsdp"), ("fsdp", "fsdp2")):
+        shutil.copytree(runs / run, tmp_path / copy)
+        shutil.rmtree(tmp_path / copy / "checkpoints" / "step-00000006")
     qtrain(env, tmp_path / "fsdp", *SMALL, "train.steps=6", *ONE, resume=True)  # 2 shards -> 1 process
+    qtrain(env, tmp_path / "fsdp2", *SMALL, "train.steps=6", *SHARDED, nproc=2, resume=True)  # 2 -> 2 shards
     qtrain(env, tmp_path / "one", *SMALL, "train.steps=6", *SHARDED, nproc=2, resume=True)  # 1 -> 2 shards
-    for run in ("one", "fsdp"):
-        assert_same_run(runs / "one", tmp_path / run)
+    for run in ("one", "fsdp", "fsdp2"):
+        assert_same_run(runs / "one", tmp_path / run)  # losses included
 
 
 # ---- in-process ranks ----------------------------------------------------------------------------------

@@ -25,13 +25,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from qtrain.core import statetree
 from qtrain.core.statetree import map_tensors
 from qtrain.errors import TrainingError
-from qtrain.model.builder import float_parameters, int8_layers
+from qtrain.model.builder import float_parameters, initial_rows, int8_layers
 from qtrain.parallel.apollo_sharded import sharded_apollo_scale
 from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
+from qtrain.quant.groupwise import quantize_groupwise
 from qtrain.quant.linear import Int8Linear
 from qtrain.update.build import build_updater
 
@@ -111,7 +113,9 @@ class ShardedTraining:
     begin_step / finish_step / state_dict work unchanged, and the float tensors' updates are its own.
     """
 
-    def __init__(self, model: nn.Module, cfg, world, device: torch.device):
+    def __init__(self, model: nn.Module, cfg, world, device: torch.device, init: bool = True):
+        """model: built in memory (every rank the same weights), or on the meta device: then each rank allocates
+        and fills only its shards, with the random init's rows (`init`; False: a checkpoint fills them)."""
         found = problems(cfg, model, world.size)
         if found:
             raise TrainingError("cannot train with FSDP2: " + "; ".join(found))
@@ -124,7 +128,7 @@ class ShardedTraining:
         dtype = next(p.dtype for p in model.parameters())  # the float tensors' (build_model stores all alike)
         for layer in int8_layers(model).values():
             to_sharded_layer(layer, dtype)
-        mesh = init_device_mesh(device.type, (world.size,))
+        self.mesh = mesh = init_device_mesh(device.type, (world.size,))
         # one unit per block, and the embedding and lm_head (the two largest tensors) each their own, so only
         # one of them is gathered at a time; the root keeps the final norm
         for unit in [model.model.embed_tokens, *model.model.layers, model.lm_head, model]:
@@ -133,6 +137,12 @@ class ShardedTraining:
             if isinstance(unit, FSDPModule):  # SUM: the loss is already scaled by 1 / world (ReduceOp.AVG is NCCL's)
                 unit.set_gradient_divide_factor(1.0)
                 unit.set_force_sum_reduction_for_comms(True)
+        if any(t.is_meta for t in model.parameters()):  # per-rank materialisation: only this rank's shards
+            model.to_empty(device=device)
+            with torch.device(device):
+                model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # computed, not stored
+            if init:
+                self._random_init(model)
         self.model = model
         self.params = dict(model.named_parameters())  # sharded DTensor parameters
         self.updater = self._local_updater()
@@ -142,6 +152,25 @@ class ShardedTraining:
                 p.register_post_accumulate_grad_hook(lambda p, n=layer_name: self._update_int8(n, p))
             elif p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p, n=name: self._update_float(n, p))
+
+    @torch.no_grad()
+    def _random_init(self, model: nn.Module) -> None:
+        """Fill this rank's shards with their rows of build_model's random init (drawn on the CPU): the same
+        weights for every world size, and those of a one-process CPU build (model.builder.initial_rows)."""
+        seed, std = self.cfg.train.seed, self.cfg.model.init_std
+        for name, p in model.named_parameters():
+            local, layer_name = local_tensor(p), name.removesuffix(".weight")
+            if layer_name in self.int8_shapes:
+                shape, r0 = self.int8_shapes[layer_name], self.first_row(layer_name)
+                w = initial_rows(name, shape, r0, r0 + local.codes.shape[0], seed, std)
+                for part, v in zip(("codes", "scale", "offset"), quantize_groupwise(w, local.group_size,
+                                                                                   local.scale.dtype)):
+                    getattr(local, part).copy_(v)  # nearest rounding, as Int8Linear.load_float_
+            elif len(self.full_shapes[name]) == 1:  # RMSNorm weights 1, biases 0 (sharded or not)
+                local.fill_(0.0 if name.endswith(".bias") else 1.0)
+            else:  # FSDP2 shards by torch.chunk: rank r holds rows r * ceil(m / world) ..
+                r0 = min(self.full_shapes[name][0], self.rank * -(-self.full_shapes[name][0] // self.size))
+                local.copy_(initial_rows(name, self.full_shapes[name], r0, r0 + local.shape[0], seed, std))
 
     def _local_updater(self):
         root, int8 = nn.Module(), {}
@@ -191,7 +220,7 @@ class ShardedTraining:
         p.grad = None
         self.updater.update_float(name, shadow)
 
-    # ---- checkpoints: the unsharded format ------------------------------------------------------------
+    # ---- checkpoints: gathered (the unsharded format) or sharded (DTensors) ------------------------------------------------------------
     def _gather(self, t: Tensor, full: int, dim: int) -> Tensor:
         """The unsharded tensor (on the CPU) from every rank's `t`, a torch.chunk block of `full` along dim."""
         per = -(-full // self.size)
@@ -207,22 +236,54 @@ class ShardedTraining:
         chunks = torch.chunk(t, self.size, dim=dim)
         return chunks[self.rank].clone() if self.rank < len(chunks) else t.narrow(dim, 0, 0).clone()
 
-    def full_state(self) -> tuple[dict[str, Tensor], dict]:
-        """(model state_dict, Updater state_dict) as the unsharded run would save them, on the CPU; a
-        collective: every rank calls it, in the same order."""
+    def _dtensor(self, t: Tensor, full: int, dim: int) -> DTensor:
+        """This rank's `t` as its block of the unsharded tensor (no copy): what torch.distributed.checkpoint
+        writes per rank, and reads back into the blocks of any world size."""
+        shape = list(t.shape)
+        shape[dim] = full
+        return DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    def _state(self, place) -> tuple[dict[str, Tensor], dict]:
+        """(model state_dict, Updater state_dict) under the unsharded run's keys, each sharded tensor turned
+        into place(local block, unsharded length, dim)."""
         model_sd = {}
         for key in self.keys:
             layer_name, _, attr = key.rpartition(".")
             if layer_name in self.int8_shapes and attr in ("codes", "scale", "offset"):
                 local = getattr(local_tensor(self.params[f"{layer_name}.weight"]), attr)
-                model_sd[key] = self._gather(local, self.full_shapes[key][0], 0)
+                model_sd[key] = place(local, self.full_shapes[key][0], 0)
             elif key in self.params:
-                model_sd[key] = self._gather(local_tensor(self.params[key]).detach(), self.full_shapes[key][0], 0)
+                model_sd[key] = place(local_tensor(self.params[key]).detach(), self.full_shapes[key][0], 0)
             else:  # a replicated buffer
                 model_sd[key] = self.model.get_buffer(key).detach().cpu()
         sd = self.updater.state_dict()
-        return model_sd, {**sd, "method_state": {n: self._gathered(n, st) for n, st in sd["method_state"].items()},
-                          "float_optimizers": {n: self._gathered(n, st) for n, st in sd["float_optimizers"].items()}}
+        return model_sd, {**sd, "method_state": {n: self._placed(n, st, place) for n, st in sd["method_state"].items()},
+                          "float_optimizers": {n: self._placed(n, st, place)
+                                               for n, st in sd["float_optimizers"].items()}}
+
+    def full_state(self) -> tuple[dict[str, Tensor], dict]:
+        """(model state_dict, Updater state_dict) as the unsharded run would save them, on the CPU; a
+        collective: every rank calls it, in the same order."""
+        return self._state(self._gather)
+
+    def sharded_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The same state with each sharded tensor a DTensor over this rank's block (no gather, no copy): what
+        a sharded checkpoint (torch.distributed.checkpoint) saves."""
+        return self._state(self._dtensor)
+
+    def load_local_state(self, model_sd: dict[str, Tensor], updater_sd: dict) -> None:
+        """Load this rank's blocks of a checkpoint (read by torch.distributed.checkpoint for this world size):
+        the model's under the unsharded keys, the Updater's as _state places them."""
+        for key, v in model_sd.items():
+            layer_name, _, attr = key.rpartition(".")
+            if layer_name in self.int8_shapes and attr in ("codes", "scale", "offset"):
+                getattr(local_tensor(self.params[f"{layer_name}.weight"]), attr).copy_(v)
+            elif key in self.params:
+                local_tensor(self.params[key]).detach().copy_(v)
+            else:
+                self.model.get_buffer(key).copy_(v)
+        self.updater.load_state_dict(updater_sd)
 
     def load_full_updater_state(self, sd: dict) -> None:
         """Load an unsharded Updater state_dict (a checkpoint of any world size, FSDP2 or not): this rank's
@@ -231,22 +292,23 @@ class ShardedTraining:
             **sd, "method_state": {n: self._sliced(n, st) for n, st in sd["method_state"].items()},
             "float_optimizers": {n: self._sliced(n, st) for n, st in sd["float_optimizers"].items()}})
 
-    def _gathered(self, name: str, state):
-        """One tensor's optimizer state (any nesting) with every sharded tensor gathered, on the CPU."""
+    def _placed(self, name: str, state, place):
+        """One tensor's optimizer state (any nesting) with every sharded tensor turned into place(block, full,
+        dim); replicated ones (step counters, scalars) on the CPU."""
         if name in self.int8_shapes:  # APOLLO: the moments by columns of the oriented gradient
             b = max(self.int8_shapes[name])
-            return map_tensors(state, lambda key, v: self._gather(v, b, 1) if key in MOMENTS else _cpu(v))
+            return map_tensors(state, lambda key, v: place(v, b, 1) if key in MOMENTS else _cpu(v))
         local, full = tuple(self.updater.floats[name].shape), self.full_shapes[name]
 
-        def gather(key, v):
+        def placed(key, v):
             if v.dim() and tuple(v.shape) == local:  # Adam's moments, 8-bit Adam's codes: rows
-                return self._gather(v, full[0], 0)
+                return place(v, full[0], 0)
             if key in BLOCK_STATISTICS:  # 8-bit Adam's per-block absmax: whole blocks per rank
                 per_block = math.prod(local) // v.numel()
-                return self._gather(v, -(-math.prod(full) // per_block), 0)
+                return place(v, -(-math.prod(full) // per_block), 0)
             return _cpu(v)  # step counters, 8-bit Adam's quantization maps: replicated
 
-        return map_tensors(state, gather)
+        return map_tensors(state, placed)
 
     def _sliced(self, name: str, state):
         """The inverse of _gathered: this rank's blocks of an unsharded state."""
