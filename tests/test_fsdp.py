@@ -12,15 +12,17 @@ row in the unsharded noise stream (qtrain.parallel.fsdp). Only the logged gradie
 """
 
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import assert_same_run, env, final_state, losses, qtrain  # noqa: F401  (env: a fixture)
+from test_distributed import FAST, TIMEOUT, TINY, assert_same_run, env, final_state, losses, qtrain  # noqa: F401
 
-TINY = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.toml")
 SMALL = ["train.seq_len=32", "model.max_seq_len=32"]
 KEEP = ["train.steps=6", "train.save_every=2", "train.keep_last=3"]  # checkpoints at steps 2, 4 and 6
 ONE = ["train.grad_accum_steps=2"]  # release = false (FAST): the same two micro-batches, accumulated
@@ -77,6 +79,27 @@ def test_resume_between_fsdp_and_one_process(env, runs, tmp_path):  # noqa: F811
     qtrain(env, tmp_path / "one", *SMALL, "train.steps=6", *SHARDED, nproc=2, resume=True)  # 1 -> 2 shards
     for run in ("one", "fsdp", "fsdp2"):
         assert_same_run(runs / "one", tmp_path / run)  # losses included
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_node(env, runs, tmp_path):  # noqa: F811
+    """Two "machines" (two launches on 127.0.0.1, one rank each, c10d rendezvous) train exactly as the
+    one-machine 2-rank run: the same checkpoints (sharded, each node writing its blocks) and losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two_nodes"
+    args = [sys.executable, "-m", "qtrain", "train", TINY, "--quiet", "--out", str(out),
+            *[f"--set={s}" for s in FAST + SMALL + KEEP + SHARDED], "--nnodes=2", f"--master=127.0.0.1:{port}"]
+    nodes = [subprocess.Popen([*args, f"--node-rank={r}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_same_run(runs / "fsdp", out)
 
 
 # ---- in-process ranks ----------------------------------------------------------------------------------
@@ -243,3 +266,54 @@ def test_int8_weight_refuses_float_arithmetic():
     assert top.codes.shape == (2, 64) and bottom.scale.shape == (2,)
     with pytest.raises(NotImplementedError, match="Int8Weight does not support"):
         w + 1
+
+
+# ---- per-rank materialisation --------------------------------------------------------------------------
+# hidden 96 and MLP 192 divide by 2 and 3; the 500-row embedding and lm_head shard unevenly over 3 ranks
+WIDE = ["model.hidden_size=96", "model.intermediate_size=192", "model.vocab_size=500", "quant.group_size=32",
+        "train.device=cpu"]
+
+
+def _materialise_worker(rank: int, world: int, init: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
+    from qtrain.parallel.fsdp import ShardedTraining
+    from qtrain.train.build import build
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cfg = TrainConfig.from_toml(TINY, WIDE)
+    meta_model = build(cfg, "meta", updater=False).model
+    sharded = ShardedTraining(meta_model, cfg, World(rank, world, rank, sharded=True), torch.device("cpu"))
+    blocks = [t.to_local() for t in sharded.sharded_state()[0].values() if isinstance(t, DTensor)]
+    local_bytes = sum(t.numel() * t.element_size() for t in blocks)
+    weights = sharded.full_state()[0]
+    if rank == 0:
+        torch.save((weights, local_bytes), out)
+    del sharded
+    distributed.release_sharded_state()
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_random_init_is_the_same_for_1_2_and_3_ranks(tmp_path):
+    """Each rank builds on the meta device and draws only its rows: the weights (int8 codes, scales, offsets,
+    float tensors) equal the one-process build bit for bit for 2 and 3 ranks, and rank 0 allocates a 1/world
+    share of the sharded tensors."""
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.train.build import build
+
+    cfg = TrainConfig.from_toml(TINY, WIDE)
+    torch.manual_seed(0)
+    reference = build(cfg, "cpu", updater=False).model.state_dict()
+    total = sum(v.numel() * v.element_size() for k, v in reference.items() if "rotary" not in k)
+    for world in (2, 3):
+        out = tmp_path / f"w{world}"
+        mp.spawn(_materialise_worker, args=(world, f"file://{tmp_path / f'rdzv{world}'}", str(out)), nprocs=world)
+        weights, local_bytes = torch.load(out, weights_only=False)
+        assert weights.keys() == reference.keys()
+        assert not [k for k in reference if not torch.equal(weights[k], reference[k])], world
+        assert local_bytes < total / world * 1.05

@@ -74,3 +74,15 @@ def test_corrupt_shard_is_named_and_skipped(mesh, tmp_path):
     (tmp_path / "checkpoints" / "step-00000001" / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
         load_checkpoint(tmp_path / "checkpoints" / "step-00000001")
+
+
+def test_save_transient_is_one_staged_block_and_reaches_the_estimate():
+    from qtrain.checkpoint.store import DCP_COPY_AHEAD, sharded_save_transient_bytes
+    from qtrain.estimate.memory import estimate
+
+    assert sharded_save_transient_bytes([10, 30, 20], "cpu") == (0, 30)  # one block at a time, nothing on device
+    assert sharded_save_transient_bytes([10, 30, 20], "cuda") == (0, 60)  # copy-ahead, capped by the state
+    assert sharded_save_transient_bytes([DCP_COPY_AHEAD] * 3, "cuda") == (0, 2 * DCP_COPY_AHEAD)
+    notes = [n for n in estimate("tiny", "cuda", nproc=2, fsdp=True).notes if n.startswith("sharded checkpoint")]
+    assert len(notes) == 1 and "0 MiB on the device" in notes[0]
+    assert not [n for n in estimate("tiny", "cuda", nproc=2).notes if n.startswith("sharded checkpoint")]

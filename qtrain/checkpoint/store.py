@@ -49,6 +49,7 @@ META_FILE = "meta.json"
 LATEST_FILE = "latest"
 RESERVED_META_KEYS = ("step", "format_version", "sha256", "num_tensors", "layout", "files", "shard_dims")
 DCP_LAYOUT, DCP_INDEX = "dcp", ".metadata"  # meta.json's "layout" of a sharded checkpoint; DCP's index file
+DCP_COPY_AHEAD = 10_000_000  # bytes DCP's writer stages on the host ahead of the file write (CUDA tensors)
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _HASH_CHUNK = 1 << 24  # 16 MiB reads keep hashing a multi-GB file at disk speed without holding it in memory
 
@@ -196,6 +197,26 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
     return final
 
 
+def sharded_save_transient_bytes(block_bytes: list[int], device_type: str) -> tuple[int, int]:
+    """(device, host) bytes one rank's save_sharded_checkpoint holds beyond its state: DCP's writer (one thread)
+    copies one block at a time to the host (on CUDA a stream copies up to DCP_COPY_AHEAD bytes ahead, at least
+    one whole block) and writes it; no block is gathered or copied on the device. block_bytes: the rank's blocks
+    (its shards of the weights and optimizer states, and the replicated tensors on rank 0)."""
+    largest, total = max(block_bytes, default=0), sum(block_bytes)
+    return 0, min(total, largest + (DCP_COPY_AHEAD if device_type == "cuda" else 0))
+
+
+def save_transient_note(tensors: list[Tensor], shards: int, device_type: str) -> str:
+    """The estimator's line on what one rank's sharded checkpoint save adds to the step's memory, for the
+    unsharded persistent tensors of a model trained on `shards` ranks (each rank saves its torch.chunk blocks)."""
+    blocks = [-(-t.shape[0] // shards) * (t.numel() // max(t.shape[0], 1)) * t.element_size() if t.dim() else
+              t.element_size() for t in tensors]
+    device, host = sharded_save_transient_bytes(blocks, device_type)
+    return (f"sharded checkpoint save (torch.distributed.checkpoint): {device / 2**20:.0f} MiB on the device, "
+            f"{host / 2**20:.1f} MiB of host memory per rank beyond its state (one block staged at a time; the "
+            f"gathered format needed the largest whole tensor on the device and the whole state on rank 0's host)")
+
+
 def _save_failed(e: BaseException, step: int, final: Path, previous: str | None, installed: bool) -> CheckpointError:
     intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     if installed:
@@ -235,7 +256,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor]
     dist.broadcast_object_list(name, src=0)
     tmp = root / name[0]
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1))
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True, thread_count=1,
+                                                              per_thread_copy_ahead=DCP_COPY_AHEAD))
         mine = {p.name: _sha256(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
     except Exception as e:  # DCP raises on every rank when one rank's write fails
         mine = {"": f"rank {rank}: {e}"}

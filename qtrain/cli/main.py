@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fsdp", action="store_true",
                    help="with --nproc: shard weights and optimizer states across the processes (FSDP2; "
                         "= --set train.fsdp=true)")
+    t.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="machines in the job; run the same command on each, with its --node-rank (torchrun, "
+                        "c10d rendezvous at --master)")
+    t.add_argument("--node-rank", type=int, default=0, metavar="R",
+                   help="this machine's place in the job, 0 .. nnodes-1; node 0 hosts the rendezvous")
+    t.add_argument("--master", metavar="ADDR:PORT",
+                   help="with --nnodes: node 0's address and a free port, the same on every node")
     t.set_defaults(fn=_command("train"))
 
     pr = sub.add_parser("prepare", help="tokenize a recipe's corpus into token shards (train does it when missing)")
@@ -84,26 +91,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exec_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process by torchrun running the same command on nproc local processes."""
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master")  # torchrun's business, not the ranks'
+
+
+def torchrun_command(args, argv: list[str]) -> list[str]:
+    """The torchrun command that runs `qtrain` with argv (less the launch flags) on args.nproc local processes:
+    one machine (--standalone), or one of args.nnodes machines meeting at args.master (c10d rendezvous, hosted
+    by node 0; every node runs the same command with its own --node-rank)."""
     rest, skip = [], False
-    for a in argv:  # the same arguments without --nproc
+    for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in LAUNCH_FLAGS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "qtrain", *rest]
-    os.execv(sys.executable, cmd)
+    launch = ["--standalone"]
+    if args.nnodes > 1:
+        if not args.master or not args.master.rpartition(":")[2].isdigit():
+            raise SystemExit(f"qtrain train: error: --nnodes {args.nnodes} needs --master ADDR:PORT (node 0's "
+                             f"address and a free port, the same on every node)")
+        if not 0 <= args.node_rank < args.nnodes:
+            raise SystemExit(f"qtrain train: error: --node-rank {args.node_rank} must be in 0 .. {args.nnodes - 1}")
+        launch = [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", "--rdzv-backend=c10d",
+                  f"--rdzv-endpoint={args.master}", "--rdzv-id=qtrain",
+                  f"--rdzv-conf=is_host={int(args.node_rank == 0)}"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={args.nproc}",
+            "-m", "qtrain", *rest]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if getattr(args, "nproc", 1) > 1 and args.command == "train" and "WORLD_SIZE" not in os.environ:
-        _exec_torchrun(args.nproc, argv)
+    if args.command == "train" and (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        cmd = torchrun_command(args, argv)
+        os.execv(sys.executable, cmd)  # this process becomes torchrun, which starts the ranks
     from qtrain.config.recipe import ConfigError
     from qtrain.errors import QtrainError
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qtrain.checkpoint.store import save_transient_note
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype
@@ -781,7 +782,8 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
         total_on_gpu=peak_allocated + slack + context + (NCCL_BUFFER_BYTES if device_type == "cuda" and nproc > 1 else 0),
         peak_phase=peak_phase.name, peak_component=max(peak_phase.parts.items(), key=lambda kv: kv[1])[0],
         largest_component=max((c for c in comps if c.kind != "overhead"), key=lambda c: c.bytes).name,
-        notes=_notes(cfg, updater, device_type, compute) + (_fsdp_notes(cfg, shards) if shards > 1 else []),
+        notes=_notes(cfg, updater, device_type, compute) + (_fsdp_notes(cfg, shards) if shards > 1 else [])
+        + ([save_transient_note(persistent_tensors, shards, device_type)] if shards > 1 else []),
     )
 
 

@@ -88,14 +88,18 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
     if found is not None:
         check_same_data(found[0], found[2], data.identity())
     torch.manual_seed(cfg.train.seed)
-    # FSDP2 on CUDA: the whole model is built in host memory and fully_shard moves each rank's shards to its GPU
-    build_device = torch.device("cpu") if world.sharded else device
-    built = build(cfg, build_device, weights=found is None)  # a resumed run's weights come from its checkpoint
+    fresh = found is None
+    shards_pending = not fresh and found[1] is None  # a sharded checkpoint, read once the model is sharded
+    # FSDP2: built on the meta device, each rank materialises only its shards (random init or a sharded
+    # checkpoint); with [model] init or an unsharded checkpoint the whole model is built in host memory first and
+    # fully_shard keeps (on CUDA: moves to the GPU) each rank's shards
+    per_rank = world.sharded and (shards_pending or (fresh and not cfg.model.init))
+    build_device = torch.device("meta") if per_rank else torch.device("cpu") if world.sharded else device
+    built = build(cfg, build_device, updater=not world.sharded, weights=fresh)  # resumed: the checkpoint's
     model, updater = built.model, built.updater
     sampler = data.sampler(cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
     progress, last_saved = TrainingProgress(), None
     full_updater_state = StateView({})  # FSDP2: the checkpoint's unsharded Updater state, sliced after sharding
-    shards_pending = found is not None and found[1] is None  # a sharded checkpoint, read once the model is sharded
     if found is not None and not shards_pending:
         last_saved, tensors, meta = found
         progress = load_run(last_saved, tensors, meta, model, full_updater_state if world.sharded else updater,
@@ -103,9 +107,11 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
         del tensors, found  # the CPU copy of the checkpoint is not needed past this point
     reducer, sharded = None, None
     if world.sharded:
-        if not shards_pending:  # same seed, same init (or checkpoint): verified before the weights are cut
+        if not per_rank:  # same seed, same init (or checkpoint): verified before the weights are cut
             distributed.check_replicas(model, dataclasses.replace(world, sharded=False), progress.step)
-        sharded = ShardedTraining(model, cfg, world, device)  # its hooks update every shard inside backward
+        # its hooks update every shard inside backward; per_rank: it materialises the shards (init=False: the
+        # checkpoint's), each rank's rows of the same weights whatever the world size
+        sharded = ShardedTraining(model, cfg, world, device, init=fresh)
         if shards_pending:
             last_saved, _, meta = found
             progress = load_sharded_run(last_saved, meta, sharded, cfg, device)
@@ -114,16 +120,16 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
             sharded.load_full_updater_state(full_updater_state.sd)
         model, updater = sharded.model, sharded.updater
         built = full_updater_state = None  # the unsharded model's Updater and state: not needed past this point
-    if last_saved is not None:
-        sampler.load_state_dict(progress.sampler)
-        if world.main:
-            print(f"resumed from {last_saved} at step {progress.step}")
     elif world.size > 1:
         distributed.check_replicas(model, world, progress.step)  # same seed, same init: verified, not assumed
         if cfg.train.release and cfg.train.dp_overlap > 0:
             reducer = distributed.OverlappedReducer(cfg.train.dp_overlap)  # reduces before the Updater's hooks
         else:
             updater.add_grad_hook(distributed.reduce_grad_)  # first: later hooks see the global gradient
+    if last_saved is not None:
+        sampler.load_state_dict(progress.sampler)
+        if world.main:
+            print(f"resumed from {last_saved} at step {progress.step}")
     if cfg.train.release and sharded is None:
         attach_release(updater, reducer)
     predicted = _cuda_estimate(cfg, device, world.size, world.sharded) if world.main else None
