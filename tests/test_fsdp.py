@@ -108,7 +108,8 @@ SETS = ["model.vocab_size=256", "train.seq_len=32", "model.max_seq_len=32", "tra
 APOLLO = ["optim.method=apollo", "optim.args.rank=4", "optim.args.scale_type=channel", "optim.args.scale=1",
           "optim.args.bias_correction=outside", "optim.args.eps=1e-6"]
 STEPS = 3
-VARIANTS = {"apollo_mini": SETS, "apollo": SETS + APOLLO, "adam8bit": SETS + ["optim.float_optimizer=adam8bit"]}
+VARIANTS = {"apollo_mini": SETS, "apollo": SETS + APOLLO, "adam8bit": SETS + ["optim.float_optimizer=adam8bit"],
+            "tied": SETS + ["model.tie_embeddings=true"]}  # embedding = lm_head: one tensor, in the root unit
 
 
 def _batches(step: int):
@@ -199,9 +200,13 @@ def _flat(sd: dict) -> dict:
 def test_sharded_update_equals_unsharded(spawned, method):
     """APOLLO-Mini (tensor-wise), APOLLO (channel-wise, rank 4: the column blocks of down_proj, 88 of 176
     columns per rank, come through the all-to-all) and 8-bit Adam for the float tensors (its blocks of 256
-    lie inside a shard): weights and states equal, gathered on both ranks."""
+    lie inside a shard), and tied embeddings (one tensor, the root unit's, updated once from both uses):
+    weights and states equal, gathered on both ranks."""
     ranks, refs = spawned
     ref_model, ref_state, _ = refs[method]
+    if method == "tied":  # the checkpoint keys: lm_head.weight is the embedding, stored once
+        assert ref_model["lm_head.weight"].data_ptr() == ref_model["model.embed_tokens.weight"].data_ptr()
+        ref_model = {k: v for k, v in ref_model.items() if k != "lm_head.weight"}
     for rank in (0, 1):
         model_sd, state_sd, _ = ranks[rank][0][method]
         assert model_sd.keys() == ref_model.keys()
@@ -317,3 +322,48 @@ def test_random_init_is_the_same_for_1_2_and_3_ranks(tmp_path):
         assert weights.keys() == reference.keys()
         assert not [k for k in reference if not torch.equal(weights[k], reference[k])], world
         assert local_bytes < total / world * 1.05
+
+
+def _hf_init_worker(rank: int, init: str, ckpt: str, out: str) -> None:
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
+    from qtrain.parallel.fsdp import ShardedTraining
+    from qtrain.train.build import build
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    cfg = TrainConfig.from_dict({"model": {"init": ckpt}, "quant": {"group_size": 64},
+                                 "optim": {"float_optimizer": "adamw"}, "train": {"seq_len": 32}})
+    sharded = ShardedTraining(build(cfg, "meta", updater=False).model, cfg, World(rank, 2, rank, sharded=True),
+                              torch.device("cpu"))
+    weights = sharded.full_state()[0]
+    torch.save((weights, sharded.bytes_read), f"{out}.{rank}")
+    del sharded
+    distributed.release_sharded_state()
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_hf_init_reads_only_each_ranks_rows(tmp_path):
+    """[model] init under FSDP2: each rank reads its rows of every tensor from the safetensors files (sliced,
+    memory-mapped): half the file's tensor bytes each, and together the weights of the one-process load."""
+    from safetensors import safe_open
+    from tiny_hf import make_checkpoint
+
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.train.build import build
+
+    ckpt = tmp_path / "hf"
+    make_checkpoint(ckpt, "llama", vocab_size=256, tie_word_embeddings=False)
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+    mp.spawn(_hf_init_worker, args=(f"file://{tmp_path / 'rdzv'}", str(ckpt), str(tmp_path / "out")), nprocs=2)
+    cfg = TrainConfig.from_dict({"model": {"init": str(ckpt)}, "quant": {"group_size": 64},
+                                 "optim": {"float_optimizer": "adamw"}, "train": {"seq_len": 32}})
+    reference = build(cfg, "cpu", updater=False).model.state_dict()
+    for rank in (0, 1):
+        weights, read = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=False)
+        assert weights.keys() == reference.keys()
+        assert not [k for k in reference if not torch.equal(weights[k], reference[k])]
+        assert read == stored // 2, (read, stored)

@@ -40,31 +40,42 @@ def _worker(rank: int, world: int, whole: bool, tmp: str) -> None:
     from qtrain.parallel.distributed import World
     from qtrain.parallel.fsdp import ShardedTraining, StateView
     from qtrain.train.build import build
+    from qtrain.update.release import attach_release
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=world)
     baseline = _rss_mib()
     cfg = TrainConfig.from_toml(REPO / "recipes" / "tiny.toml", MODEL)
-    model = build(cfg, "cpu" if whole else "meta", updater=False).model
-    sharded = ShardedTraining(model, cfg, World(rank, world, rank, sharded=True), torch.device("cpu"))
-    del model
+    if world == 1:  # one process trains unsharded (what --fsdp does alone): the whole model, the one-file save
+        built_ = build(cfg, "cpu")
+        model, updater = built_.model, built_.updater
+        attach_release(updater)
+    else:
+        model = build(cfg, "cpu" if whole else "meta", updater=False).model
+        sharded = ShardedTraining(model, cfg, World(rank, world, rank, sharded=True), torch.device("cpu"))
+        model, updater = sharded.model, sharded.updater
     built = _rss_mib()
     x = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(rank))
-    sharded.updater.begin_step(1e-3, 1e-3)
-    (lm_loss(sharded.model, x[:, :-1], x[:, 1:], torch.float32) / world).backward()
-    sharded.updater.finish_step()
+    updater.begin_step(1e-3, 1e-3)
+    (lm_loss(model, x[:, :-1], x[:, 1:], torch.float32) / world).backward()
+    updater.finish_step()
     stepped = _rss_mib()
-    model_sd, updater_sd = sharded.sharded_state()
-    save_run(Path(tmp) / "run", StateView(model_sd), StateView(updater_sd), TrainingProgress(step=1), cfg,
-             torch.device("cpu"), {}, sharded=True)
+    if world == 1:
+        save_run(Path(tmp) / "run", model, updater, TrainingProgress(step=1), cfg, torch.device("cpu"), {})
+    else:
+        model_sd, updater_sd = sharded.sharded_state()
+        save_run(Path(tmp) / "run", StateView(model_sd), StateView(updater_sd), TrainingProgress(step=1), cfg,
+                 torch.device("cpu"), {}, sharded=True)
+        del sharded, model_sd, updater_sd
     row = torch.tensor([baseline, built, stepped, _rss_mib()], dtype=torch.float64)
     rows = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(rows, row)
     if rank == 0:
         peak = torch.stack(rows).max(dim=0).values.tolist()  # the largest rank's figures
-        print(f"| {world} | {'whole, then sharded' if whole else 'per rank (meta)'} | {peak[0]:.0f} | {peak[1]:.0f} "
+        mode = "one process" if world == 1 else "whole, then sharded" if whole else "per rank (meta)"
+        print(f"| {world} | {mode} | {peak[0]:.0f} | {peak[1]:.0f} "
               f"| {peak[2]:.0f} | {peak[3]:.0f} | {peak[3] - peak[0]:.0f} |", flush=True)
-    del sharded, model_sd, updater_sd
+    del model, updater
     distributed.release_sharded_state()
     distributed.shutdown()
 

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 from qtrain.core import statetree
 from qtrain.core.statetree import map_tensors
 from qtrain.errors import TrainingError
+from qtrain.hf.pretrained import load_rows_
 from qtrain.model.builder import float_parameters, initial_rows, int8_layers
 from qtrain.parallel.apollo_sharded import sharded_apollo_scale
 from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
@@ -70,9 +71,6 @@ def problems(cfg, model: nn.Module, world_size: int) -> list[str]:
                 out.append(f'{name} {tuple(p.shape)}: 8-bit Adam\'s blocks of {BNB_BLOCK} would straddle its '
                            f'{world_size} row shards; set optim.float_optimizer = "adamw"')
                 break
-    if cfg.model.tie_embeddings:
-        out.append("[model] tie_embeddings = true is not supported with FSDP2 (one tensor in two units); set it "
-                   "to false")
     if not cfg.quant.enabled:
         out.append("[quant] enabled = false: FSDP2 here shards int8 projections; set quant.enabled = true")
     for name, layer in int8_layers(model).items():
@@ -115,14 +113,18 @@ class ShardedTraining:
 
     def __init__(self, model: nn.Module, cfg, world, device: torch.device, init: bool = True):
         """model: built in memory (every rank the same weights), or on the meta device: then each rank allocates
-        and fills only its shards, with the random init's rows (`init`; False: a checkpoint fills them)."""
+        and fills only its shards (`init`; False: a run checkpoint fills them), with its rows of the random init
+        or of the [model] init checkpoint."""
         found = problems(cfg, model, world.size)
         if found:
             raise TrainingError("cannot train with FSDP2: " + "; ".join(found))
         self.cfg, self.world, self.device = cfg, world, device
         self.rank, self.size = world.rank, world.size
         sd = model.state_dict()
-        self.keys = [k for k in sd]  # the unsharded checkpoint's model keys, in order
+        # lm_head.weight when embeddings are tied: the embedding's Parameter (found by identity: on the meta device
+        # every tensor has the same data_ptr)
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+        self.keys = [k for k in sd if k not in tied]  # the unsharded checkpoint's model keys, in order
         self.full_shapes = {k: tuple(v.shape) for k, v in sd.items()}
         self.int8_shapes = {name: (layer.out_features, layer.in_features) for name, layer in int8_layers(model).items()}
         dtype = next(p.dtype for p in model.parameters())  # the float tensors' (build_model stores all alike)
@@ -130,8 +132,10 @@ class ShardedTraining:
             to_sharded_layer(layer, dtype)
         self.mesh = mesh = init_device_mesh(device.type, (world.size,))
         # one unit per block, and the embedding and lm_head (the two largest tensors) each their own, so only
-        # one of them is gathered at a time; the root keeps the final norm
-        for unit in [model.model.embed_tokens, *model.model.layers, model.lm_head, model]:
+        # one of them is gathered at a time; the root keeps the final norm. Tied, they are one tensor, which
+        # must lie in one unit: the root's (gathered for the whole step, reduce-scattered once after backward)
+        ends = [] if tied else [model.model.embed_tokens, model.lm_head]
+        for unit in [*ends[:1], *model.model.layers, *ends[1:], model]:
             fully_shard(unit, mesh=mesh)
         for unit in model.modules():
             if isinstance(unit, FSDPModule):  # SUM: the loss is already scaled by 1 / world (ReduceOp.AVG is NCCL's)
@@ -141,7 +145,10 @@ class ShardedTraining:
             model.to_empty(device=device)
             with torch.device(device):
                 model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # computed, not stored
-            if init:
+            self.bytes_read = 0  # of a [model] init checkpoint: this rank's rows only
+            if init and cfg.model.init:
+                self.bytes_read = self._checkpoint_init(model, cfg.model.init)
+            elif init:
                 self._random_init(model)
         self.model = model
         self.params = dict(model.named_parameters())  # sharded DTensor parameters
@@ -152,6 +159,25 @@ class ShardedTraining:
                 p.register_post_accumulate_grad_hook(lambda p, n=layer_name: self._update_int8(n, p))
             elif p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p, n=name: self._update_float(n, p))
+
+    def _row0(self, name: str, rows: int) -> int:
+        """The first row of this rank's torch.chunk block of a tensor of `rows` rows (FSDP2's split)."""
+        return min(rows, self.rank * -(-rows // self.size))
+
+    def _checkpoint_init(self, model: nn.Module, init: str) -> int:
+        """Fill this rank's shards from a Hugging Face checkpoint, reading only its rows; returns the bytes read."""
+        int8, floats, full = {}, {}, {}
+        for name, p in model.named_parameters():
+            local, layer_name = local_tensor(p), name.removesuffix(".weight")
+            if layer_name in self.int8_shapes:
+                m, n = full[name] = self.int8_shapes[layer_name]
+                layer = Int8Linear(n, local.codes.shape[0], local.group_size, local.scale.dtype, device="meta")
+                layer.codes, layer.scale, layer.offset = local.codes, local.scale, local.offset
+                int8[name] = (layer, self.first_row(layer_name))
+            else:
+                full[name] = self.full_shapes[name]
+                floats[name] = (local.detach(), self._row0(name, full[name][0]))
+        return load_rows_(init, int8, floats, full)
 
     @torch.no_grad()
     def _random_init(self, model: nn.Module) -> None:
@@ -169,7 +195,7 @@ class ShardedTraining:
             elif len(self.full_shapes[name]) == 1:  # RMSNorm weights 1, biases 0 (sharded or not)
                 local.fill_(0.0 if name.endswith(".bias") else 1.0)
             else:  # FSDP2 shards by torch.chunk: rank r holds rows r * ceil(m / world) ..
-                r0 = min(self.full_shapes[name][0], self.rank * -(-self.full_shapes[name][0] // self.size))
+                r0 = self._row0(name, self.full_shapes[name][0])
                 local.copy_(initial_rows(name, self.full_shapes[name], r0, r0 + local.shape[0], seed, std))
 
     def _local_updater(self):

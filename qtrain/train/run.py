@@ -90,10 +90,10 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
     torch.manual_seed(cfg.train.seed)
     fresh = found is None
     shards_pending = not fresh and found[1] is None  # a sharded checkpoint, read once the model is sharded
-    # FSDP2: built on the meta device, each rank materialises only its shards (random init or a sharded
-    # checkpoint); with [model] init or an unsharded checkpoint the whole model is built in host memory first and
-    # fully_shard keeps (on CUDA: moves to the GPU) each rank's shards
-    per_rank = world.sharded and (shards_pending or (fresh and not cfg.model.init))
+    # FSDP2: built on the meta device, each rank materialises only its shards (random init, its rows of a
+    # [model] init checkpoint, or a sharded run checkpoint); to resume an unsharded checkpoint the whole model is
+    # built in host memory first and fully_shard keeps (on CUDA: moves to the GPU) each rank's shards
+    per_rank = world.sharded and (shards_pending or fresh)
     build_device = torch.device("meta") if per_rank else torch.device("cpu") if world.sharded else device
     built = build(cfg, build_device, updater=not world.sharded, weights=fresh)  # resumed: the checkpoint's
     model, updater = built.model, built.updater
