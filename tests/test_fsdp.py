@@ -12,15 +12,17 @@ row in the unsharded noise stream (qtrain.parallel.fsdp). Only the logged gradie
 """
 
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import assert_same_run, env, final_state, losses, qtrain  # noqa: F401  (env: a fixture)
+from test_distributed import FAST, TIMEOUT, TINY, assert_same_run, env, final_state, losses, qtrain  # noqa: F401
 
-TINY = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.toml")
 SMALL = ["train.seq_len=32", "model.max_seq_len=32"]
 KEEP = ["train.steps=6", "train.save_every=2", "train.keep_last=3"]  # checkpoints at steps 2, 4 and 6
 ONE = ["train.grad_accum_steps=2"]  # release = false (FAST): the same two micro-batches, accumulated
@@ -36,9 +38,21 @@ def runs(env, tmp_path_factory):  # noqa: F811
     return root
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process(runs):
     """Codes, scales, offsets, float tensors, APOLLO-Mini and AdamW states, data position and losses after
-    2, 4 and 6 steps: bit for bit (the checkpoints are the unsharded format, gathered by rank 0)."""
+    2, 4 and 6 steps: bit for bit. The FSDP2 checkpoints are sharded (torch.distributed.checkpoint: one file
+    per rank, each holding its half of the tensors), read whole here."""
+    from qtrain.checkpoint.store import read_meta
+
+    for step in (2, 4, 6):
+        path = runs / "fsdp" / "checkpoints" / f"step-{step:08d}"
+        meta = read_meta(path)
+        assert meta["layout"] == "dcp" and sorted(meta["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert meta["shard_dims"]["model/model.layers.0.mlp.up_proj.codes"] == 0
+        assert meta["shard_dims"]["optim/method_state/model.layers.0.mlp.up_proj/exp_avg"] == 1
+        one = (runs / "one" / "checkpoints" / f"step-{step:08d}" / "tensors.safetensors").stat().st_size
+        assert all((path / f).stat().st_size < 0.7 * one for f in ("__0_0.distcp", "__1_0.distcp"))
     assert_same_run(runs / "one", runs / "fsdp")
     for step in (2, 4):
         a, b = (final_state_at(runs / r, step) for r in ("one", "fsdp"))
@@ -52,16 +66,40 @@ def final_state_at(run: Path, step: int) -> dict:
     return load_checkpoint(run / "checkpoints" / f"step-{step:08d}")[0]
 
 
+@pytest.mark.slow
 def test_resume_between_fsdp_and_one_process(env, runs, tmp_path):  # noqa: F811
-    """An FSDP2 checkpoint continues in one process, and a one-process checkpoint under FSDP2: both end
-    exactly where the uninterrupted run does (the checkpoint is world-size free)."""
-    for run in ("one", "fsdp"):
-        shutil.copytree(runs / run, tmp_path / run)
-        shutil.rmtree(tmp_path / run / "checkpoints" / "step-00000006")
+    """A sharded FSDP2 checkpoint continues in one process and in 2 ranks (each reading its blocks), and a
+    one-process checkpoint under FSDP2: all end exactly where the uninterrupted run does, with its losses (the
+    checkpoint is world-size free)."""
+    for run, copy in (("one", "one"), ("fsdp", "fsdp"), ("fsdp", "fsdp2")):
+        shutil.copytree(runs / run, tmp_path / copy)
+        shutil.rmtree(tmp_path / copy / "checkpoints" / "step-00000006")
     qtrain(env, tmp_path / "fsdp", *SMALL, "train.steps=6", *ONE, resume=True)  # 2 shards -> 1 process
+    qtrain(env, tmp_path / "fsdp2", *SMALL, "train.steps=6", *SHARDED, nproc=2, resume=True)  # 2 -> 2 shards
     qtrain(env, tmp_path / "one", *SMALL, "train.steps=6", *SHARDED, nproc=2, resume=True)  # 1 -> 2 shards
-    for run in ("one", "fsdp"):
-        assert_same_run(runs / "one", tmp_path / run)
+    for run in ("one", "fsdp", "fsdp2"):
+        assert_same_run(runs / "one", tmp_path / run)  # losses included
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_node(env, runs, tmp_path):  # noqa: F811
+    """Two "machines" (two launches on 127.0.0.1, one rank each, c10d rendezvous) train exactly as the
+    one-machine 2-rank run: the same checkpoints (sharded, each node writing its blocks) and losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two_nodes"
+    args = [sys.executable, "-m", "qtrain", "train", TINY, "--quiet", "--out", str(out),
+            *[f"--set={s}" for s in FAST + SMALL + KEEP + SHARDED], "--nnodes=2", f"--master=127.0.0.1:{port}"]
+    nodes = [subprocess.Popen([*args, f"--node-rank={r}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_same_run(runs / "fsdp", out)
 
 
 # ---- in-process ranks ----------------------------------------------------------------------------------
@@ -70,7 +108,8 @@ SETS = ["model.vocab_size=256", "train.seq_len=32", "model.max_seq_len=32", "tra
 APOLLO = ["optim.method=apollo", "optim.args.rank=4", "optim.args.scale_type=channel", "optim.args.scale=1",
           "optim.args.bias_correction=outside", "optim.args.eps=1e-6"]
 STEPS = 3
-VARIANTS = {"apollo_mini": SETS, "apollo": SETS + APOLLO, "adam8bit": SETS + ["optim.float_optimizer=adam8bit"]}
+VARIANTS = {"apollo_mini": SETS, "apollo": SETS + APOLLO, "adam8bit": SETS + ["optim.float_optimizer=adam8bit"],
+            "tied": SETS + ["model.tie_embeddings=true"]}  # embedding = lm_head: one tensor, in the root unit
 
 
 def _batches(step: int):
@@ -161,9 +200,13 @@ def _flat(sd: dict) -> dict:
 def test_sharded_update_equals_unsharded(spawned, method):
     """APOLLO-Mini (tensor-wise), APOLLO (channel-wise, rank 4: the column blocks of down_proj, 88 of 176
     columns per rank, come through the all-to-all) and 8-bit Adam for the float tensors (its blocks of 256
-    lie inside a shard): weights and states equal, gathered on both ranks."""
+    lie inside a shard), and tied embeddings (one tensor, the root unit's, updated once from both uses):
+    weights and states equal, gathered on both ranks."""
     ranks, refs = spawned
     ref_model, ref_state, _ = refs[method]
+    if method == "tied":  # the checkpoint keys: lm_head.weight is the embedding, stored once
+        assert ref_model["lm_head.weight"].data_ptr() == ref_model["model.embed_tokens.weight"].data_ptr()
+        ref_model = {k: v for k, v in ref_model.items() if k != "lm_head.weight"}
     for rank in (0, 1):
         model_sd, state_sd, _ = ranks[rank][0][method]
         assert model_sd.keys() == ref_model.keys()
@@ -227,3 +270,99 @@ def test_int8_weight_refuses_float_arithmetic():
     assert top.codes.shape == (2, 64) and bottom.scale.shape == (2,)
     with pytest.raises(NotImplementedError, match="Int8Weight does not support"):
         w + 1
+
+
+# ---- per-rank materialisation --------------------------------------------------------------------------
+# hidden 96 and MLP 192 divide by 2 and 3; the 500-row embedding and lm_head shard unevenly over 3 ranks
+WIDE = ["model.hidden_size=96", "model.intermediate_size=192", "model.vocab_size=500", "quant.group_size=32",
+        "train.device=cpu"]
+
+
+def _materialise_worker(rank: int, world: int, init: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
+    from qtrain.parallel.fsdp import ShardedTraining
+    from qtrain.train.build import build
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cfg = TrainConfig.from_toml(TINY, WIDE)
+    meta_model = build(cfg, "meta", updater=False).model
+    sharded = ShardedTraining(meta_model, cfg, World(rank, world, rank, sharded=True), torch.device("cpu"))
+    blocks = [t.to_local() for t in sharded.sharded_state()[0].values() if isinstance(t, DTensor)]
+    local_bytes = sum(t.numel() * t.element_size() for t in blocks)
+    weights = sharded.full_state()[0]
+    if rank == 0:
+        torch.save((weights, local_bytes), out)
+    del sharded
+    distributed.release_sharded_state()
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_random_init_is_the_same_for_1_2_and_3_ranks(tmp_path):
+    """Each rank builds on the meta device and draws only its rows: the weights (int8 codes, scales, offsets,
+    float tensors) equal the one-process build bit for bit for 2 and 3 ranks, and rank 0 allocates a 1/world
+    share of the sharded tensors."""
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.train.build import build
+
+    cfg = TrainConfig.from_toml(TINY, WIDE)
+    torch.manual_seed(0)
+    reference = build(cfg, "cpu", updater=False).model.state_dict()
+    total = sum(v.numel() * v.element_size() for k, v in reference.items() if "rotary" not in k)
+    for world in (2, 3):
+        out = tmp_path / f"w{world}"
+        mp.spawn(_materialise_worker, args=(world, f"file://{tmp_path / f'rdzv{world}'}", str(out)), nprocs=world)
+        weights, local_bytes = torch.load(out, weights_only=False)
+        assert weights.keys() == reference.keys()
+        assert not [k for k in reference if not torch.equal(weights[k], reference[k])], world
+        assert local_bytes < total / world * 1.05
+
+
+def _hf_init_worker(rank: int, init: str, ckpt: str, out: str) -> None:
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.parallel import distributed
+    from qtrain.parallel.distributed import World
+    from qtrain.parallel.fsdp import ShardedTraining
+    from qtrain.train.build import build
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    cfg = TrainConfig.from_dict({"model": {"init": ckpt}, "quant": {"group_size": 64},
+                                 "optim": {"float_optimizer": "adamw"}, "train": {"seq_len": 32}})
+    sharded = ShardedTraining(build(cfg, "meta", updater=False).model, cfg, World(rank, 2, rank, sharded=True),
+                              torch.device("cpu"))
+    weights = sharded.full_state()[0]
+    torch.save((weights, sharded.bytes_read), f"{out}.{rank}")
+    del sharded
+    distributed.release_sharded_state()
+    distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_hf_init_reads_only_each_ranks_rows(tmp_path):
+    """[model] init under FSDP2: each rank reads its rows of every tensor from the safetensors files (sliced,
+    memory-mapped): half the file's tensor bytes each, and together the weights of the one-process load."""
+    from safetensors import safe_open
+    from tiny_hf import make_checkpoint
+
+    from qtrain.config.recipe import TrainConfig
+    from qtrain.train.build import build
+
+    ckpt = tmp_path / "hf"
+    make_checkpoint(ckpt, "llama", vocab_size=256, tie_word_embeddings=False)
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+    mp.spawn(_hf_init_worker, args=(f"file://{tmp_path / 'rdzv'}", str(ckpt), str(tmp_path / "out")), nprocs=2)
+    cfg = TrainConfig.from_dict({"model": {"init": str(ckpt)}, "quant": {"group_size": 64},
+                                 "optim": {"float_optimizer": "adamw"}, "train": {"seq_len": 32}})
+    reference = build(cfg, "cpu", updater=False).model.state_dict()
+    for rank in (0, 1):
+        weights, read = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=False)
+        assert weights.keys() == reference.keys()
+        assert not [k for k in reference if not torch.equal(weights[k], reference[k])]
+        assert read == stored // 2, (read, stored)

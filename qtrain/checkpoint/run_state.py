@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 
-from qtrain.checkpoint.store import TrainingProgress, save_checkpoint
+from qtrain.checkpoint.store import (
+    TrainingProgress,
+    is_sharded,
+    load_shards,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from qtrain.config.recipe import TrainConfig
 from qtrain.core.statetree import flatten, unflatten
 from qtrain.errors import TrainingError
@@ -45,14 +51,20 @@ def _set_rng_state(rng: dict[str, str], device: torch.device) -> None:
 
 
 def save_run(run_dir: Path, model, updater: Updater, progress: TrainingProgress, cfg: TrainConfig,
-             device: torch.device, data_identity: dict[str, str]) -> Path:
-    """Checkpoint the run at progress.step; data_identity: {"corpus": sha, "tokenizer": sha} of what it trains on."""
-    aliases = tied_aliases(model)  # a tied lm_head is the embedding: stored once
+             device: torch.device, data_identity: dict[str, str], sharded: bool = False) -> Path:
+    """Checkpoint the run at progress.step; data_identity: {"corpus": sha, "tokenizer": sha} of what it trains on.
+
+    sharded: model and updater hold DTensors (qtrain.parallel.fsdp.ShardedTraining.sharded_state) and every rank
+    calls this: a torch.distributed.checkpoint directory, each rank writing its blocks.
+    """
+    aliases = set() if sharded else tied_aliases(model)  # a tied lm_head is the embedding: stored once
     tensors = {f"model/{k}": v for k, v in model.state_dict().items() if k not in aliases}
     optim_skeleton = flatten(updater.state_dict(), "optim", tensors)
     progress.rng = _rng_state(device)
     meta = {"progress": progress.state_dict(), "optim": optim_skeleton, "recipe": cfg.to_dict(),
             "device_type": device.type, "data": dict(data_identity)}
+    if sharded:
+        return save_sharded_checkpoint(run_dir, progress.step, tensors, meta, cfg.train.keep_last)
     return save_checkpoint(run_dir, progress.step, tensors, meta, cfg.train.keep_last)
 
 
@@ -108,6 +120,28 @@ def load_run(path: Path, tensors: dict, meta: dict, model, updater: Updater | No
     if updater is None:
         return progress
     updater.load_state_dict(unflatten(meta["optim"], {k: v for k, v in tensors.items() if k.startswith("optim")}))
+    return _resumed(progress, meta, cfg, device)
+
+
+def load_sharded_run(path: Path, meta: dict, target, cfg: TrainConfig, device: torch.device) -> TrainingProgress:
+    """Resume a sharded run from a sharded checkpoint, a collective: each rank reads only its blocks (the
+    checkpoint may come from any world size: DCP reshards). An unsharded checkpoint goes through load_run.
+    target: qtrain.parallel.fsdp.ShardedTraining (mesh, load_local_state)."""
+    if not is_sharded(meta):
+        raise TrainingError(f"checkpoint {path} is unsharded: load it with load_run")
+    local = load_shards(path, meta, target.mesh)
+    weights = {k[len("model/"):]: v for k, v in local.items() if k.startswith("model/")}
+    if set(weights) != set(target.keys):
+        raise TrainingError(f"checkpoint {path} does not fit the recipe's model: missing "
+                            f"{sorted(set(target.keys) - set(weights))[:5]}, unexpected "
+                            f"{sorted(set(weights) - set(target.keys))[:5]}")
+    target.load_local_state(weights, unflatten(meta["optim"], {k: v for k, v in local.items()
+                                                               if k.startswith("optim")}))
+    return _resumed(TrainingProgress.from_state_dict(meta["progress"]), meta, cfg, device)
+
+
+def _resumed(progress: TrainingProgress, meta: dict, cfg: TrainConfig, device: torch.device) -> TrainingProgress:
+    """The RNG state of the checkpoint restored; what the recipe changed since, said."""
     _set_rng_state(progress.rng, device)
     for section in ("optim", "train"):
         for key, value in meta["recipe"][section].items():

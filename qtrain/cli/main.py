@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fsdp", action="store_true",
                    help="with --nproc: shard weights and optimizer states across the processes (FSDP2; "
                         "= --set train.fsdp=true)")
+    t.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="machines in the job; run the same command on each, with its --node-rank (torchrun, "
+                        "c10d rendezvous at --master)")
+    t.add_argument("--node-rank", type=int, default=0, metavar="R",
+                   help="this machine's place in the job, 0 .. nnodes-1; node 0 hosts the rendezvous")
+    t.add_argument("--master", metavar="ADDR:PORT",
+                   help="with --nnodes: node 0's address and a free port, the same on every node")
     t.set_defaults(fn=_command("train"))
 
     pr = sub.add_parser("prepare", help="tokenize a recipe's corpus into token shards (train does it when missing)")
@@ -141,8 +148,8 @@ def _launch_ranks(args, argv: list[str]) -> int:
     from qtrain.core.device import resolve_device
 
     cfg = commands.train_config(args)
-    rules.check_launch(cfg, args.nproc, resolve_device(cfg.train.device).type)
-    return torchrun.launch(args.nproc, argv, commands.run_dir(args))
+    rules.check_launch(cfg, args.nproc * args.nnodes, resolve_device(cfg.train.device).type)
+    return torchrun.launch(args, argv, commands.run_dir(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "estimate" and args.fsdp and args.nproc < 2:
         parser.error("estimate --fsdp shards across processes: give their number with --nproc N (N >= 2)")
-    launcher = args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ
+    launcher = args.command == "train" and (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ
     try:
         return _launch_ranks(args, argv) if launcher else args.fn(args)
     except QtrainError as e:  # anything else is a bug: its traceback stays

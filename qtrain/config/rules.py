@@ -172,9 +172,6 @@ def fsdp_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         out.append('[optim] lm_head_optimizer / embedding_optimizer = "same_as_matrices" is not supported with '
                    'FSDP2; set both to "adam"')
     out += fsdp_adam8bit_blocks(cfg, world_size)
-    if cfg.model.tie_embeddings:
-        out.append("[model] tie_embeddings = true is not supported with FSDP2 (one tensor in two units); set it "
-                   "to false")
     if not cfg.quant.enabled:
         out.append("[quant] enabled = false: FSDP2 here shards int8 projections; set quant.enabled = true")
     out += fsdp_projection_rows(cfg, world_size)

@@ -1,14 +1,34 @@
-"""Split nested state (dicts, lists, tuples of tensors and scalars) into flat tensors + a JSON skeleton.
+"""Nested state (dicts, lists, tuples of tensors and scalars): the one walker of qtrain.
 
-Checkpoints keep every tensor in safetensors and everything else (steps, seeds, hyperparameters) in
-JSON. Dict keys keep their type (torch optimizer states are keyed by int), tuples stay tuples.
+`tensors` lists the tensors of such a tree and `map_tensors` rebuilds it with each tensor replaced (the
+optimizer states an Updater moves, FSDP2 gathers or slices, the estimator counts); both walk with
+torch.utils._pytree. `flatten` / `unflatten` split a tree into flat tensors + a JSON skeleton for checkpoints:
+every tensor in safetensors (or torch.distributed.checkpoint), everything else (steps, seeds, hyperparameters)
+in JSON. Dict keys keep their type (torch optimizer states are keyed by int), tuples stay tuples.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import torch.utils._pytree as pytree
 from torch import Tensor
+
+
+def tensors(obj: Any) -> list[Tensor]:
+    """Every tensor in obj, in traversal order."""
+    return [t for t in pytree.tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+def map_tensors(obj: Any, fn: Callable[[Any, Tensor], Any]) -> Any:
+    """obj with each tensor v replaced by fn(key, v), key the innermost dict key above it (None at the top)."""
+    def visit(path, leaf):
+        if not isinstance(leaf, Tensor):
+            return leaf
+        keys = [k.key for k in path if isinstance(k, pytree.MappingKey)]
+        return fn(keys[-1] if keys else None, leaf)
+
+    return pytree.tree_map_with_path(visit, obj)
 
 
 def flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qtrain.checkpoint.store import save_transient_note
 from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype
@@ -74,7 +75,8 @@ def estimate(recipe_or_cfg: TrainConfig | str | Path, device_type: str = "cuda",
         peak_reserved=peak_allocated + slack, total_on_gpu=peak_allocated + slack + context + outside,
         peak_phase=peak_phase.name, peak_component=max(peak_phase.parts.items(), key=lambda kv: kv[1])[0],
         largest_component=max((c for c in comps if c.kind != "overhead"), key=lambda c: c.bytes).name,
-        notes=_notes(step) + (fsdp_notes(cfg, shards) if shards > 1 else []), nproc=nproc, fsdp=fsdp,
+        notes=_notes(step) + (fsdp_notes(cfg, shards) + [save_transient_note(kept.tensors, shards, device_type)]
+                              if shards > 1 else []), nproc=nproc, fsdp=fsdp,
     )
 
 

@@ -186,6 +186,55 @@ def load_checkpoint_(model: nn.Module, init: str | Path) -> None:
                                                  "files from two models?)")
 
 
+@torch.no_grad()
+def load_rows_(init: str | Path, int8: dict[str, tuple[Int8Linear, int]], floats: dict[str, tuple[torch.Tensor, int]],
+               full_shapes: dict[str, tuple[int, ...]]) -> int:
+    """load_checkpoint_ for one rank of a sharded model: only its rows of each tensor are read.
+
+    int8: checkpoint key -> (an Int8Linear over this rank's codes, scales and offsets, its first row);
+    floats: key -> (this rank's block of the tensor, its first row); full_shapes: every key's unsharded shape,
+    checked against the file. Each file is memory-mapped for one tensor at a time and sliced to the rows
+    (safetensors' get_slice), so a rank reads 1/world of the weights. Returns the bytes it read.
+    """
+    todo, read = set(int8) | set(floats), 0
+    for file in weight_files(init):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys() if key in todo}
+        for key, shape in shapes.items():
+            if shape != full_shapes[key]:
+                raise _error(init, f"{key} is {shape} in {file.name}, the model's is {full_shapes[key]}; the "
+                                   f"weights do not match config.json")
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if key in int8:
+                    layer, first = int8[key]
+                    stored = _Rows(f.get_slice(key), first, layer.out_features)
+                    _quantize_from(layer, stored)
+                else:
+                    block, first = floats[key]
+                    stored = _Rows(f.get_slice(key), first, block.shape[0] if block.dim() else 1)
+                    _copy_from(block, stored)
+            read += stored.read
+            todo.discard(key)
+    if todo:
+        raise _error(init, f"tensors missing from the safetensors files: {sorted(todo)[:3]} ({len(todo)} in all)")
+    return read
+
+
+class _Rows:
+    """Rows first .. first + count of a safetensors slice, indexed from 0 as a tensor of count rows; counts the
+    bytes it hands out."""
+
+    def __init__(self, stored, first: int, count: int):
+        self.stored, self.first, self.count, self.read = stored, first, count, 0
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start = 0 if rows.start is None else rows.start
+        stop = self.count if rows.stop is None else rows.stop
+        t = self.stored[self.first + start : self.first + stop]
+        self.read += t.numel() * t.element_size()
+        return t
+
+
 def row_pieces(rows: int, cols: int, rows_per_group_boundary: int = 1) -> list[tuple[int, int]]:
     """Row ranges of at most LOAD_CHUNK_ELEMS elements, each starting on a multiple of rows_per_group_boundary."""
     step = rows_per_group_boundary

@@ -37,6 +37,7 @@ from qtrain.model.loss import LMHead
 from qtrain.model.rms_norm import fuse_rms_norms
 from qtrain.quant import dispatch
 from qtrain.quant.linear import Int8Linear
+from qtrain.quant.stochastic_round import skip_uniforms
 
 # Causal SDPA without a mask object. transformers builds the causal mask for "sdpa" itself, and on the
 # way checks whether position ids encode packed sequences with `(...).all()`: a host-device sync in every
@@ -145,6 +146,23 @@ def build_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, device: torch.de
             for name, layer in int8_layers(model).items():  # one fp32 weight alive at a time
                 layer.load_float_(init_weight(f"{name}.weight", (layer.out_features, layer.in_features)))
     return model
+
+
+def initial_rows(name: str, shape: tuple[int, ...], r0: int, r1: int, seed: int, std: float) -> torch.Tensor:
+    """Rows r0..r1 (fp32, on the CPU) of tensor `name`'s random init N(0, std), bit-equal to those rows of the
+    whole tensor as build_model draws it on the CPU: what one rank of a sharded model materialises, the same
+    whatever the world size. torch's CPU normal sampler fills blocks of 16 from one 32-bit draw per element, so
+    the draws of the whole 16-blocks before r0 are skipped and the 16-blocks around r0..r1 drawn (a tensor whose
+    size is not a multiple of 16 is drawn whole: its last block is redrawn at the end)."""
+    gen = seeded_generator("cpu", mix_seed(seed, name_uid(name)))
+    n, numel = math.prod(shape[1:]), math.prod(shape)
+    if numel % 16 or (r0 == 0 and r1 == shape[0]):
+        return torch.randn(shape, generator=gen, dtype=torch.float32)[r0:r1] * std
+    a, b = r0 * n, r1 * n
+    a16, b16 = a - a % 16, -(-b // 16) * 16
+    skip_uniforms(gen, a16, "cpu")
+    block = torch.randn(b16 - a16, generator=gen, dtype=torch.float32)[a - a16 : b - a16]
+    return block.view(r1 - r0, *shape[1:]) * std
 
 
 def swap_int8_projections(model: nn.Module, quant_cfg: QuantConfig, meta_dtype: torch.dtype) -> None:

@@ -25,31 +25,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from qtrain.config import rules
-from qtrain.core.seeding import mix_seed
+from qtrain.core import statetree
+from qtrain.core.statetree import map_tensors
 from qtrain.errors import TrainingError
-from qtrain.model.builder import int8_layers
+from qtrain.hf.pretrained import load_rows_
+from qtrain.model.builder import initial_rows, int8_layers
 from qtrain.parallel.apollo_sharded import sharded_apollo_scale
 from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
-from qtrain.quant import dispatch
-from qtrain.quant.int8_update import int8_scaled_update_
+from qtrain.quant.groupwise import quantize_groupwise
 from qtrain.quant.linear import Int8Linear
-from qtrain.quant.stochastic_round import UNIFORM_BITS
 from qtrain.update.build import build_updater
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
 BLOCK_STATISTICS = ("absmax1", "absmax2")  # bitsandbytes' 8-bit Adam: one absmax per block of its flat state
-
-
-def _skip_uniforms(generator: torch.Generator, count: int, device) -> None:
-    """Advance a CPU generator past `count` SR uniforms (qtrain.quant.stochastic_round.sr_uniforms draws one
-    32-bit number per element, in row-major order, whatever the chunking)."""
-    block = 1 << 22
-    while count > 0:
-        k = min(count, block)
-        torch.randint(0, 1 << UNIFORM_BITS, (k,), generator=generator, device=device, dtype=torch.float32)
-        count -= k
 
 
 # ---- the sharded model and its updater -----------------------------------------------------------------
@@ -76,28 +67,45 @@ class ShardedTraining:
     begin_step / finish_step / state_dict work unchanged, and the float tensors' updates are its own.
     """
 
-    def __init__(self, model: nn.Module, cfg, world, device: torch.device):
+    def __init__(self, model: nn.Module, cfg, world, device: torch.device, init: bool = True):
+        """model: built in memory (every rank the same weights), or on the meta device: then each rank allocates
+        and fills only its shards (`init`; False: a run checkpoint fills them), with its rows of the random init
+        or of the [model] init checkpoint."""
         found = rules.fsdp_problems(cfg, world.size)  # `qtrain train` checked them before building anything
         if found:
             raise TrainingError("cannot train with FSDP2: " + "; ".join(found))
         self.cfg, self.world, self.device = cfg, world, device
         self.rank, self.size = world.rank, world.size
         sd = model.state_dict()
-        self.keys = [k for k in sd]  # the unsharded checkpoint's model keys, in order
+        # lm_head.weight when embeddings are tied: the embedding's Parameter (found by identity: on the meta device
+        # every tensor has the same data_ptr)
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+        self.keys = [k for k in sd if k not in tied]  # the unsharded checkpoint's model keys, in order
         self.full_shapes = {k: tuple(v.shape) for k, v in sd.items()}
         self.int8_shapes = {name: (layer.out_features, layer.in_features) for name, layer in int8_layers(model).items()}
         dtype = next(p.dtype for p in model.parameters())  # the float tensors' (build_model stores all alike)
         for layer in int8_layers(model).values():
             to_sharded_layer(layer, dtype)
-        mesh = init_device_mesh(device.type, (world.size,))
+        self.mesh = mesh = init_device_mesh(device.type, (world.size,))
         # one unit per block, and the embedding and lm_head (the two largest tensors) each their own, so only
-        # one of them is gathered at a time; the root keeps the final norm
-        for unit in [model.model.embed_tokens, *model.model.layers, model.lm_head, model]:
+        # one of them is gathered at a time; the root keeps the final norm. Tied, they are one tensor, which
+        # must lie in one unit: the root's (gathered for the whole step, reduce-scattered once after backward)
+        ends = [] if tied else [model.model.embed_tokens, model.lm_head]
+        for unit in [*ends[:1], *model.model.layers, *ends[1:], model]:
             fully_shard(unit, mesh=mesh)
         for unit in model.modules():
             if isinstance(unit, FSDPModule):  # SUM: the loss is already scaled by 1 / world (ReduceOp.AVG is NCCL's)
                 unit.set_gradient_divide_factor(1.0)
                 unit.set_force_sum_reduction_for_comms(True)
+        if any(t.is_meta for t in model.parameters()):  # per-rank materialisation: only this rank's shards
+            model.to_empty(device=device)
+            with torch.device(device):
+                model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # computed, not stored
+            self.bytes_read = 0  # of a [model] init checkpoint: this rank's rows only
+            if init and cfg.model.init:
+                self.bytes_read = self._checkpoint_init(model, cfg.model.init)
+            elif init:
+                self._random_init(model)
         self.model = model
         self.params = dict(model.named_parameters())  # sharded DTensor parameters
         self.updater = self._local_updater()
@@ -107,6 +115,44 @@ class ShardedTraining:
                 p.register_post_accumulate_grad_hook(lambda p, n=layer_name: self._update_int8(n, p))
             elif p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p, n=name: self._update_float(n, p))
+
+    def _row0(self, name: str, rows: int) -> int:
+        """The first row of this rank's torch.chunk block of a tensor of `rows` rows (FSDP2's split)."""
+        return min(rows, self.rank * -(-rows // self.size))
+
+    def _checkpoint_init(self, model: nn.Module, init: str) -> int:
+        """Fill this rank's shards from a Hugging Face checkpoint, reading only its rows; returns the bytes read."""
+        int8, floats, full = {}, {}, {}
+        for name, p in model.named_parameters():
+            local, layer_name = local_tensor(p), name.removesuffix(".weight")
+            if layer_name in self.int8_shapes:
+                m, n = full[name] = self.int8_shapes[layer_name]
+                layer = Int8Linear(n, local.codes.shape[0], local.group_size, local.scale.dtype, device="meta")
+                layer.codes, layer.scale, layer.offset = local.codes, local.scale, local.offset
+                int8[name] = (layer, self.first_row(layer_name))
+            else:
+                full[name] = self.full_shapes[name]
+                floats[name] = (local.detach(), self._row0(name, full[name][0]))
+        return load_rows_(init, int8, floats, full)
+
+    @torch.no_grad()
+    def _random_init(self, model: nn.Module) -> None:
+        """Fill this rank's shards with their rows of build_model's random init (drawn on the CPU): the same
+        weights for every world size, and those of a one-process CPU build (model.builder.initial_rows)."""
+        seed, std = self.cfg.train.seed, self.cfg.model.init_std
+        for name, p in model.named_parameters():
+            local, layer_name = local_tensor(p), name.removesuffix(".weight")
+            if layer_name in self.int8_shapes:
+                shape, r0 = self.int8_shapes[layer_name], self.first_row(layer_name)
+                w = initial_rows(name, shape, r0, r0 + local.codes.shape[0], seed, std)
+                for part, v in zip(("codes", "scale", "offset"), quantize_groupwise(w, local.group_size,
+                                                                                   local.scale.dtype)):
+                    getattr(local, part).copy_(v)  # nearest rounding, as Int8Linear.load_float_
+            elif len(self.full_shapes[name]) == 1:  # RMSNorm weights 1, biases 0 (sharded or not)
+                local.fill_(0.0 if name.endswith(".bias") else 1.0)
+            else:  # FSDP2 shards by torch.chunk: rank r holds rows r * ceil(m / world) ..
+                r0 = self._row0(name, self.full_shapes[name][0])
+                local.copy_(initial_rows(name, self.full_shapes[name], r0, r0 + local.shape[0], seed, std))
 
     def _local_updater(self):
         root, int8 = nn.Module(), {}
@@ -121,6 +167,7 @@ class ShardedTraining:
             if name.removesuffix(".weight") not in self.int8_shapes and p.requires_grad:
                 _place(root, name, nn.Parameter(local_tensor(p), requires_grad=True))  # shares the shard's storage
         updater = build_updater(root, self.cfg)  # the method validates the unsharded shapes
+        updater.shards = self
         for layer_name, loc in int8.items():  # then each layer holds this rank's rows
             w = local_tensor(self.params[f"{layer_name}.weight"])
             loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
@@ -129,30 +176,21 @@ class ShardedTraining:
     # ---- the hooks FSDP2 calls after each reduce-scatter ----------------------------------------------
     @torch.no_grad()
     def _update_int8(self, name: str, p: nn.Parameter) -> None:
-        u = self.updater
         grad, w = local_tensor(p.grad), local_tensor(p)
         p.grad = None
-        loc = u.int8[name]
+        loc = self.updater.int8[name]
         if loc.codes is not w.codes:  # FSDP2 re-padded the shard: follow its tensors
             loc.codes, loc.scale, loc.offset = w.codes, w.scale, w.offset
-        for hook in u.grad_hooks:
-            hook(name, grad)
-        method, shape = u.matrix_method, self.int8_shapes[name]
-        b_local = max(shape) // self.size
-        state = u.method_state(name, method, (b_local,), grad.device)  # a column block of the moments
-        scale = sharded_apollo_scale(method, grad, state, shape, self.rank, self.size)
-        row0 = self.rank * w.codes.shape[0]
-        args = (w.codes, w.scale, w.offset, w.group_size, grad, scale, u.lr, method.weight_decay)
-        seed = u.clock.seed(name).host  # update_seed(run seed, tensor, step), as the unsharded update's
-        if u.rounding != "stochastic":
-            int8_scaled_update_(*args, None)
-        elif w.codes.device.type == "cpu":  # the unsharded stream: skip the rows before this shard
-            generator = torch.Generator().manual_seed(seed)
-            _skip_uniforms(generator, row0 * shape[1], w.codes.device)
-            int8_scaled_update_(*args, generator)
-        else:  # counter-based noise (Triton): a seed per shard, the same distribution
-            dispatch.int8_scaled_update_(*args, seed if row0 == 0 else mix_seed(seed, row0) >> 32, u.kernels)
-        u._mark(name)
+        self.updater.update_int8(loc, grad)  # the Updater's update of these rows (RowShards below)
+
+    # ---- RowShards: what the Updater asks of the sharding -------------------------------------------
+    def first_row(self, name: str) -> int:
+        return self.rank * (self.int8_shapes[name][0] // self.size)
+
+    def grad_scale(self, name: str, grad: Tensor) -> Tensor:
+        method, shape = self.updater.matrix_method, self.int8_shapes[name]
+        state = self.updater.method_state(name, method, (max(shape) // self.size,), grad.device)  # a column block
+        return sharded_apollo_scale(method, grad, state, shape, self.rank, self.size)
 
     @torch.no_grad()
     def _update_float(self, name: str, p: nn.Parameter) -> None:
@@ -164,7 +202,7 @@ class ShardedTraining:
         p.grad = None
         self.updater.update_float(name, shadow)
 
-    # ---- checkpoints: the unsharded format ------------------------------------------------------------
+    # ---- checkpoints: gathered (the unsharded format) or sharded (DTensors) ------------------------------------------------------------
     def _gather(self, t: Tensor, full: int, dim: int) -> Tensor:
         """The unsharded tensor (on the CPU) from every rank's `t`, a torch.chunk block of `full` along dim."""
         per = -(-full // self.size)
@@ -180,22 +218,54 @@ class ShardedTraining:
         chunks = torch.chunk(t, self.size, dim=dim)
         return chunks[self.rank].clone() if self.rank < len(chunks) else t.narrow(dim, 0, 0).clone()
 
-    def full_state(self) -> tuple[dict[str, Tensor], dict]:
-        """(model state_dict, Updater state_dict) as the unsharded run would save them, on the CPU; a
-        collective: every rank calls it, in the same order."""
+    def _dtensor(self, t: Tensor, full: int, dim: int) -> DTensor:
+        """This rank's `t` as its block of the unsharded tensor (no copy): what torch.distributed.checkpoint
+        writes per rank, and reads back into the blocks of any world size."""
+        shape = list(t.shape)
+        shape[dim] = full
+        return DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    def _state(self, place) -> tuple[dict[str, Tensor], dict]:
+        """(model state_dict, Updater state_dict) under the unsharded run's keys, each sharded tensor turned
+        into place(local block, unsharded length, dim)."""
         model_sd = {}
         for key in self.keys:
             layer_name, _, attr = key.rpartition(".")
             if layer_name in self.int8_shapes and attr in ("codes", "scale", "offset"):
                 local = getattr(local_tensor(self.params[f"{layer_name}.weight"]), attr)
-                model_sd[key] = self._gather(local, self.full_shapes[key][0], 0)
+                model_sd[key] = place(local, self.full_shapes[key][0], 0)
             elif key in self.params:
-                model_sd[key] = self._gather(local_tensor(self.params[key]).detach(), self.full_shapes[key][0], 0)
+                model_sd[key] = place(local_tensor(self.params[key]).detach(), self.full_shapes[key][0], 0)
             else:  # a replicated buffer
                 model_sd[key] = self.model.get_buffer(key).detach().cpu()
         sd = self.updater.state_dict()
-        return model_sd, {**sd, "method_state": {n: self._gathered(n, st) for n, st in sd["method_state"].items()},
-                          "float_optimizers": {n: self._gathered(n, st) for n, st in sd["float_optimizers"].items()}}
+        return model_sd, {**sd, "method_state": {n: self._placed(n, st, place) for n, st in sd["method_state"].items()},
+                          "float_optimizers": {n: self._placed(n, st, place)
+                                               for n, st in sd["float_optimizers"].items()}}
+
+    def full_state(self) -> tuple[dict[str, Tensor], dict]:
+        """(model state_dict, Updater state_dict) as the unsharded run would save them, on the CPU; a
+        collective: every rank calls it, in the same order."""
+        return self._state(self._gather)
+
+    def sharded_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The same state with each sharded tensor a DTensor over this rank's block (no gather, no copy): what
+        a sharded checkpoint (torch.distributed.checkpoint) saves."""
+        return self._state(self._dtensor)
+
+    def load_local_state(self, model_sd: dict[str, Tensor], updater_sd: dict) -> None:
+        """Load this rank's blocks of a checkpoint (read by torch.distributed.checkpoint for this world size):
+        the model's under the unsharded keys, the Updater's as _state places them."""
+        for key, v in model_sd.items():
+            layer_name, _, attr = key.rpartition(".")
+            if layer_name in self.int8_shapes and attr in ("codes", "scale", "offset"):
+                getattr(local_tensor(self.params[f"{layer_name}.weight"]), attr).copy_(v)
+            elif key in self.params:
+                local_tensor(self.params[key]).detach().copy_(v)
+            else:
+                self.model.get_buffer(key).copy_(v)
+        self.updater.load_state_dict(updater_sd)
 
     def load_full_updater_state(self, sd: dict) -> None:
         """Load an unsharded Updater state_dict (a checkpoint of any world size, FSDP2 or not): this rank's
@@ -204,29 +274,30 @@ class ShardedTraining:
             **sd, "method_state": {n: self._sliced(n, st) for n, st in sd["method_state"].items()},
             "float_optimizers": {n: self._sliced(n, st) for n, st in sd["float_optimizers"].items()}})
 
-    def _gathered(self, name: str, state):
-        """One tensor's optimizer state (any nesting) with every sharded tensor gathered, on the CPU."""
+    def _placed(self, name: str, state, place):
+        """One tensor's optimizer state (any nesting) with every sharded tensor turned into place(block, full,
+        dim); replicated ones (step counters, scalars) on the CPU."""
         if name in self.int8_shapes:  # APOLLO: the moments by columns of the oriented gradient
             b = max(self.int8_shapes[name])
-            return _map_tensors(state, lambda key, v: self._gather(v, b, 1) if key in MOMENTS else _cpu(v))
+            return map_tensors(state, lambda key, v: place(v, b, 1) if key in MOMENTS else _cpu(v))
         local, full = tuple(self.updater.floats[name].shape), self.full_shapes[name]
 
-        def gather(key, v):
+        def placed(key, v):
             if v.dim() and tuple(v.shape) == local:  # Adam's moments, 8-bit Adam's codes: rows
-                return self._gather(v, full[0], 0)
+                return place(v, full[0], 0)
             if key in BLOCK_STATISTICS:  # 8-bit Adam's per-block absmax: whole blocks per rank
                 per_block = math.prod(local) // v.numel()
-                return self._gather(v, -(-math.prod(full) // per_block), 0)
+                return place(v, -(-math.prod(full) // per_block), 0)
             return _cpu(v)  # step counters, 8-bit Adam's quantization maps: replicated
 
-        return _map_tensors(state, gather)
+        return map_tensors(state, placed)
 
     def _sliced(self, name: str, state):
         """The inverse of _gathered: this rank's blocks of an unsharded state."""
         if name in self.int8_shapes:
-            return _map_tensors(state, lambda key, v: self._block(v, 1) if key in MOMENTS else v)
+            return map_tensors(state, lambda key, v: self._block(v, 1) if key in MOMENTS else v)
         full = self.full_shapes[name]
-        return _map_tensors(state, lambda key, v: self._block(v, 0) if (
+        return map_tensors(state, lambda key, v: self._block(v, 0) if (
             v.dim() and tuple(v.shape) == full) or key in BLOCK_STATISTICS else v)
 
     def persistent_bytes(self) -> int:
@@ -242,7 +313,7 @@ def persistent_bytes(model: nn.Module, updater) -> int:
         local = local_tensor(p)
         tensors += [local.codes, local.scale, local.offset] if isinstance(local, Int8Weight) else [local]
     tensors += list(model.buffers())
-    tensors += _tensors(updater.state) + _tensors([list(opt.state.values()) for opt in updater.float_opts.values()])
+    tensors += statetree.tensors(updater.state) + statetree.tensors([list(opt.state.values()) for opt in updater.float_opts.values()])
     seen, total = set(), 0
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
@@ -254,23 +325,6 @@ def persistent_bytes(model: nn.Module, updater) -> int:
 
 def _cpu(v):
     return v.detach().cpu() if isinstance(v, Tensor) else v
-
-
-def _map_tensors(obj, fn, key=None):
-    """obj (nested dicts, lists, tuples) with each tensor v replaced by fn(key, v), key its dict key."""
-    if isinstance(obj, Tensor):
-        return fn(key, obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn, k) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn, key) for v in obj)
-    return obj
-
-
-def _tensors(obj) -> list[Tensor]:
-    out = []
-    _map_tensors(obj, lambda key, v: out.append(v))
-    return out
 
 
 class StateView:

@@ -151,6 +151,16 @@ def _to_copy(w: Int8Weight, *, dtype=None, device=None, **kwargs):
     return _same(w, w.codes.to(device), w.scale.to(device), w.offset.to(device))
 
 
+def _empty_like(w: Int8Weight, *, dtype=None, device=None, **kwargs):
+    """Uninitialised storage of the same layout (Module.to_empty: a model sharded on the meta device gets its
+    shards' memory, then each rank fills its rows)."""
+    if dtype not in (None, w.dtype):
+        raise NotImplementedError(f"Int8Weight cannot become {dtype}: it is read only through its codes")
+    device = w.device if device is None else device
+    return _same(w, torch.empty_like(w.codes, device=device), torch.empty_like(w.scale, device=device),
+                 torch.empty_like(w.offset, device=device))
+
+
 def _detach(w: Int8Weight):
     return _same(w, w.codes.detach(), w.scale.detach(), w.offset.detach())
 
@@ -169,6 +179,7 @@ _HANDLERS = {
     aten.as_strided.default: _as_strided,
     aten._to_copy.default: _to_copy,
     aten.detach.default: _detach,
+    aten.empty_like.default: _empty_like,
     aten.alias.default: _detach,
     aten.is_same_size.default: _is_same_size,
 }

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qtrain.core.seeding import mix_seed
 from qtrain.core.step_state import StepValue, device_form, host_form
 from qtrain.errors import ConfigError
 from qtrain.quant import triton_kernels, triton_matmul
 from qtrain.quant.groupwise import dequantize_groupwise, dequantize_groupwise_bytes
 from qtrain.quant.int8_update import int8_scaled_update_ as int8_scaled_update_torch_
 from qtrain.quant.int8_update import int8_scaled_update_bytes
+from qtrain.quant.stochastic_round import skip_uniforms
 
 BACKENDS = ("auto", "torch", "triton")
 MATMULS = ("dequantize", "fused")
@@ -170,6 +172,7 @@ def int8_scaled_update_(
     weight_decay: float,
     generator_seed: int | StepValue,
     backend: str = "auto",
+    first_row: int = 0,
 ) -> None:
     """In place: W <- SR((W - lr * grad_scale * grad) * (1 - lr * wd)); see int8_update.int8_scaled_update_.
 
@@ -178,15 +181,21 @@ def int8_scaled_update_(
     device (the Triton kernel reads it on the device, the reference uses it as a tensor operand).
     A StepValue (lr or seed) gives the kernel its device tensor (capturable) and the reference its host number
     (the CPU numbers of a float lr and a seeded generator).
+    first_row: the row of the whole weight where these codes start (FSDP2 updates one row shard). The reference
+    skips the noise of the rows before it, so a shard rounds exactly like the same rows of the whole weight; the
+    Triton kernel's counter-based noise takes a seed mixed with first_row instead (the same distribution).
     """
     tensors = (codes, scale, offset, grad, grad_scale) + tuple(
         t for t in (device_form(lr), device_form(generator_seed)) if isinstance(t, Tensor))
     if _use_triton(backend, tensors, codes, scale, offset, group_size):
+        if first_row:
+            generator_seed = mix_seed(host_form(generator_seed), first_row) >> 32
         triton_kernels.int8_scaled_update_triton_(
             codes, scale, offset, group_size, grad, grad_scale, device_form(lr), weight_decay, device_form(generator_seed),
             checked=True,
         )  # _use_triton ran check_supported: once per launch, not twice
         return
     generator = torch.Generator(codes.device).manual_seed(host_form(generator_seed))
+    skip_uniforms(generator, first_row * codes.shape[1], codes.device)
     int8_scaled_update_torch_(codes, scale, offset, group_size, grad, grad_scale, host_form(lr), weight_decay, generator)
 

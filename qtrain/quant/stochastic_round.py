@@ -42,6 +42,16 @@ def sr_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torc
     return k.add_(0.5).mul_(2.0**-UNIFORM_BITS)  # both exact
 
 
+def skip_uniforms(generator: torch.Generator, count: int, device: torch.device | str) -> None:
+    """Advance a CPU generator past `count` of sr_uniforms' numbers (one 32-bit draw per element, in row-major
+    order, whatever the chunking): what rows r0.. of a tensor draw after skipping r0 * n."""
+    block = 1 << 22
+    while count > 0:
+        k = min(count, block)
+        torch.randint(0, 1 << UNIFORM_BITS, (k,), generator=generator, device=device, dtype=torch.float32)
+        count -= k
+
+
 def quantize_groupwise_sr(
     w: Tensor, group_size: int, generator: torch.Generator, meta_dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor, Tensor]:

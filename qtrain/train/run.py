@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qtrain.checkpoint.run_dir import RunDir
-from qtrain.checkpoint.run_state import check_resumable, check_same_data, load_run, save_run
+from qtrain.checkpoint.run_state import check_resumable, check_same_data, load_run, load_sharded_run, save_run
 from qtrain.checkpoint.store import TrainingProgress, checkpoint_dirs, load_latest
 from qtrain.config import rules
 from qtrain.config.recipe import TrainConfig
@@ -95,7 +95,8 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
     if existing and not resume:
         raise TrainingError(f"{run_dir} already holds checkpoints (latest {existing[0].name}); pass --resume to "
                             f"continue it, or --out NEW_DIR for a new run")
-    found = load_latest(run_dir, accept=lambda path, meta: check_resumable(path, meta, cfg)) if resume else None
+    found = load_latest(run_dir, accept=lambda path, meta: check_resumable(path, meta, cfg),
+                        read_shards=not world.sharded) if resume else None  # FSDP2: each rank reads its blocks
     if resume and found is None and world.main:
         print(f"note: --resume given but {run_dir} has no checkpoint yet; starting from step 0")
     if found is not None and world.main and (now := corpus_identity_now(cfg)) is not None:
@@ -116,26 +117,35 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
         t = cfg.train  # the batches every evaluation uses: `qtrain eval` needs neither the corpus nor the cache
         save_eval_windows(data, run_dir, t.eval_batches, t.batch_size, t.seq_len, cfg.data.eval_tokens)
     torch.manual_seed(cfg.train.seed)
-    # FSDP2 on CUDA: the whole model is built in host memory and fully_shard moves each rank's shards to its GPU
-    build_device = torch.device("cpu") if world.sharded else device
-    built = build(cfg, build_device, weights=found is None)  # a resumed run's weights come from its checkpoint
+    fresh = found is None
+    shards_pending = not fresh and found[1] is None  # a sharded checkpoint, read once the model is sharded
+    # FSDP2: built on the meta device, each rank materialises only its shards (random init, its rows of a
+    # [model] init checkpoint, or a sharded run checkpoint); to resume an unsharded checkpoint the whole model is
+    # built in host memory first and fully_shard keeps (on CUDA: moves to the GPU) each rank's shards
+    per_rank = world.sharded and (shards_pending or fresh)
+    build_device = torch.device("meta") if per_rank else torch.device("cpu") if world.sharded else device
+    built = build(cfg, build_device, updater=not world.sharded, weights=fresh)  # resumed: the checkpoint's
     model, updater = built.model, built.updater
     sampler = data.sampler(cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed)
     progress, last_saved = TrainingProgress(), None
     full_updater_state = StateView({})  # FSDP2: the checkpoint's unsharded Updater state, sliced after sharding
-    if found is not None:
+    if found is not None and not shards_pending:
         last_saved, tensors, meta = found
         progress = load_run(last_saved, tensors, meta, model, full_updater_state if world.sharded else updater,
                             cfg, device)
         del tensors, found  # the CPU copy of the checkpoint is not needed past this point
-        sampler.load_state_dict(progress.sampler)
-        if world.main:
-            print(f"resumed from {last_saved} at step {progress.step}")
     reducer, sharded = None, None
-    if world.sharded:  # same seed, same init, verified before the weights are cut into shards
-        distributed.check_replicas(model, dataclasses.replace(world, sharded=False), progress.step)
-        sharded = ShardedTraining(model, cfg, world, device)  # its hooks update every shard inside backward
-        if full_updater_state.sd:  # resumed
+    if world.sharded:
+        if not per_rank:  # same seed, same init (or checkpoint): verified before the weights are cut
+            distributed.check_replicas(model, dataclasses.replace(world, sharded=False), progress.step)
+        # its hooks update every shard inside backward; per_rank: it materialises the shards (init=False: the
+        # checkpoint's), each rank's rows of the same weights whatever the world size
+        sharded = ShardedTraining(model, cfg, world, device, init=fresh)
+        if shards_pending:
+            last_saved, _, meta = found
+            progress = load_sharded_run(last_saved, meta, sharded, cfg, device)
+            found = None
+        elif full_updater_state.sd:  # resumed from an unsharded checkpoint
             sharded.load_full_updater_state(full_updater_state.sd)
         model, updater = sharded.model, sharded.updater
         built = full_updater_state = None  # the unsharded model's Updater and state: not needed past this point
@@ -145,6 +155,10 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
             reducer = distributed.OverlappedReducer(cfg.train.dp_overlap)  # reduces before the Updater's hooks
         else:
             updater.add_grad_hook(distributed.reduce_grad_)  # first: later hooks see the global gradient
+    if last_saved is not None:
+        sampler.load_state_dict(progress.sampler)
+        if world.main:
+            print(f"resumed from {last_saved} at step {progress.step}")
     if cfg.train.release and sharded is None:
         attach_release(updater, reducer)
     predicted = _cuda_estimate(cfg, device, world.size, world.sharded) if world.main else None
@@ -152,10 +166,9 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
     def save(p: TrainingProgress) -> Path | None:
         if sharded is None:
             return save_run(run_dir, model, updater, p, cfg, device, data.identity())
-        model_sd, updater_sd = sharded.full_state()  # every rank takes part in the gathers
-        if not world.main:
-            return None
-        return save_run(run_dir, StateView(model_sd), StateView(updater_sd), p, cfg, device, data.identity())
+        model_sd, updater_sd = sharded.sharded_state()  # DTensors over each rank's blocks: every rank writes its own
+        return save_run(run_dir, StateView(model_sd), StateView(updater_sd), p, cfg, device, data.identity(),
+                        sharded=True)
 
     return fit(cfg, run_dir, model, updater, data, sampler, progress, device, dtype, save, last_saved,
                quiet or not world.main, predicted, world)

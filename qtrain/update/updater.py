@@ -11,12 +11,13 @@ begin_step: the kernels read them there, so a step captured in a CUDA graph (qtr
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from qtrain.core.seeding import name_uid
+from qtrain.core.statetree import map_tensors
 from qtrain.core.step_state import StepState
 from qtrain.model.builder import float_parameters, int8_layers, is_quantized_projection
 from qtrain.optim.base import Method
@@ -26,6 +27,16 @@ from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.linear import Int8Linear
 
 FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
+
+
+class RowShards(Protocol):
+    """What an Updater over row shards of its int8 weights asks of the sharding (qtrain.parallel.fsdp)."""
+
+    def first_row(self, name: str) -> int:
+        """The row of the whole weight where this rank's rows start."""
+
+    def grad_scale(self, name: str, grad: Tensor) -> Tensor:
+        """The method's grad_scale of these rows, statistics taken across the shards (equal to the unsharded)."""
 
 
 class Updater:
@@ -84,6 +95,7 @@ class Updater:
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
         self.grad_hooks: list[Callable[[str, Tensor], None]] = []  # see add_grad_hook
+        self.shards: RowShards | None = None  # FSDP2: each int8 layer holds one rank's rows of its weight
         for name, layer in self.int8.items():
             layer.name = name
             matrix_method.validate(tuple(layer.codes.shape))  # fail before step 1, not inside backward
@@ -106,16 +118,20 @@ class Updater:
         name = layer.name
         for hook in self.grad_hooks:
             hook(name, grad)
-        state = self.method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
-        update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state, self.clock)
-        if update.dense is not None:
-            grad, scale = update.dense, torch.ones((), device=grad.device)
+        first_row = 0
+        if self.shards is not None:  # a row shard: the statistics span every shard
+            scale, first_row = self.shards.grad_scale(name, grad), self.shards.first_row(name)
         else:
-            scale = update.grad_scale
+            state = self.method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
+            update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state, self.clock)
+            if update.dense is not None:
+                grad, scale = update.dense, torch.ones((), device=grad.device)
+            else:
+                scale = update.grad_scale
         args = (layer.codes, layer.scale, layer.offset, layer.group_size, grad, scale)
         if self.rounding == "stochastic":  # fused Triton kernel on CUDA, chunked torch reference elsewhere
             dispatch.int8_scaled_update_(*args, self.clock.lr_value, self.matrix_method.weight_decay,
-                                         self.clock.seed(name), self.kernels)
+                                         self.clock.seed(name), self.kernels, first_row)
         else:  # nearest rounding: comparison mode, reference path only (not capturable: a host lr)
             int8_scaled_update_(*args, self.lr, self.matrix_method.weight_decay, None)
         layer.weight_grad = None
@@ -217,7 +233,7 @@ class Updater:
         self.step = sd["step"]
         devices = {**{n: layer.codes.device for n, layer in self.int8.items()},
                    **{n: p.device for n, p in self.floats.items()}}
-        self.state = {name: _moved(st, devices[name]) for name, st in sd["method_state"].items()}
+        self.state = {name: map_tensors(st, lambda key, v, d=devices[name]: v.to(d)) for name, st in sd["method_state"].items()}
         for n, opt in self.float_opts.items():
             opt.load_state_dict(sd["float_optimizers"][n])
 
@@ -227,15 +243,6 @@ def _fused_name(group) -> str:
     return f"fused_adamw/{group.dtype}"
 
 
-def _moved(obj: Any, device: torch.device) -> Any:
-    """obj (nested dicts, lists, tuples of tensors and scalars) with every tensor on device."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _moved(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_moved(v, device) for v in obj)
-    return obj
 
 
 def _grad_for(method: Method, grad: Tensor) -> Tensor:
