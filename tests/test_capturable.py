@@ -24,7 +24,7 @@ from qtrain.config.shipped import find_recipe
 from qtrain.core.seeding import name_uid, update_seed
 from qtrain.core.step_state import StepState, StepValue
 from qtrain.errors import TrainingError
-from qtrain.model.builder import build_model
+from qtrain.model.builder import build_model, forward_draws_random_numbers
 from qtrain.model.loss import lm_loss
 from qtrain.optim.apollo import step_constants
 from qtrain.optim.apollo_kernels import scaling_chain_triton
@@ -166,19 +166,11 @@ class FakeGraph:
         self.replays += 1
 
 
-def test_after_warmup_each_step_is_one_replay_and_the_capture_covers_the_step(monkeypatch):
-    """CapturedStep on the CPU with a stand-in graph: the warm-up steps run eagerly, then every launch of the step
-    happens inside the capture region, and each later step is the input copies, one replay and the loss copy;
-    the host counters the replay skips (updater.step, APOLLO's step) advance as if the Python had run."""
-    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
-    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
-    model.train()
-    updater = build_updater(model, cfg)
-    attach_release(updater)
-    inside = cl.LaunchCounter()
+def fake_capture(monkeypatch, inside: cl.LaunchCounter) -> list:
+    """torch.cuda.graph(g) on the CPU: the step runs eagerly, its launches counted in `inside` as "captured"."""
     captures = []
 
-    class capture:  # torch.cuda.graph(g): here the step runs eagerly, its launches counted as "captured"
+    class capture:
         def __init__(self, graph):
             captures.append(graph)
 
@@ -190,6 +182,65 @@ def test_after_warmup_each_step_is_one_replay_and_the_capture_covers_the_step(mo
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    return captures
+
+
+def test_checkpointing_under_cuda_graph_never_touches_the_rng(monkeypatch):
+    """7b-8gb ships activation checkpointing; torch's checkpoint saves and restores the RNG states by default
+    (torch.cuda.get_rng_state() raises during a CUDA-graph capture). Llama's forward draws no random number, so
+    the checkpoint must not read or write any RNG state: here every RNG state accessor raises, through the warm-up
+    steps, the capture and the replays, while each block is still recomputed in backward."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
+    assert cfg.train.activation_checkpointing
+    model, updater = release_trainer(cfg)
+    assert not forward_draws_random_numbers(model)
+    forwards = []
+    for block in model.model.layers:
+        block.mlp.register_forward_pre_hook(lambda module, args: forwards.append(module))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an RNG state was read or written during the step")
+
+    for owner in (torch, torch.cuda, torch.random):
+        for name in ("get_rng_state", "set_rng_state"):
+            monkeypatch.setattr(owner, name, refuse)  # torch.random.fork_rng(enabled=True) reads them too
+    monkeypatch.setattr(torch.utils.checkpoint, "get_device_states", refuse)
+    captures = fake_capture(monkeypatch, cl.LaunchCounter())
+    step = step_graph.CapturedStep(model, updater, torch.device("cuda"), DTYPE)
+    x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(step_graph.WARMUP_STEPS + 2):
+        updater.begin_step(0.01)
+        losses.append(step(x, x).item())
+    assert len(captures) == 1 and captures[0].replays == 2
+    # eager warm-up steps and the captured one: each block runs forward twice (the recompute in backward)
+    assert len(forwards) == 2 * cfg.model.num_layers * (step_graph.WARMUP_STEPS + 1)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_dropout_keeps_the_rng_states_saved():
+    """The states are dropped only because nothing draws: a model with dropout keeps torch's default."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY)
+    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
+    assert not forward_draws_random_numbers(model)
+    model.config.attention_dropout = 0.1
+    assert forward_draws_random_numbers(model)
+    model.config.attention_dropout = 0.0
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert forward_draws_random_numbers(model)
+
+
+def test_after_warmup_each_step_is_one_replay_and_the_capture_covers_the_step(monkeypatch):
+    """CapturedStep on the CPU with a stand-in graph: the warm-up steps run eagerly, then every launch of the step
+    happens inside the capture region, and each later step is the input copies, one replay and the loss copy;
+    the host counters the replay skips (updater.step, APOLLO's step) advance as if the Python had run."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
+    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
+    model.train()
+    updater = build_updater(model, cfg)
+    attach_release(updater)
+    inside = cl.LaunchCounter()
+    captures = fake_capture(monkeypatch, inside)
     step = step_graph.CapturedStep(model, updater, torch.device("cuda"), DTYPE)
     x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
     outside = []
