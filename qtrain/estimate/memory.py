@@ -29,6 +29,7 @@ from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype
 from qtrain.model.builder import META_DTYPES, build_model, is_quantized_projection
+from qtrain.optim import adam8bit
 from qtrain.optim.adam import Adam
 from qtrain.optim.alice import AliceMethod
 from qtrain.optim.apollo import Apollo, project_with_column_norms
@@ -469,6 +470,9 @@ def float_update_peak(name: str, updater, device_type: str) -> int:
         # the hook only copies the gradient into the group's (persistent) buffer; the fused update runs in
         # finish_step, after backward: its flat transients (a few x 4 B per vector element) are never the peak
         return 0
+    if isinstance(opt, adam8bit.Adam8bit):  # qtrain.optim.adam8bit: one in-place kernel; the reference works in chunks
+        on_kernel = device_type == "cuda" and updater.kernels != "torch"
+        return 0 if on_kernel else 8 * F32 * min(numel, adam8bit.BLOCK * adam8bit.CHUNK_BLOCKS)
     if isinstance(opt, torch.optim.AdamW):
         # torch _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         return 2 * numel * dtype.itemsize
