@@ -192,25 +192,29 @@ def problems(weight: Tensor, grad: Tensor) -> list[str]:
 
 @torch.no_grad()
 def adam8bit_update_triton_(weight: Tensor, grad: Tensor, state: dict[str, Tensor], lr: Tensor, constants: Tensor,
-                            betas: tuple[float, float], weight_decay: float) -> None:
-    """Twin of adam8bit_update_reference_ in one launch; lr (fp64 0-d) and constants read on the device."""
+                            betas: tuple[float, float], weight_decay: float,
+                            mids: tuple[Tensor, Tensor] | None = None) -> None:
+    """Twin of adam8bit_update_reference_ in one launch; lr (fp64 0-d) and constants read on the device.
+    mids: code_midpoints of qmap1 and qmap2 when the caller keeps them (else formed here: 6 more launches)."""
     found = problems(weight, grad)
     if found:
         raise ValueError("the 8-bit Adam kernel cannot take this update: " + "; ".join(found))
     nblocks = state["absmax1"].numel()
     b1, b2 = betas
+    mids1, mids2 = mids if mids is not None else (code_midpoints(state["qmap1"]), code_midpoints(state["qmap2"]))
     _adam8bit_kernel[(triton.cdiv(nblocks, ROWS),)](
         weight, grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"],
-        state["qmap2"], code_midpoints(state["qmap1"]), code_midpoints(state["qmap2"]), lr, constants,
+        state["qmap2"], mids1, mids2, lr, constants,
         weight.numel(), nblocks, b1, 1 - b1, b2, 1 - b2, float(weight_decay), ROWS=ROWS, BLOCK=BLOCK,
         HAS_WD=weight_decay > 0, OUT_BF16=weight.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
 
 
 def adam8bit_update_(weight: Tensor, grad: Tensor, state: dict[str, Tensor], lr: StepValue, constants: Tensor,
-                     betas: tuple[float, float], weight_decay: float, backend: str = "auto") -> None:
+                     betas: tuple[float, float], weight_decay: float, backend: str = "auto",
+                     mids: tuple[Tensor, Tensor] | None = None) -> None:
     """The kernel on CUDA (backend "auto") or forced ("triton"), else the reference."""
     if dispatch.use_triton(backend, (weight, grad), problems(weight, grad), "the 8-bit Adam update"):
-        adam8bit_update_triton_(weight, grad, state, device_form(lr), constants, betas, weight_decay)
+        adam8bit_update_triton_(weight, grad, state, device_form(lr), constants, betas, weight_decay, mids)
     else:
         adam8bit_update_reference_(weight, grad, state, host_form(lr), constants, betas, weight_decay)
 
@@ -239,6 +243,7 @@ class Adam8bit:
         self.param, self.clock, self.kernels = param, clock, kernels
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.moments = init_state(param)
+        self.mids = (code_midpoints(self.moments["qmap1"]), code_midpoints(self.moments["qmap2"]))  # ours, fixed
         self.param_groups = [{"params": [param], "lr": 0.0, "betas": self.betas, "eps": eps,
                               "weight_decay": weight_decay}]
 
@@ -252,7 +257,7 @@ class Adam8bit:
         constants = self.clock.derived(("adam8bit", self.betas, self.eps),
                                        lambda t: step_constants(t, self.betas, self.eps))
         adam8bit_update_(self.param.detach(), self.param.grad, self.moments, self.clock.float_lr_value, constants,
-                         self.betas, self.weight_decay, self.kernels)
+                         self.betas, self.weight_decay, self.kernels, self.mids)
 
     def state_dict(self) -> dict[str, Any]:
         state = {0: {"step": self.clock.host_t, **self.moments}} if self.clock.host_t else {}
