@@ -58,6 +58,9 @@ def dynamic_code(signed: bool) -> Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+SIGNED_ZERO = dynamic_code(True).tolist().index(0.0)  # the index of 0 in the signed code (127), a host number
+
+
 def code_midpoints(code: Tensor) -> Tensor:
     """The 255 fp32 midpoints between neighbouring codes, then +inf: index of the nearest code of x = the number
     of midpoints below x."""
@@ -110,8 +113,7 @@ def adam8bit_update_reference_(weight: Tensor, grad: Tensor, state: dict[str, Te
 
         g = padded(g_flat[lo:hi].float())
         a1, a2 = state["absmax1"][b0:b1_, None], state["absmax2"][b0:b1_, None]
-        zero1 = int(torch.searchsorted(mids1, torch.zeros(())))  # the code of 0: padding dequantizes to 0
-        m = code1[padded(s1[lo:hi], zero1).long()] * a1
+        m = code1[padded(s1[lo:hi], SIGNED_ZERO).long()] * a1  # padding: the code of 0
         v = code2[padded(s2[lo:hi]).long()] * a2
         m = m * b1 + g * (1 - b1)
         v = v * b2 + (g * g) * (1 - b2)
@@ -223,8 +225,7 @@ def init_state(weight: Tensor) -> dict[str, Tensor]:
     """Zero moments: state1 at the code of 0, state2 at index 0 (= 0), absmax 0 (dequantizes to 0 anyway)."""
     nblocks = -(-weight.numel() // BLOCK)
     code1, code2 = dynamic_code(True).to(weight.device), dynamic_code(False).to(weight.device)
-    zero1 = int(torch.searchsorted(code_midpoints(code1).cpu(), torch.zeros(())))
-    return {"state1": torch.full(weight.shape, zero1, dtype=torch.uint8, device=weight.device),
+    return {"state1": torch.full(weight.shape, SIGNED_ZERO, dtype=torch.uint8, device=weight.device),
             "state2": torch.zeros(weight.shape, dtype=torch.uint8, device=weight.device),
             "absmax1": torch.zeros(nblocks, dtype=torch.float32, device=weight.device),
             "absmax2": torch.zeros(nblocks, dtype=torch.float32, device=weight.device),
