@@ -24,7 +24,7 @@ from qtrain.config.shipped import find_recipe
 from qtrain.core.seeding import name_uid, update_seed
 from qtrain.core.step_state import StepState, StepValue
 from qtrain.errors import TrainingError
-from qtrain.model.builder import build_model
+from qtrain.model.builder import build_model, forward_draws_random_numbers
 from qtrain.model.loss import lm_loss
 from qtrain.optim.apollo import step_constants
 from qtrain.optim.apollo_kernels import scaling_chain_triton
@@ -35,6 +35,7 @@ from qtrain.train.schedule import lr_at
 from qtrain.update import step_graph
 from qtrain.update.build import build_updater
 from qtrain.update.release import attach_release
+from qtrain.update.step import train_step
 
 TINY = ["model.init=", "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=2",
         "model.num_kv_heads=0", "model.head_size=0", "model.num_layers=2", "model.vocab_size=128",
@@ -131,29 +132,78 @@ def test_the_recorder_sees_a_host_lr(monkeypatch):
     assert diff and all(d.startswith(("triton::_update_kernel", "triton::_float_update_kernel")) for d in diff)
 
 
-def test_a_7b_step_differs_only_in_bitsandbytes_adam():
-    """7b: its embedding and lm_head take bitsandbytes' 8-bit Adam, whose kernels take the LR and step as numbers
-    (and launch on the legacy stream): that, and only that, is why the config refuses cuda_graph for 7b."""
-    records, _ = recorded_steps("7b")
-    (_, a), (_, b) = records[3], records[4]
-    diff = differences(a, b)
-    assert diff and all(d.startswith("bitsandbytes::") for d in diff), diff[:3]
-    with pytest.raises(ConfigError, match=r'cuda_graph = true needs optim.lm_head_optimizer = "same_as_matrices"'):
-        TrainConfig.from_toml(find_recipe("7b"), ["train.cuda_graph=true"])
+def test_a_7b_step_changes_only_device_tensors_between_steps():
+    """7b keeps the papers' Adam for its fp32 embedding and lm_head: with cuda_graph they take qtrain's 8-bit Adam
+    (qtrain.optim.adam8bit), whose kernel reads the LR and the step on the device (bitsandbytes' took them as
+    host numbers, and the config refused cuda_graph for 7b)."""
+    records, updater = recorded_steps("7b", ["train.cuda_graph=true"])
+    (lr3, a), (lr4, b) = records[3], records[4]
+    assert lr3 != lr4
+    assert [op for op, _ in a].count("triton::_adam8bit_kernel") == 2  # embedding and lm_head
+    assert not [op for op, _ in a if op.startswith("bitsandbytes::")]
+    assert a == b, differences(a, b)[:5]
+
+
+def test_the_8bit_adam_of_7b_reads_the_step_on_the_device(monkeypatch):
+    """The check above fails when the 8-bit Adam's LR reaches its kernel as a host number."""
+    from qtrain.optim import adam8bit
+    real = adam8bit.adam8bit_update_triton_
+    monkeypatch.setattr(adam8bit, "adam8bit_update_triton_",
+                        lambda w, g, st, lr, *rest: real(w, g, st, lr.item(), *rest))
+    records, _ = recorded_steps("7b", ["train.cuda_graph=true"])
+    diff = differences(records[3][1], records[4][1])
+    assert diff and all(d.startswith("triton::_adam8bit_kernel") for d in diff), diff[:3]
+
+
+def test_cuda_graph_with_adam_floats_needs_the_8bit_adam():
+    TrainConfig.from_toml(find_recipe("7b"), ["train.cuda_graph=true"])  # accepted: lm_head/embedding "adam"
+    with pytest.raises(ConfigError, match=r'cuda_graph = true needs optim.float_optimizer = "adam8bit" for an Adam'):
+        TrainConfig.from_toml(find_recipe("7b"), ["train.cuda_graph=true", "optim.float_optimizer=adamw"])
 
 
 def test_refusals_say_what_to_change():
     cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), ["train.cuda_graph=true"])
-    with pytest.raises(TrainingError, match="cuda_graph = true needs a CUDA device"):
-        step_graph.CapturedStep(None, None, torch.device("cpu"), DTYPE)
     with pytest.raises(TrainingError, match="runs in one process, not 2"):
         step_graph.CapturedStep(None, None, torch.device("cuda"), DTYPE, world_size=2)
     for override, needs in [("train.release=false", "train.release = true"),
                             ("quant.kernels=torch", 'quant.kernels = "auto"'),
-                            ("optim.method=galore", 'optim.method = "apollo"'),
-                            ("train.device=cpu", 'train.device = "auto" or "cuda"')]:
+                            ("optim.method=galore", 'optim.method = "apollo"')]:
         with pytest.raises(ConfigError, match=re.escape(f"cuda_graph = true needs {needs}")):
             cfg.apply_overrides([override])
+    cfg.apply_overrides(["train.device=cpu"])  # a CPU run of a cuda_graph recipe steps eagerly
+
+
+def test_off_cuda_the_captured_step_is_the_eager_step():
+    """The 7B recipes ship cuda_graph = true: on a CPU every call runs the eager step, with its numbers."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
+    x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for captured in (True, False):
+        model, updater = release_trainer(cfg)
+        step = step_graph.CapturedStep(model, updater, torch.device("cpu"), DTYPE) if captured else None
+        run = []
+        for _ in range(step_graph.WARMUP_STEPS + 2):
+            updater.begin_step(0.01)
+            run.append(step(x, x) if step else train_step(model, updater, [(x, x)], DTYPE))
+        assert step is None or (step.graph is None and not step.settling)
+        losses.append(torch.stack(run))
+    assert torch.equal(*losses)
+
+
+def test_the_warmup_steps_share_one_side_stream(monkeypatch):
+    """Every warm-up step runs on the same side stream (a new stream per step kept each step's transients in
+    its own pool: up to 3x the step's transient memory during warm-up); the capture runs outside it."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
+    model, updater = release_trainer(cfg)
+    fake_capture(monkeypatch, cl.LaunchCounter())
+    step = step_graph.CapturedStep(model, updater, torch.device("cuda"), DTYPE)
+    x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
+    for k in range(step_graph.WARMUP_STEPS + 2):
+        assert step.settling == (k <= step_graph.WARMUP_STEPS)
+        updater.begin_step(0.01)
+        step(x, x)
+    assert len(FakeStream.made) == 1
+    assert FakeStream.used == FakeStream.made * step_graph.WARMUP_STEPS
 
 
 class FakeGraph:
@@ -166,19 +216,11 @@ class FakeGraph:
         self.replays += 1
 
 
-def test_after_warmup_each_step_is_one_replay_and_the_capture_covers_the_step(monkeypatch):
-    """CapturedStep on the CPU with a stand-in graph: the warm-up steps run eagerly, then every launch of the step
-    happens inside the capture region, and each later step is the input copies, one replay and the loss copy;
-    the host counters the replay skips (updater.step, APOLLO's step) advance as if the Python had run."""
-    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
-    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
-    model.train()
-    updater = build_updater(model, cfg)
-    attach_release(updater)
-    inside = cl.LaunchCounter()
+def fake_capture(monkeypatch, inside: cl.LaunchCounter) -> list:
+    """torch.cuda.graph(g) on the CPU: the step runs eagerly, its launches counted in `inside` as "captured"."""
     captures = []
 
-    class capture:  # torch.cuda.graph(g): here the step runs eagerly, its launches counted as "captured"
+    class capture:
         def __init__(self, graph):
             captures.append(graph)
 
@@ -190,6 +232,94 @@ def test_after_warmup_each_step_is_one_replay_and_the_capture_covers_the_step(mo
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream.default)
+    monkeypatch.setattr(torch.cuda, "stream", FakeStream.entered)
+    FakeStream.made.clear()
+    FakeStream.used.clear()
+    return captures
+
+
+class FakeStream:
+    """torch.cuda.Stream on the CPU: records every stream made and every stream a step runs on."""
+
+    made: list = []
+    used: list = []
+    default = None
+
+    def __init__(self, default: bool = False):
+        if not default:
+            FakeStream.made.append(self)
+
+    def wait_stream(self, other):
+        pass
+
+    @staticmethod
+    @__import__("contextlib").contextmanager
+    def entered(stream):
+        FakeStream.used.append(stream)
+        yield
+
+
+FakeStream.default = FakeStream(default=True)
+
+
+def test_checkpointing_under_cuda_graph_never_touches_the_rng(monkeypatch):
+    """7b-8gb ships activation checkpointing; torch's checkpoint saves and restores the RNG states by default
+    (torch.cuda.get_rng_state() raises during a CUDA-graph capture). Llama's forward draws no random number, so
+    the checkpoint must not read or write any RNG state: here every RNG state accessor raises, through the warm-up
+    steps, the capture and the replays, while each block is still recomputed in backward."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
+    assert cfg.train.activation_checkpointing
+    model, updater = release_trainer(cfg)
+    assert not forward_draws_random_numbers(model)
+    forwards = []
+    for block in model.model.layers:
+        block.mlp.register_forward_pre_hook(lambda module, args: forwards.append(module))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an RNG state was read or written during the step")
+
+    for owner in (torch, torch.cuda, torch.random):
+        for name in ("get_rng_state", "set_rng_state"):
+            monkeypatch.setattr(owner, name, refuse)  # torch.random.fork_rng(enabled=True) reads them too
+    monkeypatch.setattr(torch.utils.checkpoint, "get_device_states", refuse)
+    captures = fake_capture(monkeypatch, cl.LaunchCounter())
+    step = step_graph.CapturedStep(model, updater, torch.device("cuda"), DTYPE)
+    x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(step_graph.WARMUP_STEPS + 2):
+        updater.begin_step(0.01)
+        losses.append(step(x, x).item())
+    assert len(captures) == 1 and captures[0].replays == 2
+    # eager warm-up steps and the captured one: each block runs forward twice (the recompute in backward)
+    assert len(forwards) == 2 * cfg.model.num_layers * (step_graph.WARMUP_STEPS + 1)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_dropout_keeps_the_rng_states_saved():
+    """The states are dropped only because nothing draws: a model with dropout keeps torch's default."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY)
+    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
+    assert not forward_draws_random_numbers(model)
+    model.config.attention_dropout = 0.1
+    assert forward_draws_random_numbers(model)
+    model.config.attention_dropout = 0.0
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert forward_draws_random_numbers(model)
+
+
+def test_after_warmup_each_step_is_one_replay_and_the_capture_covers_the_step(monkeypatch):
+    """CapturedStep on the CPU with a stand-in graph: the warm-up steps run eagerly, then every launch of the step
+    happens inside the capture region, and each later step is the input copies, one replay and the loss copy;
+    the host counters the replay skips (updater.step, APOLLO's step) advance as if the Python had run."""
+    cfg = TrainConfig.from_toml(find_recipe("7b-8gb"), TINY + ["train.cuda_graph=true"])
+    model = build_model(cfg.model, cfg.quant, "cpu", seed=0)
+    model.train()
+    updater = build_updater(model, cfg)
+    attach_release(updater)
+    inside = cl.LaunchCounter()
+    captures = fake_capture(monkeypatch, inside)
     step = step_graph.CapturedStep(model, updater, torch.device("cuda"), DTYPE)
     x = torch.randint(0, cfg.model.vocab_size, (1, cfg.train.seq_len), generator=torch.Generator().manual_seed(0))
     outside = []

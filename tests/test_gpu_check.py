@@ -1,7 +1,10 @@
-"""tools/gpu_check.sh, the prepared GPU check, without a GPU: its dry run, and every command line it runs
-parsed by the tool's own argparse (a typo in an option would otherwise surface only on the device)."""
+"""tools/gpu_check.sh, the one-call GPU check, without a GPU: its plan fits the call, the script and every command
+in it parse (bash -n, the tools compiled and their command lines parsed by their own argparse: a typo would
+otherwise surface only on the device), and its summary reads what the probes write."""
 
+import json
 import os
+import py_compile
 import shlex
 import subprocess
 import sys
@@ -36,35 +39,55 @@ print("BAD" if bad else "OK", *bad, sep="\n")
 """
 
 
-def dry_run(*args) -> list[str]:
-    run = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "PYTHON": "python"})
+def script(*args) -> list[str]:
+    run = subprocess.run(["bash", "tools/gpu_check.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHON": "python", "OUT": "/tmp/gpu-check-out"})
     assert run.returncode == 0, run.stderr
     return run.stdout.splitlines()
 
 
-def test_both_parts_dry_run_and_every_tool_command_parses():
-    lines = dry_run("part1") + dry_run("part2")
-    names = [line.split(",")[0].lstrip("[") for line in lines]
-    assert names == ["kernel-tests", "profile-7b", "profile-7b-8gb", "bench-update", "bench-matmul", "bench-step",
-                     "validate-estimator"]
-    limits = [int(line.split("limit ")[1].split("s]")[0]) for line in lines]
-    assert sum(limits[:3]) <= 300 and sum(limits[3:]) <= 300  # each part fits one 5-minute device call
-    commands = [shlex.split(line.split("] ", 1)[1]) for line in lines]
-    pytest_cmd = commands[0]
-    assert pytest_cmd[:3] == ["python", "-m", "pytest"] and "-k" in pytest_cmd
-    assert all((ROOT / f).is_file() for f in pytest_cmd if f.startswith("tests/"))
-    tools = [" ".join(c[1:]) for c in commands[1:]]
-    graph = dry_run("part3")  # the cuda_graph step bench, a device call of its own
-    assert [line.split(",")[0].lstrip("[") for line in graph] == ["bench-step-graph"]
-    tools += [" ".join(shlex.split(line.split("] ", 1)[1])[1:]) for line in graph]
-    assert all(t.startswith("tools/") for t in tools)
+def test_the_plan_fits_one_device_call():
+    plan = [line.split() for line in script("--plan")]
+    *stages, (total, seconds) = plan
+    assert total == "total" and int(seconds) == sum(int(limit) for _, limit in stages) <= 330
+    names = [name for name, _ in stages]
+    assert names[:2] == ["setup", "kernel-tests"] and names[-1] == "summary"
+    for wanted in ("7b", "7b-eager", "7b-8gb", "7b-8gb-eager", "7b-8gb-no-ckpt", "floor", "official"):
+        assert wanted in names
+    assert len(script("--files")) <= 6
+
+
+def test_the_script_and_every_command_parse(tmp_path):
+    assert subprocess.run(["bash", "-n", "tools/gpu_check.sh"], cwd=ROOT).returncode == 0
+    commands = {}
+    for line in script("--dry-run"):
+        name, rest = line.split(" ", 1)
+        commands[name] = rest.split(": ", 1)[1]
+    for name, cmd in commands.items():
+        assert subprocess.run(["bash", "-n", "-c", cmd], cwd=ROOT).returncode == 0, name
+    argvs = [shlex.split(cmd) for cmd in commands.values() if cmd.startswith("python ")]
+    pytest_cmd = next(a for a in argvs if a[1:3] == ["-m", "pytest"])
+    files = [f for f in pytest_cmd if f.startswith("tests/")]
+    assert files and all((ROOT / f).is_file() for f in files)
+    tools = [" ".join(a[1:]) for a in argvs if a[1].startswith("tools/")]
+    assert len(tools) == 8  # seven probes and the summary
+    for path in {t.split()[0] for t in tools}:
+        py_compile.compile(str(ROOT / path), doraise=True, cfile=str(tmp_path / "x.pyc"))
     run = subprocess.run([sys.executable, "-c", PARSE_ONLY], cwd=ROOT, input="\n".join(tools), capture_output=True,
                          text=True, timeout=240, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert run.stdout.startswith("OK"), run.stdout + run.stderr[-2000:]
 
 
-def test_an_unknown_check_is_refused():
-    run = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "run", "no-such-check"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0 and "unknown check 'no-such-check'" in run.stderr
+def test_the_summary_puts_measured_and_predicted_side_by_side(tmp_path):
+    rows = [{"kind": "qtrain", "name": "7b-captured", "tok_s": 5000, "step_ms": 51.2, "host_ms": 0.4,
+             "peak_allocated_gib": 10.0, "estimate_peak_allocated_gib": 10.5},
+            {"kind": "official", "name": "official", "error": "ModuleNotFoundError: No module named 'apollo_torch'"},
+            {"stage": "floor", "skipped": "20s left, needs 25s"}]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "pytest.log").write_text("12 passed, 3 skipped in 40.1s\n")
+    subprocess.run([sys.executable, "tools/gpu_check_summary.py", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=60)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 7b-captured | 5000 | 51.2 | 0.4 | 10.0 | 10.5 | +5.0 % |  |" in md
+    assert "No module named 'apollo_torch'" in md and "skipped: 20s left, needs 25s" in md
+    assert "CUDA kernel tests: 12 passed, 3 skipped" in md

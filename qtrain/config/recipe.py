@@ -226,10 +226,11 @@ class LoopConfig:
     cuda_graph: bool = False
     """CUDA only, not yet run on a GPU: capture one whole training step (forward, backward and every release update
     inside it) in a CUDA graph after a few eager steps, then replay it each step, so the host issues one launch
-    instead of thousands. Needs `release = true`, `grad_accum_steps = 1`, one process, `quant.kernels = "auto"`,
-    `quant.rounding = "stochastic"`, method `apollo` or `apollo_mini`, and `lm_head_optimizer` =
-    `embedding_optimizer` = `"same_as_matrices"` (as `7b-8gb.toml`); anything else is refused with what to change.
-    Same update rule; see [docs/performance.md](performance.md)."""
+    instead of thousands; a CPU run steps eagerly. `7b.toml` and `7b-8gb.toml` ship `true`. Needs `release = true`,
+    `grad_accum_steps = 1`, one process, `quant.kernels = "auto"`, `quant.rounding = "stochastic"`, method `apollo`
+    or `apollo_mini`, and an Adam `lm_head_optimizer` / `embedding_optimizer` needs `float_optimizer = "adam8bit"`
+    (qtrain's 8-bit Adam kernel, which reads the LR and step on the device, replaces bitsandbytes' for them);
+    anything else is refused with what to change. Same update rule; see [docs/performance.md](performance.md)."""
 
 
 @dataclass

@@ -70,13 +70,12 @@ def release_needs_one_micro_batch(cfg: TrainConfig, ok: Ok) -> list[str]:
 
 def cuda_graph_recipe(cfg: TrainConfig, ok: Ok) -> list[str]:
     """What keeps [train] cuda_graph = true from capturing the step: each part of its hot path must read its
-    per-step values on the device (qtrain.core.step_state); the device itself is a launch rule."""
+    per-step values on the device (qtrain.core.step_state). On a CPU run nothing is captured: the same step runs
+    eagerly (the 7B recipes ship cuda_graph = true and still run on a CPU)."""
     t, o, q = cfg.train, cfg.optim, cfg.quant
     if not t.cuda_graph:
         return []
     need = []
-    if t.device == "cpu":
-        need.append('train.device = "auto" or "cuda" (a CUDA graph needs a CUDA device)')
     if not t.release:
         need.append("train.release = true (the release hooks are what the graph captures)")
     if t.grad_accum_steps != 1:
@@ -84,10 +83,11 @@ def cuda_graph_recipe(cfg: TrainConfig, ok: Ok) -> list[str]:
     if o.method not in ("apollo", "apollo_mini"):
         need.append('optim.method = "apollo" or "apollo_mini" (the methods whose update reads the step on the '
                     "device)")
-    if o.lm_head_optimizer != "same_as_matrices" or o.embedding_optimizer != "same_as_matrices":
-        need.append('optim.lm_head_optimizer = "same_as_matrices" and optim.embedding_optimizer = '
-                    '"same_as_matrices" (bitsandbytes\' and torch\'s Adam take the LR and step as host numbers; '
-                    "recipes/7b-8gb.toml does this)")
+    adam_floats = "adam" in (o.lm_head_optimizer, o.embedding_optimizer)
+    if adam_floats and o.float_optimizer != "adam8bit":  # Adam embedding/lm_head: qtrain's capturable 8-bit Adam
+        need.append('optim.float_optimizer = "adam8bit" for an Adam lm_head or embedding (qtrain\'s 8-bit Adam '
+                    "reads the LR and step on the device; torch's AdamW takes them as host numbers), or "
+                    'optim.lm_head_optimizer = optim.embedding_optimizer = "same_as_matrices"')
     if q.kernels == "torch":
         need.append('quant.kernels = "auto" (the torch references seed a generator on the host)')
     if q.rounding != "stochastic":
@@ -137,11 +137,9 @@ def cuda_graph_launch(cfg: TrainConfig, world_size: int, device_type: str | None
 
 
 def cuda_graph_device(device_type: str | None, world_size: int) -> list[str]:
-    """A captured step runs on one CUDA device in one process (qtrain.update.step_graph checks it too)."""
+    """A captured step runs in one process (qtrain.update.step_graph checks it too); off CUDA the same step runs
+    eagerly, so any device is accepted."""
     out = []
-    if device_type not in (None, "cuda"):
-        out.append(f"[train] cuda_graph = true needs a CUDA device, the run is on {device_type}; set "
-                   f"train.cuda_graph = false")
     if world_size > 1:
         out.append(f"[train] cuda_graph = true runs in one process, not {world_size} (its gradient all-reduces "
                    f"are not captured); set train.cuda_graph = false for data parallel")

@@ -260,9 +260,25 @@ def _dequantized_on_cpu(layer: Int8Linear, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def forward_draws_random_numbers(model: nn.Module) -> bool:
+    """Whether a training forward consumes the RNG: a dropout with p > 0 (a module, or a `*dropout` probability
+    of the config, such as Llama's attention_dropout, passed to the attention function)."""
+    config = getattr(model, "config", None)
+    probabilities = [v for k, v in (vars(config) if config is not None else {}).items()
+                     if "dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    modules = [m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    return any(p > 0 for p in probabilities + modules)
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each decoder block in backward (non-reentrant): only block inputs stay alive."""
-    kwargs = {"use_reentrant": False}
+    """Recompute each decoder block in backward (non-reentrant): only block inputs stay alive.
+
+    The recompute must see the forward's random numbers, so torch's checkpoint saves the CPU and CUDA RNG
+    states by default (torch.cuda.get_rng_state(), which a CUDA-graph capture refuses: [train] cuda_graph would
+    crash at capture). A forward without dropout draws no random number (Llama's attention_dropout is 0, its
+    MLP has none; SR noise is drawn in the updates from seeded generators, outside the recompute), so the
+    states are saved only when the model does have dropout."""
+    kwargs = {"use_reentrant": False, "preserve_rng_state": forward_draws_random_numbers(model)}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

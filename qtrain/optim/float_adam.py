@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qtrain.core.step_state import StepState
+from qtrain.optim import adam8bit
+from qtrain.optim.adam8bit import Adam8bit
 from qtrain.optim.fused_adam import FusedAdamW, FusedAdamWSlot
 
 FLOAT_OPTIMIZERS = ("adam8bit", "adamw")
@@ -26,15 +29,20 @@ FLOAT_OPTIMIZERS = ("adam8bit", "adamw")
 @dataclass(frozen=True)
 class FloatAdam:
     """The recipe's float optimizer: name ("adam8bit" | "adamw") and Adam hyperparameters. The LR is set per
-    step by the caller (lr=0 here)."""
+    step by the caller (lr=0 here), or read from the Updater's StepState (`capturable`)."""
 
     name: str
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    capturable: bool = False  # "adam8bit": qtrain's kernel reading the step on the device, not bitsandbytes'
 
-    def __call__(self, p: nn.Parameter) -> torch.optim.Optimizer:
-        """An optimizer over [p] alone."""
+    def __call__(self, p: nn.Parameter, clock: StepState | None = None, kernels: str = "auto") -> torch.optim.Optimizer:
+        """An optimizer over [p] alone; clock and kernels: the Updater's, for the capturable 8-bit Adam."""
+        if self.name == "adam8bit" and self.capturable:
+            if clock is None:
+                raise ValueError("the capturable 8-bit Adam reads the step from a StepState: pass the Updater's clock")
+            return Adam8bit(p, clock, self.betas, self.eps, self.weight_decay, kernels)
         if self.name == "adam8bit":
             return adam8bit_no_sync_class()([p], lr=0.0, betas=self.betas, eps=self.eps,
                                             weight_decay=self.weight_decay)
@@ -47,10 +55,10 @@ class FloatAdam:
 
 
 def float_optimizer_factory(name: str, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                            weight_decay: float = 0.0) -> FloatAdam:
+                            weight_decay: float = 0.0, capturable: bool = False) -> FloatAdam:
     if name not in FLOAT_OPTIMIZERS:
         raise ValueError(f"[optim] float_optimizer = {name!r} is unknown; choose one of {FLOAT_OPTIMIZERS}")
-    return FloatAdam(name, tuple(betas), eps, weight_decay)
+    return FloatAdam(name, tuple(betas), eps, weight_decay, capturable)
 
 
 def step_bytes(opt, p: nn.Parameter, device_type: str) -> int:
@@ -66,6 +74,9 @@ def step_bytes(opt, p: nn.Parameter, device_type: str) -> int:
     numel, dtype = p.numel(), p.dtype
     if isinstance(opt, FusedAdamWSlot):
         return 0
+    if isinstance(opt, Adam8bit):  # qtrain's capturable 8-bit Adam: one in-place kernel; the reference works in chunks
+        on_kernel = device_type == "cuda" and opt.kernels != "torch"
+        return 0 if on_kernel else 8 * torch.float32.itemsize * min(numel, adam8bit.BLOCK * adam8bit.CHUNK_BLOCKS)
     if isinstance(opt, torch.optim.AdamW):
         return 2 * numel * dtype.itemsize
     if device_type == "cuda":

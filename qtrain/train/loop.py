@@ -18,7 +18,6 @@ from tqdm import tqdm
 from qtrain.checkpoint.store import TrainingProgress
 from qtrain.core.device import to_device
 from qtrain.errors import TrainingError
-from qtrain.model.loss import lm_loss
 from qtrain.parallel import distributed
 from qtrain.parallel.distributed import World
 from qtrain.train.dead_run import DeadRunDetector
@@ -27,6 +26,7 @@ from qtrain.train.metrics import Clock, GradNorm, MetricsLog, header, log_line, 
 from qtrain.train.sampling import generate_text
 from qtrain.train.schedule import lr_at, warmup_steps
 from qtrain.train.stop_request import StopRequest
+from qtrain.update.step import train_step
 from qtrain.update.step_graph import CapturedStep
 from qtrain.update.updater import Updater
 
@@ -76,6 +76,8 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
     clock = Clock()
     dead_run = DeadRunDetector(model.config.vocab_size, warmup_steps(t.steps, cfg.optim.warmup_frac), cfg.optim.lr)
     captured = CapturedStep(model, updater, device, dtype, W) if t.cuda_graph else None  # config checked the rest
+    # measured peak vs the estimate: after the capture when there is one (its graph pool included)
+    measure_at = start_step + max(MEASURE_AFTER_STEPS, captured.steps_to_capture if captured is not None else 0)
     say(header(cfg, model, data, device, dtype, run_dir, W, start_step))
 
     def flush() -> None:  # one host sync (and one all-reduce) for log_every steps of losses
@@ -112,6 +114,11 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
                                 f"Lower [optim] lr or set [optim] float_grad_clip, then resume with --resume")
         dead_run.check(steps, losses, norms)  # raises on a dead run (zero gradient, or loss flat at ln(vocab))
 
+    def restart_window() -> None:  # the next tokens/s counts only the steps from here on
+        nonlocal tokens0
+        clock.window()
+        tokens0 = progress.tokens_seen
+
     def checkpoint() -> None:
         nonlocal last_saved
         flush()  # never save after a non-finite loss
@@ -146,24 +153,23 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
                 float_lr = lr_at(k, cfg.optim.float_lr_value, t.steps, cfg.optim.warmup_frac, cfg.optim.min_lr_ratio)
                 updater.begin_step(lr, float_lr)
                 if captured is not None:  # one graph replay (after warm-up and capture); A == W == 1
+                    settling = captured.settling
                     step_loss = captured(*(to_device(b, device) for b in sampler.batch_at(sampler.batches_drawn)))
-                else:
-                    step_loss = torch.zeros((), device=device)
-                    for a in range(A):  # rank r takes micro-batches r*A .. r*A + A-1 of the step's W*A
-                        x, y = (to_device(b, device)
-                                for b in sampler.batch_at(sampler.batches_drawn + world.rank * A + a))
-                        loss = lm_loss(model, x, y, dtype)
-                        # 1/(A*W) before backward: gradients summed over micro-batches and ranks are the global mean
-                        (loss / (A * W)).backward()  # release mode: every tensor is updated in here
-                        step_loss += loss.detach() / (A * W)
-                    updater.finish_step()
+                    if settling and not captured.settling:  # the capture step: speed is measured from here on
+                        torch.cuda.synchronize(device)  # once: the warm-up and capture work ends here
+                else:  # rank r takes micro-batches r*A .. r*A + A-1 of the step's W*A
+                    batches = ((to_device(x, device), to_device(y, device)) for x, y in
+                               (sampler.batch_at(sampler.batches_drawn + world.rank * A + a) for a in range(A)))
+                    step_loss = train_step(model, updater, batches, dtype, A * W)
                 # real tokens of the step's W*A micro-batches (fine-tuning rows are padded: padding is not counted)
                 progress.tokens_seen += sum(sampler.tokens_at(sampler.batches_drawn + j) for j in range(W * A))
+                if captured is not None and settling and not captured.settling:
+                    restart_window()  # after this step's tokens: the window counts replayed steps only
                 sampler.batches_drawn += W * A
                 progress.step += 1
                 pending.append((progress.step, step_loss, lr, progress.tokens_seen, grad_norm.take(), time.time()))
                 bar.update(1)
-                if predicted is not None and progress.step == start_step + MEASURE_AFTER_STEPS:
+                if predicted is not None and progress.step == measure_at:
                     say(memory_report(predicted, torch.cuda.max_memory_allocated(device),
                                              torch.cuda.max_memory_reserved(device)))
                 if progress.step % t.log_every == 0:

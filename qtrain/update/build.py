@@ -20,7 +20,9 @@ def build_updater(model: nn.Module, cfg: TrainConfig) -> Updater:
     method.configure(kernels=cfg.quant.kernels, keep_projections=cfg.train.cuda_graph)
     lm_head = method if o.lm_head_optimizer == "same_as_matrices" else None
     embedding = method if o.embedding_optimizer == "same_as_matrices" else None
-    floats = float_optimizer_factory(o.float_optimizer, tuple(o.float_betas), o.float_eps)
+    # a captured step: "adam8bit" matrices take qtrain's 8-bit Adam, which reads the LR and step on the device
+    floats = float_optimizer_factory(o.float_optimizer, tuple(o.float_betas), o.float_eps,
+                                     capturable=cfg.train.cuda_graph)
     # Norm weights and biases (vectors), any dtype: one FusedAdamW (fp32 moments, SR to bf16) stepped once in
     # finish_step. bf16 matrices (embedding, lm_head): "adamw" becomes qtrain's fp32-state Adam with SR on
     # apply; "adam8bit" stays bitsandbytes (8-bit state, nearest rounding to bf16: Adam's normalised steps,

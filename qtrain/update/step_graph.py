@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from qtrain.config import rules
 from qtrain.errors import TrainingError
-from qtrain.model.loss import lm_loss
+from qtrain.update.step import train_step
 from qtrain.update.updater import Updater
 
 WARMUP_STEPS = 3  # eager steps before the capture: the first creates state, the next ones settle caches
@@ -29,7 +29,8 @@ WARMUP_STEPS = 3  # eager steps before the capture: the first creates state, the
 
 class CapturedStep:
     """Call after `updater.begin_step(...)`: forward, backward (release updates inside) and finish_step of one
-    step, eager for the first WARMUP_STEPS calls, then captured once and replayed. Returns the step's loss."""
+    step (qtrain.update.step.train_step, the eager loop's body), eager for the first WARMUP_STEPS calls, then
+    captured once and replayed. Returns the step's loss. Off CUDA nothing is captured: every call is eager."""
 
     def __init__(self, model: nn.Module, updater: Updater, device: torch.device, dtype: torch.dtype,
                  world_size: int = 1, warmup: int = WARMUP_STEPS):
@@ -37,33 +38,46 @@ class CapturedStep:
         if found:
             raise TrainingError("; ".join(found))
         self.model, self.updater, self.dtype = model, updater, dtype
+        self.capturing = torch.device(device).type == "cuda"
         self.eager_left = warmup
+        self.side: torch.cuda.Stream | None = None  # the warm-up stream, one for every warm-up step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[Tensor, Tensor] | None = None
         self.loss: Tensor | None = None
         self.replays = 0
 
+    @property
+    def settling(self) -> bool:
+        """True until the capture step has run (warm-up: compilation, autotuning, lazy state; then the capture):
+        steps whose time says nothing about the replayed step's speed."""
+        return self.capturing and self.replays == 0
+
+    @property
+    def steps_to_capture(self) -> int:
+        """Calls until the graph exists (warm-up steps + the capture step)."""
+        return self.eager_left + 1 if self.graph is None else 0
+
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         cache = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)  # cached casts must not outlive a captured region
         try:
-            loss = lm_loss(self.model, x, y, self.dtype)
+            return train_step(self.model, self.updater, [(x, y)], self.dtype)
         finally:
             torch.set_autocast_cache_enabled(cache)
-        loss.backward()  # release mode: every tensor is updated in here
-        self.updater.finish_step()
-        return loss.detach()
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if not self.capturing:
+            return self._step(x, y)
         if self.eager_left > 0:
             self.eager_left -= 1
-            if not x.is_cuda:
-                return self._step(x, y)
-            side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            if self.side is None:
+                # warm-up on a side stream, as torch.cuda.graph's documentation asks; one stream for all of them:
+                # a new one per step would keep each step's freed blocks in its own pool (up to 3x the transients)
+                self.side = torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 loss = self._step(x, y)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return loss
         if self.graph is None:
             self.inputs = (x.clone(), y.clone())  # the captured batch buffers: later batches are copied in

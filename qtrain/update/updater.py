@@ -21,6 +21,7 @@ from qtrain.core.statetree import map_tensors
 from qtrain.core.step_state import StepState
 from qtrain.model.builder import float_parameters, int8_layers, is_quantized_projection
 from qtrain.optim.base import Method
+from qtrain.optim.float_adam import FloatAdam
 from qtrain.optim.float_update import float_update_, round_to_bf16
 from qtrain.quant import dispatch
 from qtrain.quant.int8_update import int8_scaled_update_
@@ -85,13 +86,14 @@ class Updater:
         vectors = {n: p for n, p in self.floats.items() if n not in self.method_floats and fused and p.dim() < 2}
         self.fused_floats = [fused({n: p for n, p in vectors.items() if p.dtype == dtype})
                              for dtype in dict.fromkeys(p.dtype for p in vectors.values())]
-        self.float_opts = {n: float_optimizer(p) for n, p in self.floats.items()
-                           if n not in self.method_floats and n not in vectors}
-        self.float_opts.update({n: slot for group in self.fused_floats for n, slot in group.slots.items()})
         # Per-step values on the device (LRs, step, SR seeds): what the kernels read, so a captured step is
         # replayed with each step's values (qtrain.core.step_state). self.lr / self.step stay the host's copy.
         device = next(iter(self.int8.values())).codes.device if self.int8 else next(iter(self.floats.values())).device
         self.clock = StepState(device, seed, [*self.int8, *self.floats, *map(_fused_name, self.fused_floats)])
+        build = (lambda p: float_optimizer(p, self.clock, kernels)) if isinstance(float_optimizer, FloatAdam) \
+            else float_optimizer  # FloatAdam: its capturable 8-bit Adam reads the clock
+        self.float_opts = {n: build(p) for n, p in self.floats.items() if n not in self.method_floats and n not in vectors}
+        self.float_opts.update({n: slot for group in self.fused_floats for n, slot in group.slots.items()})
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
         self.grad_hooks: list[Callable[[str, Tensor], None]] = []  # see add_grad_hook
