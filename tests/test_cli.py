@@ -3,6 +3,7 @@ the recipes listed in --help, and a bug inside a command keeping its traceback."
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,8 @@ def test_a_failed_rank_shows_its_error_not_torchruns_traceback(tmp_path):
                  f"data.corpus={tmp_path / 'missing.txt'}", env=_two_rank_env(tmp_path))
     assert run.returncode == 2, run.stderr[-3000:]
     assert f'qtrain train: error: [data] corpus = "{tmp_path / "missing.txt"}": no such file' in run.stderr
-    assert "qtrain train: rank 0 of 2 failed first (exit code 2), its error is above\n" in run.stderr
+    # the rank that failed on the corpus, or the other one reporting the broken collective, may end first
+    assert re.search(r"qtrain train: rank [01] of 2 failed first \(exit code 2\), its error is above\n", run.stderr)
     # torchrun's report of the same failure: its traceback, the ChildFailedError table, its log lines
     for noise in ("Traceback", "ChildFailedError", "Root Cause", "torch.distributed.elastic"):
         assert noise not in run.stderr, run.stderr[-3000:]

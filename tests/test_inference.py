@@ -1,7 +1,6 @@
 """Evaluation and sampling: larger forwards, each projection dequantized once, a KV cache; same numbers as the
 plain per-batch evaluation and the full-recompute sampling they replace (written out here as references)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -148,17 +147,14 @@ def test_sampling_feeds_each_token_once_and_dequantizes_once(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    old = os.environ.get("QTRAIN_CACHE")
-    os.environ["QTRAIN_CACHE"] = str(tmp_path_factory.mktemp("qtrain-cache"))
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    flags = ["data.max_corpus_chars=300000", "model.vocab_size=512", "train.sample_tokens=0", "train.eval_batches=3",
-             "train.batch_size=2", "train.seq_len=64", "model.max_seq_len=64", "train.steps=2"]
-    assert cli(["train", "--quiet", "--out", str(run), *[f"--set={f}" for f in flags]]) == 0
-    yield run
-    if old is None:
-        os.environ.pop("QTRAIN_CACHE")
-    else:
-        os.environ["QTRAIN_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function-scoped monkeypatch is not available
+        mp.setenv("QTRAIN_CACHE", str(tmp_path_factory.mktemp("qtrain-cache")))
+        run = tmp_path_factory.mktemp("runs") / "tiny"
+        flags = ["data.max_corpus_chars=300000", "model.vocab_size=512", "train.sample_tokens=0",
+                 "train.eval_batches=3", "train.batch_size=2", "train.seq_len=64", "model.max_seq_len=64",
+                 "train.steps=2"]
+        assert cli(["train", "--quiet", "--out", str(run), *[f"--set={f}" for f in flags]]) == 0
+        yield run
 
 
 def test_qtrain_eval_and_generate_dequantize_each_projection_once(run_dir, monkeypatch, capsys):
