@@ -23,9 +23,9 @@ from qtrain.config.recipe import TrainConfig
 from qtrain.data.default_corpus import default_corpus_path
 from qtrain.errors import CheckpointError, TrainingError
 from qtrain.model.builder import build_model, dequantized_copy
-from qtrain.train import loop as loop_mod
 from qtrain.train.build import build
 from qtrain.train.run import train
+from qtrain.update import step as step_mod
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["model.vocab_size=512", "train.sample_tokens=0", "train.eval_batches=2", "train.batch_size=4",
@@ -174,7 +174,7 @@ def test_resumed_float_optimizer_state_is_placed_where_torch_expects_it(corpus_f
 def test_resume_logs_each_step_once(corpus_file, tmp_path, monkeypatch):
     run = tmp_path / "run"
     c = cfg(corpus_file, "train.steps=10", "train.save_every=4")
-    real, calls = loop_mod.lm_loss, []
+    real, calls = step_mod.lm_loss, []
 
     def dies_at_step_7(model, x, y, dtype):
         if torch.is_grad_enabled():
@@ -183,11 +183,11 @@ def test_resume_logs_each_step_once(corpus_file, tmp_path, monkeypatch):
                 raise KeyboardInterrupt  # a kill after steps 5 and 6 were logged, past the step-4 checkpoint
         return real(model, x, y, dtype)
 
-    monkeypatch.setattr(loop_mod, "lm_loss", dies_at_step_7)
+    monkeypatch.setattr(step_mod, "lm_loss", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train(c, run, quiet=True)
     assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    monkeypatch.setattr(loop_mod, "lm_loss", real)
+    monkeypatch.setattr(step_mod, "lm_loss", real)
     train(c, run, resume=True, quiet=True)
     steps = [r["step"] for r in rows(run) if "loss" in r]
     assert steps == list(range(1, 11))

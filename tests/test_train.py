@@ -21,8 +21,8 @@ from qtrain.config.recipe import TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.errors import TrainingError
 from qtrain.optim.registry import build_method
-from qtrain.train import loop as loop_mod
 from qtrain.train.run import train
+from qtrain.update import step as step_mod
 
 REPO = Path(__file__).resolve().parent.parent
 # A small slice of the embedded corpus and a small vocab keep every run here to a few seconds.
@@ -101,7 +101,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss, calls = loop_mod.lm_loss, []
+    real_loss, calls = step_mod.lm_loss, []
 
     def poisoned(model, x, y, dtype):
         loss = real_loss(model, x, y, dtype)
@@ -110,7 +110,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         calls.append(1)
         return loss * float("nan") if len(calls) == 7 else loss
 
-    monkeypatch.setattr(loop_mod, "lm_loss", poisoned)
+    monkeypatch.setattr(step_mod, "lm_loss", poisoned)
     with pytest.raises(TrainingError, match=r"NaN/Inf at step 7.*last good checkpoint is step-00000005"):
         train(cfg("train.steps=20", "train.save_every=5", "train.eval_every=100", "train.log_every=10"),
               tmp_path / "run", quiet=True)
@@ -272,6 +272,6 @@ def test_out_of_memory_points_to_the_estimator(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop_mod, "lm_loss", oom)
+    monkeypatch.setattr(step_mod, "lm_loss", oom)
     with pytest.raises(TrainingError, match=r"out of GPU memory at step 1.*qtrain estimate.*--gpu-gib"):
         train(cfg("train.steps=3"), tmp_path / "run", quiet=True)
