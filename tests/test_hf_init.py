@@ -121,6 +121,21 @@ def test_shipped_finetune_recipe_without_its_checkpoint_says_the_two_commands(tm
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+@pytest.mark.slow  # three short runs of the CLI
+def test_shipped_finetune_recipe_runs_after_the_two_commands_its_error_names(tmp_path, monkeypatch, capsys):
+    """finetune-tiny as shipped: the two commands of the error above make its checkpoint, then it trains (on the
+    embedded text until data.corpus points at the user's pairs) with nothing else to set."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QTRAIN_CACHE", str(tmp_path / "cache"))
+    short = ["--set", "train.steps=4", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0",
+             "--set", "data.max_corpus_chars=300000"]
+    assert cli(["train", "tiny", "--out", "runs/tiny", "--quiet", *short]) == 0
+    assert cli(["export", "runs/tiny", "--to", "runs/tiny-hf"]) == 0
+    assert cli(["train", "finetune-tiny", "--out", "runs/tiny-ft", "--quiet", *short]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert (tmp_path / "runs/tiny-ft/checkpoints/step-00000004").is_dir()
+
+
 def test_half_a_model_safetensors_is_named_before_anything_is_built(smol, tmp_path, monkeypatch, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
