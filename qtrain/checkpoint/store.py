@@ -33,10 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Shard
 
 from qtrain.core.atomic import TMP_PREFIX, fsync_path, remove_scratch, replace_dir, write_atomic
@@ -243,6 +241,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor]
     sha256, each sharded tensor's dim) and renames the directory into place, as save_checkpoint does. A failure
     on any rank leaves the previous checkpoints untouched and raises CheckpointError on every rank.
     """
+    import torch.distributed.checkpoint as dcp  # here, not at the top: ~1 s of imports that only sharded runs need
     rank = dist.get_rank()
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / f"step-{step:08d}"
@@ -356,6 +355,8 @@ def load_shards(path: Path, meta: dict, mesh=None) -> dict[str, Tensor]:
     """The tensors of a sharded checkpoint: unsharded on the CPU (mesh None: this process alone reads it), or
     with a device mesh (a collective) each sharded tensor as this rank's torch.chunk block along its dim, the
     way FSDP2 shards it, whatever the world size that saved it (DCP reads the overlapping parts of its files)."""
+    import torch.distributed.checkpoint as dcp  # as in save_sharded_checkpoint
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     rank, size = (0, 1) if mesh is None else (mesh.get_local_rank(), mesh.size())
     device = "cpu" if mesh is None else mesh.device_type
