@@ -13,9 +13,6 @@ from qtrain.config.recipe import ModelConfig, QuantConfig
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# tools/count_launches.py (the launch counter of tests/test_capturable.py and test_count_launches.py) is still a
-# tool; the memory and sync probes live in qtrain.core.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +96,6 @@ def run_cpu_cases_in_interpreter(test_file: str) -> None:
     triton compiled, i.e. a GPU machine, cannot switch to the interpreter) and assert they all passed."""
     import re
     import subprocess
-    import sys
-    from pathlib import Path
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", test_file, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
@@ -129,8 +124,6 @@ def compile_for_sm90(script: str, tmp_path) -> dict[str, str]:
     """Run SM90_PRELUDE + script (which prints a JSON {name: ptx}) in a fresh, compiled-mode process."""
     import json
     import subprocess
-    import sys
-    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)

@@ -199,6 +199,31 @@ def test_direction_triton_tracks_torch_over_refreshes(device, shape, scale_type,
     torch.testing.assert_close(s_ours["limiter_norm"], s_ref["limiter_norm"], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scale_type,rank", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_gradient_norm_comes_with_the_statistics(device, shape, scale_type, rank, backend):
+    # norm_out (the step's grad-norm slot) receives ‖G‖ from the column norms; f and the state are untouched
+    apollo = method(scale_type, rank)
+    hyper = dict(betas=apollo.betas, eps=apollo.eps, scale=apollo.scale, scale_type=scale_type,
+                 bias_correction=apollo.bias_correction, gamma=apollo.gamma, backend=backend)
+    g = grads(shape, 1, torch.bfloat16)[0]
+    g_hat = orient(g).to(device)
+    a, b = g_hat.shape
+    proj = random_projection((a, b), rank, 3, torch.device("cpu")).to(device)
+    with_norm, without = (apollo.init_state(shape, device, uid=1) for _ in range(2))
+    norm = torch.full((), -1.0, device=device)
+    keys = ("exp_avg", "exp_avg_sq", "limiter_norm")
+    f = apollo_scaling(g_hat, proj, *(with_norm[k] for k in keys), 1, norm_out=norm, **hyper)
+    assert_bitwise_equal(f, apollo_scaling(g_hat, proj, *(without[k] for k in keys), 1, **hyper), "f")
+    for k in keys:
+        assert_bitwise_equal(with_norm[k], without[k], k)
+    # a column's a squares, then b column sums, in some order (γ_a + γ_b relative), then a sqrt (halves it, + u)
+    exact = g.double().norm().item()
+    bound = 1.01 * ((gamma(a + 1) + gamma(b + 1)) / 2 + U)
+    assert abs(norm.item() - exact) / exact <= bound
+
+
 def test_cpu_auto_is_the_torch_reference_unchanged(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("a Triton kernel ran on CPU with backend='auto'")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 
-import count_launches as cl
 import pytest
 import torch
 from conftest import release_trainer
@@ -32,6 +31,7 @@ from qtrain.optim.base import Update
 from qtrain.optim.float_update import float_update_triton_, round_to_bf16
 from qtrain.quant import triton_kernels
 from qtrain.train.schedule import lr_at
+from qtrain.update import launch_count as cl
 from qtrain.update import step_graph
 from qtrain.update.build import build_updater
 from qtrain.update.release import attach_release

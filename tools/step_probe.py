@@ -9,7 +9,7 @@ prediction, as one JSON line (tools/gpu_check.sh runs one process per variant an
     python tools/step_probe.py qtrain tiny --device cpu --steps 2  # a dry run of the same code on the CPU
 
 qtrain: the step as `qtrain.train.loop.fit` runs it (begin_step, qtrain.update.step.train_step or the
-CapturedStep of [train] cuda_graph, the GradNorm hook and its take()), batch x seq_len of the recipe, uniform
+CapturedStep of [train] cuda_graph, the gradient-norm meter and its take()), batch x seq_len of the recipe, uniform
 random tokens. Timing: after the warm-up (3 steps, or warm-up + capture with cuda_graph), --steps steps queued
 back to back between two device syncs: tokens/s = steps x tokens / seconds. Peak: torch.cuda.max_memory_allocated
 over the whole process (weights, states, the graph pool, warm-up), beside `qtrain estimate`'s peak allocated.
@@ -39,15 +39,13 @@ from qtrain.model.loss import lm_loss
 def qtrain_step(cfg: TrainConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor):
     """(step function, warm-up steps) of fit's step for cfg."""
     from qtrain.train.build import build
-    from qtrain.train.metrics import GradNorm
     from qtrain.update.release import attach_release
     from qtrain.update.step import train_step
     from qtrain.update.step_graph import CapturedStep
 
     built = build(cfg, device)
     model, updater = built.model, built.updater
-    grad_norm = GradNorm(device, [*updater.int8, *updater.floats])
-    updater.add_grad_hook(grad_norm)  # fit adds it: its launches are part of the step
+    grad_norm = updater.measure_grad_norm()  # as fit: its launches are part of the step
     attach_release(updater)
     dtype = autocast_dtype(cfg.train.dtype, device)
     captured = CapturedStep(model, updater, device, dtype) if cfg.train.cuda_graph else None

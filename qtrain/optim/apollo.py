@@ -134,6 +134,7 @@ def apollo_scaling(
     scale_front: bool = False,
     backend: str = "auto",
     step_constants: Tensor | None = None,
+    norm_out: Tensor | None = None,
 ) -> Tensor:
     """One APOLLO step on the oriented gradient Ĝ (a×b, fp32 or bf16) with projection P (a×r, fp32).
 
@@ -144,6 +145,8 @@ def apollo_scaling(
     apollo_kernels when every tensor is on CUDA, the torch reference otherwise (CPU numbers unchanged).
     step_constants: `step_constants(t, ...)` on the device; the kernels read the bias corrections and the first
     step from it (capturable), the reference uses the host `step` (the same numbers).
+    norm_out: a 0-d fp32 tensor that receives ‖Ĝ‖ = √Σ‖Ĝ[:, j]‖², from the column norms step 4 computes anyway
+    (the chain kernel writes it: no launch of its own).
     """
     hyper = dict(betas=betas, eps=eps, scale=scale, scale_type=scale_type, bias_correction=bias_correction,
                  gamma=gamma, scale_front=scale_front)
@@ -151,8 +154,10 @@ def apollo_scaling(
                            "the fused APOLLO statistics"):
         r, col_sq = apollo_kernels.project_with_column_norms_triton(proj, g_hat)
         return apollo_kernels.scaling_chain_triton(r, col_sq, m, v, phi, step, step_constants=step_constants,
-                                                   **hyper)
+                                                   norm_out=norm_out, **hyper)
     r, col_sq = project_with_column_norms(proj, g_hat)  # (r, b), (b,)    step 4
+    if norm_out is not None:
+        torch.sqrt(col_sq.sum(), out=norm_out)
     return scaling_chain(r, col_sq, m, v, phi, step, **hyper)
 
 
@@ -194,6 +199,7 @@ class Apollo(ApolloScaling):
     """APOLLO / APOLLO-Mini: P a seeded Gaussian (a×r)/√r, regenerated from its seed, never stored."""
 
     accepts_low_precision_grad = True  # direction() upcasts bf16 gradients chunk by chunk itself
+    measures_grad_norm = True  # direction(norm_out=) writes ‖G‖ from the statistics pass's column norms
     # Not dataclass fields: [quant] kernels' and [train] cuda_graph's choices (Method.configure), not
     # [optim.args] hyperparameters.
     # statistics backend, "auto" | "torch" | "triton" (qtrain.quant.dispatch's convention)
@@ -272,7 +278,8 @@ class Apollo(ApolloScaling):
             self._kept_p: dict[int, tuple[int, Tensor]] = {}  # uid -> (window, P): not a field, not saved
         return self._kept_p
 
-    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None,
+                  norm_out: Tensor | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         proj = self.projection(state, t, tuple(grad.shape), grad.device)  # (a, r)
         constants = None
@@ -286,7 +293,7 @@ class Apollo(ApolloScaling):
             orient(grad), proj, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
             bias_correction=self.bias_correction, gamma=self.gamma, scale_front=self.scale_front, backend=self.kernels,
-            step_constants=constants,
+            step_constants=constants, norm_out=norm_out,
         )
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))

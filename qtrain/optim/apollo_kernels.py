@@ -4,7 +4,8 @@ Two launches per tensor instead of ~5 per 4 M-element chunk plus ~25 scalar ops:
   - `_project_kernel` reads Ĝ (bf16 or fp32, any strides, so Gᵀ is a view) exactly once and writes
     R = PᵀĜ (r×b) and the squared column norms of Ĝ (b,). Each program owns BLOCK_B whole columns and
     walks all a rows, so nothing is reduced across programs (no atomics, deterministic);
-  - `_chain_kernel` (one program) runs the moment / ratio / limiter chain on R and writes the factor f.
+  - `_chain_kernel` (one program) runs the moment / ratio / limiter chain on R and writes the factor f
+    (and, when asked, ‖Ĝ‖ from the column norms: the step's gradient norm without another read of Ĝ).
 P is still regenerated from the tensor's seed by `random_projection` (the official seed chain keeps
 working); only the arithmetic after it moved.
 
@@ -115,10 +116,10 @@ def project_with_column_norms_triton(proj: Tensor, g_hat: Tensor) -> tuple[Tenso
 
 @_jit
 def _chain_kernel(
-    r_ptr, colsq_ptr, m_ptr, v_ptr, phi_ptr, f_ptr, rank, b,
+    r_ptr, colsq_ptr, m_ptr, v_ptr, phi_ptr, f_ptr, norm_ptr, rank, b,
     b1, b2, one_minus_b1, one_minus_b2, eps, c1, c2, gamma, factor, front, step_ptr,
     BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, CHANNEL: tl.constexpr, INSIDE: tl.constexpr,
-    FIRST: tl.constexpr, STEP_IS_PTR: tl.constexpr,
+    FIRST: tl.constexpr, STEP_IS_PTR: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     if STEP_IS_PTR:  # fp64 (t, c1, c2, factor) on the device (apollo.step_constants): capturable
         c1 = tl.load(step_ptr + 1).to(tl.float32)  # rounded to fp32 as the host values are at launch
@@ -127,7 +128,7 @@ def _chain_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rmask = ranks < rank
     x_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)  # channel: Σ_j s_j² ‖Ĝ_j‖²
-    nn_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)  # tensor: ‖N‖², ‖R‖², ‖Ĝ‖² (per-lane partial sums)
+    nn_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)  # tensor: ‖N‖², ‖R‖²; both: ‖Ĝ‖² (per-lane partial sums)
     rr_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
     cc_acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for b0 in range(0, b, BLOCK_B):
@@ -156,12 +157,15 @@ def _chain_kernel(
         else:
             nn_acc += tl.sum(n * n, axis=0)
             rr_acc += tl.sum(r * r, axis=0)
-            cc_acc += c
+        cc_acc += c
+    g_norm = tl.math.sqrt_rn(tl.sum(cc_acc, axis=0))  # ‖Ĝ‖
+    if HAS_NORM:  # the gradient norm of the step's metrics, at no extra read (qtrain.update.grad_norm)
+        tl.store(norm_ptr, g_norm)
     if CHANNEL:
         x_norm = tl.math.sqrt_rn(tl.sum(x_acc, axis=0))
     else:
         s_t = tl.math.div_rn(tl.math.sqrt_rn(tl.sum(nn_acc, axis=0)), tl.math.sqrt_rn(tl.sum(rr_acc, axis=0)) + 1e-8)
-        x_norm = s_t * tl.math.sqrt_rn(tl.sum(cc_acc, axis=0))
+        x_norm = s_t * g_norm
     x_norm = x_norm * front  # scale_front: α before the limiter (1.0 otherwise: exact)
     if FIRST:  # limiter.norm_growth_factor: no φ yet
         eta = 1.0
@@ -189,12 +193,13 @@ def _chain_kernel(
 def scaling_chain_triton(
     r: Tensor, col_sq: Tensor, m: Tensor, v: Tensor, phi: Tensor, step: int, *, betas: tuple[float, float],
     eps: float, scale: float, scale_type: str, bias_correction: str, gamma: float = 1.01, scale_front: bool = False,
-    step_constants: Tensor | None = None,
+    step_constants: Tensor | None = None, norm_out: Tensor | None = None,
 ) -> Tensor:
     """Twin of apollo.scaling_chain: updates m, v (r×b) and phi (0-dim) in place, returns f ((b,) or ()).
 
     step_constants: fp64 (t, c1, c2, factor) on the device (apollo.step_constants) to read in the kernel
     instead of the host step's: the same numbers, and a captured graph replays each step's.
+    norm_out: a 0-d fp32 tensor that receives ‖Ĝ‖ = √Σ col_sq (the step's gradient-norm slot).
     """
     b1, b2 = betas
     c1, c2 = 1 - b1**step, 1 - b2**step  # fp64 on the host, rounded to fp32 at launch like torch's scalars
@@ -210,9 +215,9 @@ def scaling_chain_triton(
     block_b = max(16, min(1024, 4096 // block_r))
     # one program: the chain is O(r·b) (APOLLO-Mini: b floats) and needs whole-tensor sums before f
     _chain_kernel[(1,)](
-        r, col_sq, m, v, phi, f, rank, b, b1, b2, 1 - b1, 1 - b2, eps, c1, c2, gamma, factor,
+        r, col_sq, m, v, phi, f, phi if norm_out is None else norm_out, rank, b, b1, b2, 1 - b1, 1 - b2, eps, c1, c2, gamma, factor,
         math.sqrt(scale) if scale_front else 1.0, step_constants if on_device else phi, BLOCK_R=block_r, BLOCK_B=block_b, CHANNEL=channel,
-        INSIDE=not outside, FIRST=step == 1 and not on_device, STEP_IS_PTR=on_device,
+        INSIDE=not outside, FIRST=step == 1 and not on_device, STEP_IS_PTR=on_device, HAS_NORM=norm_out is not None,
         num_warps=4, enable_fp_fusion=False,
     )
     return f

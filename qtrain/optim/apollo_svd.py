@@ -28,6 +28,8 @@ from qtrain.optim.svd_projection import refresh_due, refresh_projection_, svd_re
 class ApolloSVDMethod(ApolloScaling):
     """APOLLO-SVD: APOLLO's hyperparameters (§6: α = 1 below 1B, 0.4 at 1B), P stored and refreshed by SVD."""
 
+    measures_grad_norm = True  # apollo_scaling's column norms give ‖G‖ (direction's norm_out)
+
     def validate(self, shape: tuple[int, ...]) -> None:
         check_low_rank("APOLLO-SVD", shape, self.rank, self.update_proj_gap, self.betas, self.eps)
         check_range("APOLLO-SVD", "scale", self.scale, 0.0, lo_open=True)
@@ -38,7 +40,8 @@ class ApolloSVDMethod(ApolloScaling):
     def init_state(self, shape, device, uid) -> dict[str, Any]:
         return stored_projection_state(shape, self.rank, device, uid, limiter=True)
 
-    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None) -> Update:
+    def direction(self, grad: Tensor, state: dict[str, Any], clock: StepState | None = None,
+                  norm_out: Tensor | None = None) -> Update:
         state["step"] = t = state["step"] + 1
         if refresh_due(t, self.update_proj_gap):  # top-r singular vectors of G                §6
             refresh_projection_(state["proj"], grad, i3s=False, seed=self.seed, uid=state["uid"],
@@ -46,7 +49,7 @@ class ApolloSVDMethod(ApolloScaling):
         f = apollo_scaling(
             orient(grad.float()), state["proj"], state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], t,
             betas=self.betas, eps=self.eps, scale=self.scale, scale_type=self.scale_type,
-            bias_correction=self.bias_correction, gamma=self.gamma, scale_front=self.scale_front,
+            bias_correction=self.bias_correction, gamma=self.gamma, scale_front=self.scale_front, norm_out=norm_out,
         )
         if self.scale_type == "channel":
             f = f.reshape(channel_shape(tuple(grad.shape)))

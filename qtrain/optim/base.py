@@ -106,15 +106,19 @@ class Method:
     """Base of all methods: hyperparameters shared by every method, and what callers may use.
 
     Callers (the Updater, the release hooks, the standalone optimizer, the estimator) use exactly this:
-    init_state, direction (with the caller's step clock), validate, configure (the recipe's run-wide choices,
-    once, at build), prepare (before each step), kept_projections, direction_bytes and the class attribute
-    accepts_low_precision_grad. A method without device kernels or kept buffers inherits the no-op defaults.
+    init_state, direction (with the caller's step clock, and norm_out where measures_grad_norm), validate,
+    configure (the recipe's run-wide choices, once, at build), prepare (before each step), kept_projections,
+    direction_bytes and the class attributes accepts_low_precision_grad and measures_grad_norm. A method without
+    device kernels or kept buffers inherits the no-op defaults.
     """
 
     weight_decay: float = 0.0
 
     # direction() takes a bf16 gradient as is and upcasts it chunk by chunk itself (no fp32 copy from callers)
     accepts_low_precision_grad: ClassVar[bool] = False
+    # direction() takes `norm_out`, a 0-d fp32 tensor, and writes the gradient's norm ‖G‖ into it from a pass
+    # it makes anyway (the Updater's gradient-norm meter then launches nothing for this tensor)
+    measures_grad_norm: ClassVar[bool] = False
 
     def init_state(self, shape: tuple[int, ...], device: torch.device, uid: int) -> dict[str, Any]:
         raise NotImplementedError

@@ -22,7 +22,7 @@ from qtrain.parallel import distributed
 from qtrain.parallel.distributed import World
 from qtrain.train.dead_run import DeadRunDetector
 from qtrain.train.evaluation import evaluate
-from qtrain.train.metrics import Clock, GradNorm, MetricsLog, header, log_line, peak_memory, plain_output, summary
+from qtrain.train.metrics import Clock, MetricsLog, header, log_line, peak_memory, plain_output, summary
 from qtrain.train.sampling import generate_text
 from qtrain.train.schedule import lr_at, warmup_steps
 from qtrain.train.stop_request import StopRequest
@@ -71,8 +71,7 @@ def fit(cfg, run_dir: Path, model, updater: Updater, data, sampler, progress: Tr
     say = tqdm.write if world.main else (lambda text: None)
     tokens0 = start_tokens = progress.tokens_seen
     start_step = progress.step
-    grad_norm = GradNorm(device, [*updater.int8, *updater.floats], across_ranks=world.sharded)  # FSDP2: shards' norms
-    updater.add_grad_hook(grad_norm)  # after any gradient reduction: it sees the final gradient
+    grad_norm = updater.measure_grad_norm(across_ranks=world.sharded)  # FSDP2: shards' norms
     clock = Clock()
     dead_run = DeadRunDetector(model.config.vocab_size, warmup_steps(t.steps, cfg.optim.warmup_frac), cfg.optim.lr)
     captured = CapturedStep(model, updater, device, dtype, W) if t.cuda_graph else None  # config checked the rest

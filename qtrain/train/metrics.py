@@ -10,9 +10,8 @@ throughput and mean step time over the window, evaluation and checkpoints exclud
 with "mem" ("cuda": torch's peak allocated bytes; "rss": the process's peak resident set on the CPU).
 An evaluation writes {"step", "val_loss", "val_ppl", "sample"}; the end of a run {"step", "summary": {...}}.
 
-The global gradient norm is accumulated on the device inside the updater's grad hooks (GradNorm): each
-tensor writes its gradient's norm into its own slot as its update is applied, in release mode inside backward,
-so no extra pass over the gradients is made and nothing is read on the host until log time.
+The global gradient norm is measured on the device by the updater as its updates run (qtrain.update.grad_norm):
+nothing is read on the host until log time.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed
 
 from qtrain.core.atomic import write_atomic
 
@@ -96,36 +94,6 @@ class MetricsLog:
 
 
 # --- watching a run -------------------------------------------------------------------------------------
-
-
-class GradNorm:
-    """Updater grad hook: the global norm of every final gradient of a step, on the device, never synced.
-
-    Each tensor's norm goes straight into its own slot of one fp32 buffer (one launch per tensor: norm,
-    square and add into a running sum were three); `take` is the norm of the slots.
-    names: every tensor the hook will see (the updater's int8 layers and float parameters).
-    across_ranks: each rank sees a shard of every gradient (FSDP2): `take` sums the squares over ranks.
-    """
-
-    def __init__(self, device, names, across_ranks: bool = False):
-        self.slot = {name: i for i, name in enumerate(names)}
-        self.norms = torch.zeros(len(self.slot), device=device, dtype=torch.float32)
-        self.across_ranks = across_ranks
-
-    def __call__(self, name: str, grad) -> None:
-        if grad is not None:
-            torch.linalg.vector_norm(grad, dtype=torch.float32, out=self.norms[self.slot[name]])
-
-    def take(self) -> torch.Tensor:
-        """The step's norm (a device scalar, not synced) and a reset for the next step."""
-        if self.across_ranks:
-            sum_sq = self.norms.square().sum()
-            torch.distributed.all_reduce(sum_sq)  # SUM; asynchronous on the device with NCCL, no host sync
-            norm = sum_sq.sqrt()
-        else:
-            norm = torch.linalg.vector_norm(self.norms)
-        self.norms.zero_()
-        return norm
 
 
 def peak_memory(device) -> tuple[float, str]:

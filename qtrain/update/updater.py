@@ -20,12 +20,13 @@ from qtrain.core.seeding import name_uid
 from qtrain.core.statetree import map_tensors
 from qtrain.core.step_state import StepState
 from qtrain.model.builder import float_parameters, int8_layers, is_quantized_projection
-from qtrain.optim.base import Method
+from qtrain.optim.base import Method, Update
 from qtrain.optim.float_adam import FloatAdam
 from qtrain.optim.float_update import float_update_, round_to_bf16
 from qtrain.quant import dispatch
 from qtrain.quant.int8_update import int8_scaled_update_
 from qtrain.quant.linear import Int8Linear
+from qtrain.update.grad_norm import GradNorm
 
 FloatOptimizerFactory = Callable[[nn.Parameter], torch.optim.Optimizer]
 
@@ -94,6 +95,8 @@ class Updater:
             else float_optimizer  # FloatAdam: its capturable 8-bit Adam reads the clock
         self.float_opts = {n: build(p) for n, p in self.floats.items() if n not in self.method_floats and n not in vectors}
         self.float_opts.update({n: slot for group in self.fused_floats for n, slot in group.slots.items()})
+        self.vectors = {n for group in self.fused_floats for n in group.names}
+        self.grad_norm: GradNorm | None = None  # see measure_grad_norm
         self.state: dict[str, dict[str, Any]] = {}  # method state per int8 layer / method-trained float
         self.updated: set[str] = set()  # names updated in the current step (checks "exactly once")
         self.grad_hooks: list[Callable[[str, Tensor], None]] = []  # see add_grad_hook
@@ -109,6 +112,25 @@ class Updater:
         """hook(name, grad) runs on every final gradient before its update (reduction, norms, checks)."""
         self.grad_hooks.append(hook)
 
+    def measure_grad_norm(self, across_ranks: bool = False) -> GradNorm:
+        """From now on, measure every step's global gradient norm on the device (after the grad hooks, so of the
+        final gradient; before any float clipping): `take()` it after each step. Slots: every tensor, and one per
+        fused vector group (its staged gradients' norm, one launch in finish_step). across_ranks: FSDP2 shards."""
+        names = [*self.int8, *self.floats, *map(_fused_name, self.fused_floats)]
+        self.grad_norm = GradNorm(self.clock.t.device, names, across_ranks)
+        return self.grad_norm
+
+    def _direction(self, method: Method, name: str, grad: Tensor, state: dict[str, Any], measured: bool) -> Update:
+        """The method's direction, measuring the gradient norm unless `measured`: inside the method's own pass
+        when it can (measures_grad_norm), else with one launch."""
+        g = _grad_for(method, grad)
+        if self.grad_norm is None or measured:
+            return method.direction(g, state, self.clock)
+        if method.measures_grad_norm:
+            return method.direction(g, state, self.clock, norm_out=self.grad_norm.slot(name))
+        self.grad_norm.measure(name, grad)
+        return method.direction(g, state, self.clock)
+
     def method_state(self, name: str, method: Method, shape: tuple[int, ...], device) -> dict[str, Any]:
         if name not in self.state:
             self.state[name] = method.init_state(shape, device, name_uid(name))
@@ -122,10 +144,12 @@ class Updater:
             hook(name, grad)
         first_row = 0
         if self.shards is not None:  # a row shard: the statistics span every shard
+            if self.grad_norm is not None:
+                self.grad_norm.measure(name, grad)  # this rank's rows: take() sums the squares over the ranks
             scale, first_row = self.shards.grad_scale(name, grad), self.shards.first_row(name)
         else:
             state = self.method_state(name, self.matrix_method, tuple(layer.codes.shape), grad.device)
-            update = self.matrix_method.direction(_grad_for(self.matrix_method, grad), state, self.clock)
+            update = self._direction(self.matrix_method, name, grad, state, measured=False)
             if update.dense is not None:
                 grad, scale = update.dense, torch.ones((), device=grad.device)
             else:
@@ -143,7 +167,12 @@ class Updater:
     def update_float(self, name: str, p: nn.Parameter) -> None:
         for hook in self.grad_hooks:
             hook(name, p.grad)
+        # the norm before clipping; a vector of a fused group is measured with its group (finish_step)
+        measured = self.grad_norm is None or (name in self.vectors and not self.float_grad_clip)
         if self.float_grad_clip > 0:  # per tensor: release mode never knows the global norm (docs/algorithms.md §13)
+            if not measured:
+                self.grad_norm.measure(name, p.grad)
+                measured = True
             nn.utils.clip_grad_norm_([p], self.float_grad_clip)
         if name in self.method_floats:
             method = self.method_floats[name]
@@ -151,9 +180,11 @@ class Updater:
             lr = self.clock.float_lr_value if method is self.low_precision_adam else self.clock.lr_value
             seed = self.clock.seed(name) if p.dtype == torch.bfloat16 else None
             # one kernel on CUDA (qtrain.optim.float_update), else apply_update_ with the seed's generator
-            float_update_(p, method.direction(_grad_for(method, p.grad), state, self.clock), p.grad, lr, method.weight_decay, seed,
-                          self.kernels)
+            update = self._direction(method, name, p.grad, state, measured)
+            float_update_(p, update, p.grad, lr, method.weight_decay, seed, self.kernels)
         else:
+            if not measured:
+                self.grad_norm.measure(name, p.grad)
             opt = self.float_opts[name]  # a per-tensor optimizer steps; a FusedAdamW slot stages the gradient
             for group in opt.param_groups:
                 group["lr"] = self.float_lr
@@ -211,6 +242,8 @@ class Updater:
             raise RuntimeError(f"step {self.step + 1}: no gradient reached {sorted(missing)[:5]} "
                                f"({len(missing)} tensors); every trainable tensor must be updated each step")
         for group in self.fused_floats:  # the vectors' staged gradients, one update for all (both modes)
+            if self.grad_norm is not None and not self.float_grad_clip:  # their norm, one launch for the group
+                self.grad_norm.measure(_fused_name(group), group.grad)
             # SR like every bf16 float tensor's update (update_float); LR, step and seed read on the device
             seed = self.clock.seed(_fused_name(group))
             group.step(self.clock.float_lr, t=self.clock.t,
