@@ -179,3 +179,47 @@ def test_reference_update_sr_is_unbiased():
     assert (err <= bound).all(), f"worst |mean - target| / bound = {(err / bound).max():.2f}"
     nearest = ((target - lo) / delta).round() * delta + lo
     assert ((nearest - target).abs() > bound).float().mean() > 0.5  # the bound is tight enough to matter
+
+
+
+def test_projections_reading_one_input_share_its_cast(monkeypatch):
+    # q/k/v under bf16 autocast read one fp32 hidden state: one cast and one saved bf16 copy instead of three,
+    # and the same outputs, weight gradients and input gradient as casting in each projection
+    from qtrain.quant import linear
+
+    torch.manual_seed(0)
+    layers = [Int8Linear.from_float(torch.randn(32, 64) * 0.1, 32) for _ in range(3)]
+    x0 = torch.randn(2, 5, 64)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        h = x * 1.0  # a non-leaf fp32 hidden state, as the RMSNorm output
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            ys = [layer(h) for layer in layers]
+        sum((y.float() ** 2).sum() for y in ys).backward()
+        copies = sum(t.dtype == torch.bfloat16 and t.shape == x0.shape for t in saved.values())
+        return [*ys, x.grad, *(layer.weight_grad for layer in layers)], copies
+
+    shared, shared_copies = run()
+    for layer in layers:
+        layer.weight_grad = None
+    monkeypatch.setattr(linear, "shared_cast", lambda x, dtype: x.to(dtype))  # a cast in every projection
+    own, own_copies = run()
+    assert (shared_copies, own_copies) == (1, 3)
+    for a, b in zip(shared, own, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    monkeypatch.undo()
+
+    h = torch.randn(4, 64)
+    first = linear.shared_cast(h, torch.bfloat16)
+    assert linear.shared_cast(h, torch.bfloat16) is first and torch.equal(first, h.to(torch.bfloat16))
+    h.mul_(2)  # written in place: a new version is cast again
+    again = linear.shared_cast(h, torch.bfloat16)
+    assert again is not first and torch.equal(again, h.to(torch.bfloat16))
+    assert linear.shared_cast(first, torch.bfloat16) is first  # already in the dtype: no cast

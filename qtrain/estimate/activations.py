@@ -77,8 +77,9 @@ def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int
       RoPE's cos/sin take the embedding's dtype, so q and k after RoPE are R as well.
     - LlamaRMSNorm(x): `x.to(fp32)` is saved by pow and mul (4Nd: x itself when R is fp32, else a copy),
       rsqrt(var) (4N), and the normalised x in R saved by `weight * x` (rNd). Its output y is R.
-    - Int8Linear saves `x.to(c)`: y itself when R == c (q, k, v share one tensor, gate and up another),
-      else one c copy per projection (3 in attention, 2 in the MLP, 1 for lm_head). No weight is saved.
+    - Int8Linear saves `x.to(c)`: y itself when R == c, else one c copy cast once for all the projections
+      reading y (qtrain.quant.linear.shared_cast): q, k, v share one tensor, gate and up another. No weight is
+      saved. nn.Linear (quant.enabled = false) under autocast casts per call: 3 copies in attention, 2 in the MLP.
     - sdpa: autocast casts q, k to c; the kernel saves q (sNd), k and v (s·N·kv·hd each: GQA runs with
       enable_gqa, no repeat_kv), out (sNd) and logsumexp (4·N·h). The flash/efficient kernels return out
       in (B, T, h, hd) layout, so `transpose(1, 2).contiguous()` is a no-op: o_proj saves that same tensor.
@@ -105,7 +106,7 @@ def activation_bytes(*, B: int, T: int, d: int, ff: int, h: int, kv: int, V: int
     R = torch.promote_types(float_dtype, compute)
     r = R.itemsize
     norm = F32 * N * d + F32 * N + r * N * d
-    shared = R == compute
+    shared = R == compute or quantized
     qkv_inputs = s * N * d * (1 if shared else 3)
     mlp_inputs = s * N * d * (1 if shared else 2)
     if attn == "sdpa":

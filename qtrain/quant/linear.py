@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from qtrain.quant import dispatch
 from qtrain.quant.groupwise import num_groups, quantize_groupwise
@@ -27,11 +28,29 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+# x -> (x._version, x in the compute dtype), while x lives: the projections that read one input share its cast
+_casts = WeakIdKeyDictionary()
+
+
+def shared_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x.to(dtype), cast once for every projection that reads this very x: q/k/v read one normalised fp32
+    hidden state under bf16 autocast (gate/up another), so 3 (2) casts become one, and one bf16 copy is saved
+    for their backward instead of 3 (2). The same bits as x.to(dtype); an in-place write to x (a new _version)
+    casts again. The cache holds x weakly: its entry goes with x."""
+    if x.dtype == dtype:
+        return x
+    kept = _casts.get(x)
+    if kept is not None and kept[0] == x._version and kept[1].dtype == dtype:
+        return kept[1]
+    y = x.to(dtype)
+    _casts[x] = (x._version, y)
+    return y
+
+
 class _Int8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, anchor: Tensor, layer: "Int8Linear") -> Tensor:
-        dtype = compute_dtype(x)
-        x = x.to(dtype)
+        x = shared_cast(x, compute_dtype(x))
         ctx.layer = layer
         ctx.save_for_backward(x)  # the codes are NOT saved: the release hook rewrites them in place
         return layer.matmul_x(x)  # (B, T, in) -> (B, T, out)
@@ -113,7 +132,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = self.inference_weight
         if w is not None and not torch.is_grad_enabled():  # inference: the held Ŵ, the same GEMM as dispatch.linear
-            x = x.to(compute_dtype(x))
+            x = shared_cast(x, compute_dtype(x))
             y = F.linear(x.reshape(-1, x.shape[-1]), w.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self._anchor.device != x.device:  # on the activations' device: a CPU anchor beside CUDA tensors would
