@@ -62,11 +62,12 @@ def grads(shape, steps, dtype=torch.float32):
 # R = PᵀĜ and column norms, across projection refreshes
 
 
+@pytest.mark.parametrize("splits", [None, 3], ids=["splits_auto", "3_splits"])
 @pytest.mark.parametrize("official", [False, True], ids=["qtrain_seeds", "official_chain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("scale_type,rank", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_statistics_within_the_reduction_order_bound(device, shape, scale_type, rank, dtype, official):
+def test_statistics_within_the_reduction_order_bound(device, shape, scale_type, rank, dtype, official, splits):
     apollo = method(scale_type, rank, official_seed_chain=official)
     state = apollo.init_state(shape, "cpu", uid=3)
     seeds = []
@@ -74,12 +75,15 @@ def test_statistics_within_the_reduction_order_bound(device, shape, scale_type, 
         seeds.append(apollo.projection_seed(state, t))
         proj = random_projection(shape, rank, seeds[-1], torch.device("cpu"))
         r_ref, c_ref = project_with_column_norms(proj, orient(g))
-        r, c = apollo_kernels.project_with_column_norms_triton(proj.to(device), orient(g.to(device)))
+        r, c = apollo_kernels.project_with_column_norms_triton(proj.to(device), orient(g.to(device)), splits)
         g64, p64 = orient(g).double(), proj.double()
         a = g64.shape[0]
-        r_bound = 2 * gamma(a + 1) * (p64.abs().t() @ g64.abs()) * 1.01
-        c_bound = 2 * gamma(a + 1) * g64.square().sum(0) * 1.01
-        assert r.shape == r_ref.shape and c.shape == c_ref.shape
+        # the rows in S splits (S <= 2 when a = 36: whole tiles of BLOCK_A rows), summed in split order
+        assert r.shape[1:] == r_ref.shape and c.shape[1:] == c_ref.shape and r.shape[0] == c.shape[0] <= 3
+        S = r.shape[0]
+        r, c = r.sum(0), c.sum(0)
+        r_bound = 2 * gamma(a + S) * (p64.abs().t() @ g64.abs()) * 1.01
+        c_bound = 2 * gamma(a + S) * g64.square().sum(0) * 1.01
         assert ((r.cpu().double() - r_ref.double()).abs() <= r_bound).all(), f"R at step {t}"
         assert ((c.cpu().double() - c_ref.double()).abs() <= c_bound).all(), f"column norms at step {t}"
     assert seeds[0] == seeds[1] != seeds[2] == seeds[3]  # the refresh happened inside the test
@@ -144,6 +148,33 @@ def test_chain_moments_bitwise_and_factor_within_bound(device, scale_type, rank,
         assert rel_f <= e_f, f"f at step {t}: relative error {rel_f:.3g} > bound {e_f:.3g}"
         assert rel_phi <= e_phi, f"phi at step {t}: relative error {rel_phi:.3g} > bound {e_phi:.3g}"
     assert phi.item() < math.sqrt(col_sq.sum().item()) * 1e6  # finite, and the chain ran to the end
+
+
+@pytest.mark.parametrize("scale_type,rank", MODES)
+def test_chain_adds_the_split_partial_sums_in_order(device, scale_type, rank):
+    # S partial sums of R and the column norms (the projection kernel's splits): the chain adds them in split
+    # order, so its moments equal, bit for bit, the reference's on the same fp32 sum taken in that order
+    b, S = 150, 3
+    apollo = method(scale_type, rank)
+    hyper = dict(betas=apollo.betas, eps=apollo.eps, scale=apollo.scale, scale_type=scale_type,
+                 bias_correction=apollo.bias_correction, gamma=apollo.gamma)
+    state = apollo.init_state((36, b), "cpu", uid=1)
+    m, v, phi = state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"]
+    km, kv, kphi = (x.clone().to(device) for x in (m, v, phi))
+    gen = torch.Generator().manual_seed(4)
+    for t in range(1, 4):
+        r_parts = torch.randn(S, rank, b, generator=gen) * (1 + t)
+        c_parts = torch.rand(S, b, generator=gen) * 10 * (1 + t)
+        r, col_sq = (r_parts[0] + r_parts[1]) + r_parts[2], (c_parts[0] + c_parts[1]) + c_parts[2]
+        norm = torch.zeros((), device=device)
+        f = apollo_kernels.scaling_chain_triton(r_parts.to(device), c_parts.to(device), km, kv, kphi, t,
+                                                norm_out=norm, **hyper)
+        f_ref = scaling_chain(r, col_sq, m, v, phi, t, **hyper)
+        assert_bitwise_equal(km.cpu(), m, f"m at step {t}")
+        assert_bitwise_equal(kv.cpu(), v, f"v at step {t}")
+        e_f, _ = chain_bounds(scale_type, rank, b, first=t == 1)
+        assert ((f.cpu().double() - f_ref.double()).abs() / f_ref.double().abs()).max().item() <= e_f
+        assert abs(norm.item() - col_sq.double().sum().sqrt().item()) <= e_norm(b) * col_sq.double().sum().sqrt()
 
 
 @pytest.mark.parametrize("scale_type,rank", MODES)
@@ -263,24 +294,28 @@ AOT_SCRIPT = r"""
 from qtrain.optim import apollo_kernels as ak
 
 out = {}
-for name, rank, g in [("project_mini_bf16", 1, "bf16"), ("project_r256_fp32", 256, "fp32")]:
+for name, rank, g in [("project_mini_bf16", 1, "bf16"), ("project_r4_bf16", 4, "bf16"),
+                      ("project_r16_bf16", 16, "bf16"), ("project_r256_fp32", 256, "fp32")]:
     ba, br, bb = ak._project_blocks(rank)
     out[name] = ptx(ak._project_kernel, {
         "g_ptr": f"*{g}", "p_ptr": "*fp32", "r_ptr": "*fp32", "colsq_ptr": "*fp32", "a": "i32", "b": "i32",
-        "rank": "i32", "stride_ga": "i32", "stride_gb": "i32", "stride_pa": "i32", "stride_pr": "i32",
-        "BLOCK_A": "constexpr", "BLOCK_R": "constexpr", "BLOCK_B": "constexpr"},
-        {"BLOCK_A": ba, "BLOCK_R": br, "BLOCK_B": bb}, num_warps=4, enable_fp_fusion=True)
+        "rank": "i32", "rows_per_split": "i32", "stride_ga": "i32", "stride_gb": "i32", "stride_pa": "i32",
+        "stride_pr": "i32", "BLOCK_A": "constexpr", "BLOCK_R": "constexpr", "BLOCK_B": "constexpr",
+        "SMALL_RANK": "constexpr"},
+        {"BLOCK_A": ba, "BLOCK_R": br, "BLOCK_B": bb, "SMALL_RANK": rank <= ak.SMALL_RANK}, num_warps=4,
+        enable_fp_fusion=True)
 # the step's constants as host numbers, or (the capturable step) read from an fp64 device vector
 for name, channel, inside, on_device in [("chain_tensor_inside", False, True, False),
                                          ("chain_channel_outside", True, False, False),
                                          ("chain_tensor_inside_device_step", False, True, True)]:
-    sig = {k: "*fp32" for k in ("r_ptr", "colsq_ptr", "m_ptr", "v_ptr", "phi_ptr", "f_ptr")}
-    sig.update({"rank": "i32", "b": "i32", "step_ptr": "*fp64" if on_device else "*fp32"})
+    sig = {k: "*fp32" for k in ("r_ptr", "colsq_ptr", "m_ptr", "v_ptr", "phi_ptr", "f_ptr", "norm_ptr")}
+    sig.update({"rank": "i32", "b": "i32", "splits": "i32", "step_ptr": "*fp64" if on_device else "*fp32"})
     sig.update({k: "fp32" for k in ("b1", "b2", "one_minus_b1", "one_minus_b2", "eps", "c1", "c2", "gamma", "factor",
                                     "front")})
-    sig.update({k: "constexpr" for k in ("BLOCK_R", "BLOCK_B", "CHANNEL", "INSIDE", "FIRST", "STEP_IS_PTR")})
+    sig.update({k: "constexpr" for k in ("BLOCK_R", "BLOCK_B", "CHANNEL", "INSIDE", "FIRST", "STEP_IS_PTR",
+                                         "HAS_NORM")})
     out[name] = ptx(ak._chain_kernel, sig, {"BLOCK_R": 16, "BLOCK_B": 256, "CHANNEL": channel, "INSIDE": inside,
-                                           "FIRST": False, "STEP_IS_PTR": on_device}, num_warps=4)
+                                           "FIRST": False, "STEP_IS_PTR": on_device, "HAS_NORM": True}, num_warps=4)
 print(json.dumps(out))
 """
 
@@ -293,3 +328,5 @@ def test_kernels_compile_for_sm90(tmp_path):
     for name in ("chain_tensor_inside", "chain_channel_outside", "chain_tensor_inside_device_step"):
         assert "div.rn.f32" in ptx[name] and "sqrt.rn.f32" in ptx[name], name
         assert ptx[name].count("fma.rn.f32") >= 2, f"{name}: the two moment FMAs"
+    # rank 1 multiplies in registers: 32 FMAs per thread and tile, not a tile padded to 16 rows of P (528)
+    assert 8 * ptx["project_mini_bf16"].count("fma.rn.f32") <= ptx["project_r16_bf16"].count("fma.rn.f32")

@@ -2,10 +2,13 @@
 
 Two launches per tensor instead of ~5 per 4 M-element chunk plus ~25 scalar ops:
   - `_project_kernel` reads Ĝ (bf16 or fp32, any strides, so Gᵀ is a view) exactly once and writes
-    R = PᵀĜ (r×b) and the squared column norms of Ĝ (b,). Each program owns BLOCK_B whole columns and
-    walks all a rows, so nothing is reduced across programs (no atomics, deterministic);
-  - `_chain_kernel` (one program) runs the moment / ratio / limiter chain on R and writes the factor f
-    (and, when asked, ‖Ĝ‖ from the column norms: the step's gradient norm without another read of Ĝ).
+    R = PᵀĜ (r×b) and the squared column norms of Ĝ (b,). Each program owns BLOCK_B columns of one split of
+    the rows (enough splits to fill the GPU: a 4096-wide weight has only 32 column blocks) and writes its
+    partial sums; no atomics, so the result is deterministic. Ranks <= 4 (APOLLO-Mini's 1) multiply in
+    registers instead of a tensor-core tile padded to 16 rows of P;
+  - `_chain_kernel` (one program) adds the splits' partial sums in order, runs the moment / ratio / limiter
+    chain on R and writes the factor f (and, when asked, ‖Ĝ‖ from the column norms: the step's gradient norm
+    without another read of Ĝ).
 P is still regenerated from the tensor's seed by `random_projection` (the official seed chain keeps
 working); only the arithmetic after it moved.
 
@@ -24,6 +27,7 @@ the convention of qtrain.quant.dispatch) uses the torch references then.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,46 +70,85 @@ def problems(g_hat: Tensor, proj: Tensor, m: Tensor) -> list[str]:
 
 @_jit
 def _project_kernel(
-    g_ptr, p_ptr, r_ptr, colsq_ptr, a, b, rank, stride_ga, stride_gb, stride_pa, stride_pr,
-    BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    g_ptr, p_ptr, r_ptr, colsq_ptr, a, b, rank, rows_per_split, stride_ga, stride_gb, stride_pa, stride_pr,
+    BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, SMALL_RANK: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
     cmask = cols < b
-    ranks = tl.arange(0, BLOCK_R)  # all of r (padded to >= 16 for tl.dot; padding rows of P load as 0)
+    split = tl.program_id(1)  # this program's rows: [row0, row_end), one split of a
+    row0 = split * rows_per_split
+    row_end = tl.minimum(a, row0 + rows_per_split)
+    ranks = tl.arange(0, BLOCK_R)  # all of r (tl.dot: padded to >= 16; padding rows of P load as 0)
     rmask = ranks < rank
     acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
     sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for a0 in range(0, a, BLOCK_A):
+    for a0 in range(row0, row_end, BLOCK_A):
         rows = a0 + tl.arange(0, BLOCK_A)
-        amask = rows < a
+        amask = rows < row_end
         g = tl.load(g_ptr + rows[:, None] * stride_ga + cols[None, :] * stride_gb,
                     mask=amask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_A, BLOCK_B)
         pt = tl.load(p_ptr + rows[None, :] * stride_pa + ranks[:, None] * stride_pr,
                      mask=rmask[:, None] & amask[None, :], other=0.0)  # Pᵀ tile (BLOCK_R, BLOCK_A)
-        acc = tl.dot(pt, g, acc, input_precision="ieee")  # fp32 products: "tf32" would break the bound
+        if SMALL_RANK:  # r <= 4: fp32 FMAs in registers, no tensor-core tile padded to 16 rows
+            acc += tl.sum(pt[:, :, None] * g[None, :, :], axis=1)
+        else:
+            acc = tl.dot(pt, g, acc, input_precision="ieee")  # fp32 products: "tf32" would break the bound
         sq += tl.sum(g * g, axis=0)
-    tl.store(r_ptr + ranks[:, None] * b + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-    tl.store(colsq_ptr + cols, sq, mask=cmask)
+    base = split * rank * b  # partial sums of this split: the chain kernel adds the splits in order
+    tl.store(r_ptr + base + ranks[:, None] * b + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+    tl.store(colsq_ptr + split * b + cols, sq, mask=cmask)
+
+
+SMALL_RANK = 4  # ranks up to this take the FMA path (APOLLO-Mini's rank 1 would fill 1/16 of a tl.dot tile)
+MIN_SPLIT_ROWS = 256  # rows one program reads at least when a is split
 
 
 def _project_blocks(rank: int) -> tuple[int, int, int]:
-    """(BLOCK_A, BLOCK_R, BLOCK_B): R's tile BLOCK_R x BLOCK_B stays at <= 4096 fp32 (32 registers per
-    thread at 4 warps); wide columns for APOLLO-Mini (r = 1, padded to 16), narrow ones for r = 256."""
-    block_r = max(16, triton.next_power_of_2(rank))
-    block_b = max(16, 4096 // block_r)
-    return 32, block_r, min(block_b, 128)
+    """(BLOCK_A, BLOCK_R, BLOCK_B). tl.dot path: R's tile BLOCK_R x BLOCK_B stays at <= 4096 fp32 (32 registers
+    per thread at 4 warps), wide columns for r = 5..16, narrow ones for r = 256. Small ranks: the product tile
+    BLOCK_R x BLOCK_A x BLOCK_B is 4096 fp32, r rows of R only."""
+    block_r = triton.next_power_of_2(rank)
+    if rank <= SMALL_RANK:
+        return 32 // block_r, block_r, 128
+    block_r = max(16, block_r)
+    return 32, block_r, min(max(16, 4096 // block_r), 128)
 
 
-def project_with_column_norms_triton(proj: Tensor, g_hat: Tensor) -> tuple[Tensor, Tensor]:
-    """Twin of apollo.project_with_column_norms: R = PᵀĜ (r×b) and ‖Ĝ[:, j]‖² (b,), fp32, one pass."""
+@functools.cache
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
+
+
+def _splits(a: int, b: int, block_a: int, block_b: int, device: torch.device) -> tuple[int, int]:
+    """(splits of a, rows per split): enough programs to fill the GPU twice over (a 4096-wide weight has 32
+    column blocks of 128 for 132 SMs), each reading >= MIN_SPLIT_ROWS rows. The interpreter: one split."""
+    if device.type != "cuda":
+        return 1, a
+    programs = 2 * _multiprocessors(device.index)
+    want = min(triton.cdiv(programs, triton.cdiv(b, block_b)), max(1, a // MIN_SPLIT_ROWS))
+    rows = triton.cdiv(triton.cdiv(a, max(1, want)), block_a) * block_a  # a whole number of row tiles
+    return triton.cdiv(a, rows), rows
+
+
+def project_with_column_norms_triton(proj: Tensor, g_hat: Tensor, splits: int | None = None
+                                     ) -> tuple[Tensor, Tensor]:
+    """Twin of apollo.project_with_column_norms in one pass over Ĝ: R = PᵀĜ and ‖Ĝ[:, j]‖², fp32, as S partial
+    sums over S splits of Ĝ's rows, (S, r, b) and (S, b) (their sums over dim 0 are R and the column norms;
+    scaling_chain_triton adds them). splits: S (default: enough programs for the GPU, 1 elsewhere)."""
     a, b = g_hat.shape
     rank = proj.shape[1]
-    r = torch.empty((rank, b), device=g_hat.device, dtype=torch.float32)
-    col_sq = torch.empty(b, device=g_hat.device, dtype=torch.float32)
     block_a, block_r, block_b = _project_blocks(rank)
-    _project_kernel[(triton.cdiv(b, block_b),)](
-        g_hat, proj, r, col_sq, a, b, rank, g_hat.stride(0), g_hat.stride(1), proj.stride(0), proj.stride(1),
-        BLOCK_A=block_a, BLOCK_R=block_r, BLOCK_B=block_b, num_warps=4,
+    if splits is None:
+        splits, rows = _splits(a, b, block_a, block_b, g_hat.device)
+    else:
+        rows = triton.cdiv(triton.cdiv(a, splits), block_a) * block_a
+        splits = triton.cdiv(a, rows)
+    r = torch.empty((splits, rank, b), device=g_hat.device, dtype=torch.float32)
+    col_sq = torch.empty((splits, b), device=g_hat.device, dtype=torch.float32)
+    _project_kernel[(triton.cdiv(b, block_b), splits)](
+        g_hat, proj, r, col_sq, a, b, rank, rows, g_hat.stride(0), g_hat.stride(1), proj.stride(0), proj.stride(1),
+        BLOCK_A=block_a, BLOCK_R=block_r, BLOCK_B=block_b, SMALL_RANK=rank <= SMALL_RANK, num_warps=4,
     )
     return r, col_sq
 
@@ -116,7 +159,7 @@ def project_with_column_norms_triton(proj: Tensor, g_hat: Tensor) -> tuple[Tenso
 
 @_jit
 def _chain_kernel(
-    r_ptr, colsq_ptr, m_ptr, v_ptr, phi_ptr, f_ptr, norm_ptr, rank, b,
+    r_ptr, colsq_ptr, m_ptr, v_ptr, phi_ptr, f_ptr, norm_ptr, rank, b, splits,
     b1, b2, one_minus_b1, one_minus_b2, eps, c1, c2, gamma, factor, front, step_ptr,
     BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, CHANNEL: tl.constexpr, INSIDE: tl.constexpr,
     FIRST: tl.constexpr, STEP_IS_PTR: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -137,6 +180,10 @@ def _chain_kernel(
         mask = rmask[:, None] & cmask[None, :]
         idx = ranks[:, None] * b + cols[None, :]
         r = tl.load(r_ptr + idx, mask=mask, other=0.0)
+        c = tl.load(colsq_ptr + cols, mask=cmask, other=0.0)
+        for s in range(1, splits):  # the projection kernel's partial sums, added in split order
+            r += tl.load(r_ptr + s * rank * b + idx, mask=mask, other=0.0)
+            c += tl.load(colsq_ptr + s * b + cols, mask=cmask, other=0.0)
         m = tl.load(m_ptr + idx, mask=mask, other=0.0)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0)
         m = tl.fma(r, one_minus_b1, m * b1)  # torch CPU: m.mul_(β1).add_(R, alpha=1-β1)
@@ -148,7 +195,6 @@ def _chain_kernel(
         else:
             n = tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps)
         n = tl.where(mask, n, 0.0)  # padding: 0/(0+eps) is NaN when eps = 0
-        c = tl.load(colsq_ptr + cols, mask=cmask, other=0.0)
         if CHANNEL:
             s = tl.math.div_rn(tl.math.sqrt_rn(tl.sum(n * n, axis=0)),
                                tl.math.sqrt_rn(tl.sum(r * r, axis=0)) + 1e-8)
@@ -196,6 +242,8 @@ def scaling_chain_triton(
     step_constants: Tensor | None = None, norm_out: Tensor | None = None,
 ) -> Tensor:
     """Twin of apollo.scaling_chain: updates m, v (r×b) and phi (0-dim) in place, returns f ((b,) or ()).
+    r, col_sq: R (r×b) and the column norms (b,), or project_with_column_norms_triton's S partial sums of them,
+    (S, r, b) and (S, b), added here in order.
 
     step_constants: fp64 (t, c1, c2, factor) on the device (apollo.step_constants) to read in the kernel
     instead of the host step's: the same numbers, and a captured graph replays each step's.
@@ -203,7 +251,8 @@ def scaling_chain_triton(
     """
     b1, b2 = betas
     c1, c2 = 1 - b1**step, 1 - b2**step  # fp64 on the host, rounded to fp32 at launch like torch's scalars
-    rank, b = r.shape
+    r, col_sq = r.reshape(-1, *m.shape), col_sq.reshape(-1, m.shape[1])  # (S, r, b), (S, b)
+    splits, rank, b = r.shape
     outside = bias_correction == "outside"
     factor = math.sqrt(scale) * (math.sqrt(c2) / c1 if outside else 1.0)
     on_device = step_constants is not None
@@ -215,7 +264,7 @@ def scaling_chain_triton(
     block_b = max(16, min(1024, 4096 // block_r))
     # one program: the chain is O(r·b) (APOLLO-Mini: b floats) and needs whole-tensor sums before f
     _chain_kernel[(1,)](
-        r, col_sq, m, v, phi, f, phi if norm_out is None else norm_out, rank, b, b1, b2, 1 - b1, 1 - b2, eps, c1, c2, gamma, factor,
+        r, col_sq, m, v, phi, f, phi if norm_out is None else norm_out, rank, b, splits, b1, b2, 1 - b1, 1 - b2, eps, c1, c2, gamma, factor,
         math.sqrt(scale) if scale_front else 1.0, step_constants if on_device else phi, BLOCK_R=block_r, BLOCK_B=block_b, CHANNEL=channel,
         INSIDE=not outside, FIRST=step == 1 and not on_device, STEP_IS_PTR=on_device, HAS_NORM=norm_out is not None,
         num_warps=4, enable_fp_fusion=False,
