@@ -30,7 +30,7 @@ from qtrain.hf.pretrained import checkpoint_problems, checkpoint_tokenizer
 from qtrain.parallel import distributed
 from qtrain.parallel.fsdp import ShardedTraining, StateView
 from qtrain.train.build import build
-from qtrain.train.loop import RunResult, fit
+from qtrain.train.loop import RunResult, RunSetup, fit
 from qtrain.update.release import attach_release
 
 
@@ -170,8 +170,9 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
         return save_run(run_dir, StateView(model_sd), StateView(updater_sd), p, cfg, device, data.identity(),
                         sharded=True)
 
-    return fit(cfg, run_dir, model, updater, data, sampler, progress, device, dtype, save, last_saved,
-               quiet or not world.main, predicted, world)
+    setup = RunSetup(cfg, run_dir, model, updater, data, sampler, device, dtype, save, quiet or not world.main,
+                     predicted, world)
+    return fit(setup, progress, last_saved)
 
 
 def _cuda_estimate(cfg: TrainConfig, device: torch.device, nproc: int = 1, fsdp: bool = False):
