@@ -7,8 +7,8 @@ step cannot afford (docs/performance.md). The fused twin computes the same funct
 
     h = (x.float() * rsqrt(mean(x.float()²) + eps)).to(x.dtype);   y = weight * h   (promoted dtype)
 
-in one program per row; backward is one kernel (dx per row, and per-block partial sums of dweight in fp32)
-and one reduction of the partials. It is not bit-identical to the reference: the row sums run in another
+in one program per tile of rows (one row from 4096 wide up); backward is one kernel (dx per row, and per-block
+partial sums of dweight in fp32) and one reduction of the partials. It is not bit-identical to the reference: the row sums run in another
 order (fp32, a few ulp relative), and dweight is summed in fp32 before one final rounding.
 
 `fuse_rms_norms(model, backend)` gives every RMSNorm module of a model this forward. The backend convention
@@ -34,6 +34,7 @@ if HAVE_TRITON:
 
 MAX_COLS = 1 << 16  # one row is one tile; wider norms take the reference
 ROWS_PER_PROGRAM = 16  # backward: rows whose dweight a program sums before writing one partial row
+TILE = 4096  # elements a program holds at once: narrow rows go several to a tile (one 4096-wide row per tile)
 
 
 @_jit()
@@ -45,40 +46,42 @@ def _cast(v, OUT_BF16: tl.constexpr):
 
 
 @_jit()
-def _rms_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps,
-                        X_BF16: tl.constexpr, Y_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rms_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
+                        X_BF16: tl.constexpr, Y_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / n_cols + eps)
-    h = _cast(x * rstd, X_BF16)  # .to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * n_cols + cols, _cast(w * h, Y_BF16).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(rstd_ptr + row, rstd)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=1) / n_cols + eps)
+    h = _cast(x * rstd[:, None], X_BF16)  # .to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offsets, _cast(w[None, :] * h, Y_BF16).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
 
 @_jit()
 def _rms_backward_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, n_cols,
-                         X_BF16: tl.constexpr, Y_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                         X_BF16: tl.constexpr, Y_BF16: tl.constexpr, ROWS: tl.constexpr, TILE_ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(ROWS):
-        row = pid.to(tl.int64) * ROWS + i
-        if row < n_rows:
-            x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            h = _cast(x * rstd, X_BF16)
-            dw += dy * h
-            dn = _cast(_cast(dy * w, Y_BF16), X_BF16)  # grad of h: in y's dtype, then h's (autograd's casts)
-            # d/dx [x·rstd] with rstd = (mean(x²) + eps)^-1/2:  dn·rstd - x·rstd³·Σ(dn·x)/n
-            dx = dn * rstd - x * (rstd * rstd * rstd) * (tl.sum(dn * x, axis=0) / n_cols)
-            tl.store(dx_ptr + row * n_cols + cols, _cast(dx, X_BF16).to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_part_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+    for i in range(0, ROWS, TILE_ROWS):
+        rows = pid.to(tl.int64) * ROWS + i + tl.arange(0, TILE_ROWS)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)  # rows past the end load zeros: dw += 0
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
+        h = _cast(x * rstd, X_BF16)
+        dw += tl.sum(dy * h, axis=0)
+        dn = _cast(_cast(dy * w[None, :], Y_BF16), X_BF16)  # grad of h: in y's dtype, then h's (autograd's casts)
+        # d/dx [x·rstd] with rstd = (mean(x²) + eps)^-1/2:  dn·rstd - x·rstd³·Σ(dn·x)/n
+        dx = dn * rstd - x * (rstd * rstd * rstd) * (tl.sum(dn * x, axis=1) / n_cols)[:, None]
+        tl.store(dx_ptr + offsets, _cast(dx, X_BF16).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=cols < n_cols)
 
 
 def _is_bf16(dtype: torch.dtype) -> bool:
@@ -94,8 +97,10 @@ class _FusedRMSNorm(torch.autograd.Function):
         y = torch.empty(x2.shape, dtype=y_dtype, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(d)
-        _rms_forward_kernel[(x2.shape[0],)](x2, weight, y, rstd, d, eps, X_BF16=_is_bf16(x.dtype),
-                                            Y_BF16=_is_bf16(y_dtype), BLOCK=block, num_warps=_warps(block))
+        rows = min(max(1, TILE // block), triton.next_power_of_2(x2.shape[0]))
+        _rms_forward_kernel[(triton.cdiv(x2.shape[0], rows),)](
+            x2, weight, y, rstd, x2.shape[0], d, eps, X_BF16=_is_bf16(x.dtype), Y_BF16=_is_bf16(y_dtype), ROWS=rows,
+            BLOCK=block, num_warps=_warps(rows * block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -109,9 +114,11 @@ class _FusedRMSNorm(torch.autograd.Function):
         programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
         dw_part = torch.empty((programs, d), dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(d)
+        tile_rows = min(ROWS_PER_PROGRAM, max(1, TILE // block))
         _rms_backward_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_part, rows, d,
                                           X_BF16=_is_bf16(x2.dtype), Y_BF16=_is_bf16(dy.dtype),
-                                          ROWS=ROWS_PER_PROGRAM, BLOCK=block, num_warps=_warps(block))
+                                          ROWS=ROWS_PER_PROGRAM, TILE_ROWS=tile_rows, BLOCK=block,
+                                          num_warps=_warps(tile_rows * block))
         dw = dw_part.sum(0) if weight.dtype == torch.float32 else dw_part.sum(0).to(weight.dtype)
         return dx.view(ctx.shape), dw, None
 
