@@ -13,6 +13,27 @@ from qtrain.config.recipe import ModelConfig, QuantConfig
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist the workers share the cores: each computes with its share of them (two intra-op threads per
+# worker on 2 cores spin against each other), and so do the processes the tests start.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+
+# What every rank of start_ranks imports: once, in the fork server, instead of in each rank (~7 s of CPU each)
+RANK_PRELOAD = ["torch", "torch.distributed", "transformers.models.llama.modeling_llama", "qtrain.train.run",
+                "qtrain.parallel.fsdp"]
+
+
+def start_ranks(fn, args: tuple, nprocs: int) -> None:
+    """mp.spawn(fn, args, nprocs), the ranks forked from a server process that imported RANK_PRELOAD once (it
+    ran no computation, so no OpenMP thread pool is forked). Each rank still gets a process of its own."""
+    import torch.multiprocessing as mp
+
+    mp.set_forkserver_preload(RANK_PRELOAD)  # used when this process starts its fork server (its first call)
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 
 @pytest.fixture(autouse=True)

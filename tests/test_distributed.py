@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import start_ranks
 
 from qtrain.checkpoint.store import checkpoint_dirs, load_checkpoint, load_latest
 from qtrain.data.default_corpus import default_corpus_path
@@ -135,7 +136,7 @@ def _replica_worker(rank: int, init: str, result) -> None:
 
 def test_divergence_and_recipe_mismatch_fail_on_every_rank(tmp_path):
     result = mp.Manager().dict()
-    mp.spawn(_replica_worker, args=(f"file://{tmp_path / 'rendezvous'}", result), nprocs=2, join=True)
+    start_ranks(_replica_worker, (f"file://{tmp_path / 'rendezvous'}", result), 2)
     for rank in (0, 1):
         assert "replicas diverged at step 7: rank 1 holds different model.layers.1.mlp.up_proj.codes" in \
             result[("weights", rank)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import start_ranks
 from test_distributed import FAST, TIMEOUT, TINY, assert_same_run, env, final_state, losses, qtrain  # noqa: F401
 
 SMALL = ["train.seq_len=32", "model.max_seq_len=32"]
@@ -181,7 +181,7 @@ def spawned(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mp.spawn(_worker, args=(f"file://{tmp / 'rendezvous'}", str(tmp / "out")), nprocs=2, join=True)
+        start_ranks(_worker, (f"file://{tmp / 'rendezvous'}", str(tmp / "out")), 2)
         refs = {label: _reference(sets) for label, sets in VARIANTS.items()}
     finally:
         torch.set_num_threads(threads)
@@ -316,7 +316,7 @@ def test_random_init_is_the_same_for_1_2_and_3_ranks(tmp_path):
     total = sum(v.numel() * v.element_size() for k, v in reference.items() if "rotary" not in k)
     for world in (2, 3):
         out = tmp_path / f"w{world}"
-        mp.spawn(_materialise_worker, args=(world, f"file://{tmp_path / f'rdzv{world}'}", str(out)), nprocs=world)
+        start_ranks(_materialise_worker, (world, f"file://{tmp_path / f'rdzv{world}'}", str(out)), world)
         weights, local_bytes = torch.load(out, weights_only=False)
         assert weights.keys() == reference.keys()
         assert not [k for k in reference if not torch.equal(weights[k], reference[k])], world
@@ -357,7 +357,7 @@ def test_hf_init_reads_only_each_ranks_rows(tmp_path):
     make_checkpoint(ckpt, "llama", vocab_size=256, tie_word_embeddings=False)
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         stored = sum(f.get_tensor(k).nbytes for k in f.keys())
-    mp.spawn(_hf_init_worker, args=(f"file://{tmp_path / 'rdzv'}", str(ckpt), str(tmp_path / "out")), nprocs=2)
+    start_ranks(_hf_init_worker, (f"file://{tmp_path / 'rdzv'}", str(ckpt), str(tmp_path / "out")), 2)
     cfg = TrainConfig.from_dict({"model": {"init": str(ckpt)}, "quant": {"group_size": 64},
                                  "optim": {"float_optimizer": "adamw"}, "train": {"seq_len": 32}})
     reference = build(cfg, "cpu", updater=False).model.state_dict()

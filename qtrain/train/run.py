@@ -24,14 +24,18 @@ from qtrain.config.recipe import TrainConfig
 from qtrain.core.device import autocast_dtype, resolve_device
 from qtrain.data.eval_windows import save_eval_windows
 from qtrain.data.finetune import corpus_identity_now, prepare_run_data
+from qtrain.data.protocols import RunData
 from qtrain.errors import TrainingError
 from qtrain.estimate.memory import estimate
 from qtrain.hf.pretrained import checkpoint_problems, checkpoint_tokenizer
 from qtrain.parallel import distributed
+from qtrain.parallel.distributed import World
 from qtrain.parallel.fsdp import ShardedTraining, StateView
 from qtrain.train.build import build
 from qtrain.train.loop import RunResult, RunSetup, fit
 from qtrain.update.release import attach_release
+
+Found = tuple[Path, dict[str, torch.Tensor] | None, dict]  # load_latest: a checkpoint, its tensors (None: sharded), meta
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> RunResult:
@@ -90,18 +94,26 @@ def _check_init(cfg: TrainConfig) -> None:
         raise TrainingError("\n".join(problems))
 
 
-def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
+def _find_resume(cfg: TrainConfig, run_dir: Path, world: World, resume: bool) -> Found | None:
+    """The newest checkpoint this recipe can continue (None: start at step 0), checked against the corpus on disk
+    before anything is tokenized. FSDP2: each rank reads its own blocks later (the tensors are None here)."""
     existing = checkpoint_dirs(run_dir)
     if existing and not resume:
         raise TrainingError(f"{run_dir} already holds checkpoints (latest {existing[0].name}); pass --resume to "
                             f"continue it, or --out NEW_DIR for a new run")
     found = load_latest(run_dir, accept=lambda path, meta: check_resumable(path, meta, cfg),
-                        read_shards=not world.sharded) if resume else None  # FSDP2: each rank reads its blocks
+                        read_shards=not world.sharded) if resume else None
     if resume and found is None and world.main:
         print(f"note: --resume given but {run_dir} has no checkpoint yet; starting from step 0")
     if found is not None and world.main and (now := corpus_identity_now(cfg)) is not None:
         # a changed corpus, from a stat of its files: refused before anything is tokenized
         check_same_data(found[0], found[2], {**found[2].get("data", {}), "corpus": now})
+    return found
+
+
+def _open_data(cfg: TrainConfig, run_dir: Path, run: RunDir, world: World, found: Found | None) -> RunData:
+    """The run's data (rank 0 prepares the caches, the others open them), checked against a resumed checkpoint,
+    then recorded in the run directory: only now, so a refused resume leaves the directory as it was."""
     if world.main:
         data = prepare_run_data(cfg, None)  # plain text (qtrain.data.dataset) or prompt/completion / chat records
     distributed.barrier()  # rank 0 built the caches; the others open them
@@ -109,13 +121,20 @@ def _train(cfg, run_dir, run, world, device, dtype, resume, quiet) -> RunResult:
         data = prepare_run_data(cfg, None)
     if found is not None:
         check_same_data(found[0], found[2], data.identity())
-    if world.main:  # only now: a refused resume leaves the run directory as it was
+    if world.main:
         run.write_recipe(cfg.to_toml())
         if cfg.model.init:  # the architecture, so eval / generate / export work without the init directory
             run.write_init_config(Path(cfg.model.init).expanduser() / "config.json")
         data.record(run_dir)  # its tokenizer and data.json
         t = cfg.train  # the batches every evaluation uses: `qtrain eval` needs neither the corpus nor the cache
         save_eval_windows(data, run_dir, t.eval_batches, t.batch_size, t.seq_len, cfg.data.eval_tokens)
+    return data
+
+
+def _train(cfg: TrainConfig, run_dir: Path, run: RunDir, world: World, device: torch.device, dtype: torch.dtype,
+           resume: bool, quiet: bool) -> RunResult:
+    found = _find_resume(cfg, run_dir, world, resume)
+    data = _open_data(cfg, run_dir, run, world, found)
     torch.manual_seed(cfg.train.seed)
     fresh = found is None
     shards_pending = not fresh and found[1] is None  # a sharded checkpoint, read once the model is sharded
