@@ -9,6 +9,7 @@ corpus again, with the run's own tokenizer, and says so when the corpus changed 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ import torch
 from qtrain.checkpoint.run_dir import INIT_CONFIG_DIR, RECIPE_FILE
 from qtrain.checkpoint.run_state import load_run
 from qtrain.checkpoint.store import load_latest
-from qtrain.config.recipe import TrainConfig
+from qtrain.config.recipe import LoopConfig, TrainConfig
 from qtrain.config.shipped import find_recipe
 from qtrain.core.device import autocast_dtype, resolve_device
 from qtrain.data.dataset import RUN_DATA_FILE, fingerprint_now, open_run_data, prepare_data
@@ -79,17 +80,17 @@ def load_trained(run: Path, device_name: str | None = None) -> TrainedRun:
     return TrainedRun(cfg, model, device, path, meta, tokenizer_path)
 
 
-def train_config(args) -> TrainConfig:
+def train_config(args: argparse.Namespace) -> TrainConfig:
     """`qtrain train`'s recipe: the file or shipped name, --set overrides, --fsdp."""
     return load_config(args.recipe, args.set + (["train.fsdp=true"] if args.fsdp else []))
 
 
-def run_dir(args) -> Path:
+def run_dir(args: argparse.Namespace) -> Path:
     """`qtrain train`'s run directory: --out, else runs/<recipe name>."""
     return Path(args.out) if args.out else Path("runs") / find_recipe(args.recipe).stem
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     out = run_dir(args)
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
@@ -101,7 +102,7 @@ def cmd_train(args) -> int:
     return 130 if result.interrupted else 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     r = load_trained(Path(args.run), args.device)
     cfg = r.cfg
     # the run's tokenizer, never one re-derived from the corpus: the token cache is keyed by it
@@ -142,7 +143,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_eval_batches(data: RunData, batches: int, t) -> None:
+def _check_eval_batches(data: RunData, batches: int, t: LoopConfig) -> None:
     """--batches larger than the validation set holds is refused with the number it holds (evaluate would
     quietly use fewer windows than the line it prints claims)."""
     windows = data.val_window_count(t.seq_len)
@@ -153,7 +154,7 @@ def _check_eval_batches(data: RunData, batches: int, t) -> None:
                           source="the command line")
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     """`qtrain prepare RECIPE [--set k=v]`: tokenizer and token shards now, so `qtrain train` starts at once."""
     cfg = load_config(args.recipe, args.set)
     if args.workers is not None:  # checked as data.prepare_workers by the parser
@@ -183,7 +184,7 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_plot(args) -> int:
+def cmd_plot(args: argparse.Namespace) -> int:
     """`qtrain plot RUN [--out PNG]`: train/val loss, LR, tokens/s and gradient norm of a run, as a PNG."""
     from qtrain.cli.plot import plot_run
 
@@ -192,14 +193,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     r = load_trained(Path(args.run), args.device)
     tokenizer = load_tokenizer(r.tokenizer_path)
     print(generate_text(r.model, tokenizer, args.prompt, args.tokens, r.device, seed=args.seed))
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     to = Path(args.to)
     if to.is_dir() and any(to.iterdir()) and not args.overwrite:  # before the checkpoint is read
         raise ExportError(f"--to {to} exists and is not empty; pass --overwrite to replace it, or choose a new "
@@ -213,7 +214,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_estimate(args) -> int:
+def cmd_estimate(args: argparse.Namespace) -> int:
     """`qtrain estimate RECIPE [--set k=v] [--gpu-gib N] [--json]`."""
     cfg = load_config(args.recipe, args.set)
     fsdp = args.fsdp or cfg.train.fsdp

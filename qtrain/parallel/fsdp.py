@@ -28,16 +28,19 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from qtrain.config import rules
+from qtrain.config.recipe import TrainConfig
 from qtrain.core import statetree
 from qtrain.core.statetree import map_tensors
 from qtrain.errors import TrainingError
 from qtrain.hf.pretrained import load_rows_
 from qtrain.model.builder import initial_rows, int8_layers
 from qtrain.parallel.apollo_sharded import sharded_apollo_scale
+from qtrain.parallel.distributed import World
 from qtrain.parallel.int8_weight import Int8Weight, local_tensor, to_sharded_layer
 from qtrain.quant.groupwise import quantize_groupwise
 from qtrain.quant.linear import Int8Linear
 from qtrain.update.build import build_updater
+from qtrain.update.updater import Updater
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # APOLLO's projected moments (r x b): sharded by columns
 BLOCK_STATISTICS = ("absmax1", "absmax2")  # bitsandbytes' 8-bit Adam: one absmax per block of its flat state
@@ -67,7 +70,7 @@ class ShardedTraining:
     begin_step / finish_step / state_dict work unchanged, and the float tensors' updates are its own.
     """
 
-    def __init__(self, model: nn.Module, cfg, world, device: torch.device, init: bool = True):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, world: World, device: torch.device, init: bool = True):
         """model: built in memory (every rank the same weights), or on the meta device: then each rank allocates
         and fills only its shards (`init`; False: a run checkpoint fills them), with its rows of the random init
         or of the [model] init checkpoint."""
@@ -154,7 +157,7 @@ class ShardedTraining:
                 r0 = self._row0(name, self.full_shapes[name][0])
                 local.copy_(initial_rows(name, self.full_shapes[name], r0, r0 + local.shape[0], seed, std))
 
-    def _local_updater(self):
+    def _local_updater(self) -> Updater:
         root, int8 = nn.Module(), {}
         for layer_name, (m, n) in self.int8_shapes.items():  # first: a layer's float bias goes inside it
             w = local_tensor(self.params[f"{layer_name}.weight"])
@@ -305,7 +308,7 @@ class ShardedTraining:
         return persistent_bytes(self.model, self.updater)
 
 
-def persistent_bytes(model: nn.Module, updater) -> int:
+def persistent_bytes(model: nn.Module, updater: Updater) -> int:
     """Bytes a process keeps between steps, counted on the tensors it holds (each storage once): the weights
     (a sharded model: this rank's shards), the buffers, the method states and the float optimizers' states."""
     tensors = []

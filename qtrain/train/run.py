@@ -26,6 +26,7 @@ from qtrain.data.eval_windows import save_eval_windows
 from qtrain.data.finetune import corpus_identity_now, prepare_run_data
 from qtrain.data.protocols import RunData
 from qtrain.errors import TrainingError
+from qtrain.estimate.breakdown import Breakdown
 from qtrain.estimate.memory import estimate
 from qtrain.hf.pretrained import checkpoint_problems, checkpoint_tokenizer
 from qtrain.parallel import distributed
@@ -194,7 +195,7 @@ def _train(cfg: TrainConfig, run_dir: Path, run: RunDir, world: World, device: t
     return fit(setup, progress, last_saved)
 
 
-def _cuda_estimate(cfg: TrainConfig, device: torch.device, nproc: int = 1, fsdp: bool = False):
+def _cuda_estimate(cfg: TrainConfig, device: torch.device, nproc: int = 1, fsdp: bool = False) -> Breakdown | None:
     """The memory estimate printed before the first step on CUDA (fit prints the measurement after a few)."""
     if device.type != "cuda":
         return None
