@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -188,8 +187,8 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
 
     tails = [tail_tokens(len(TokenStream(sets[i].train)), held_out, seq_len) if p is not None and p.tail else 0
              for i, p in enumerate(plans)]
-    ds = _dataset(tokenizer, Path(tokenizer_path), corpus_sha, tokenizer_sha, train_sources, sets, dirs,
-                  val_source is not None, tails, data_cfg.eval_tokens)
+    ds = _dataset(tokenizer, Path(tokenizer_path), corpus_sha, tokenizer_sha, [s.spec for s in train_sources],
+                  [s.weight for s in train_sources], sets, dirs, val_source is not None, tails, data_cfg.eval_tokens)
     for source in train_sources + ([val_source] if val_source else []):
         if len(source.kinds()) > 1:  # a directory of several kinds: every file is read, each by its kind
             ds.notes.append(f"files: {source.describe()}: every file read, each by its kind")
@@ -203,20 +202,22 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, seq_len: int, run_dir: P
     return ds
 
 
-def _dataset(tokenizer, tokenizer_path: Path, corpus_sha: str, tokenizer_sha: str, train_sources, sets: list[ShardSet],
-             dirs: list[Path], separate_val: bool, tails: list[int], eval_tokens: int) -> Dataset:
-    """The Dataset of opened shard sets: training sources first, then the validation source's when separate;
-    tails[i] > 0 holds out the last tails[i] tokens of source i (qtrain.data.holdout)."""
+def _dataset(tokenizer, tokenizer_path: Path, corpus_sha: str, tokenizer_sha: str, specs: list[str],
+             weights: list[float], sets: list[ShardSet], dirs: list[Path], separate_val: bool, tails: list[int],
+             eval_tokens: int) -> Dataset:
+    """The Dataset of opened shard sets: training sources (their recipe specs and weights) first, then the
+    validation source's when separate; tails[i] > 0 holds out the last tails[i] tokens of source i
+    (qtrain.data.holdout)."""
     train_sets = sets[: len(tails)]
     train, val, stats, notes = [], [], {"train": [], "val": []}, []
-    for source, shard_set, held in zip(train_sources, train_sets, tails):
+    for spec, shard_set, held in zip(specs, train_sets, tails):
         stream, totals = TokenStream(shard_set.train), shard_set.totals()
         if held:
             stream, tail = split_tail(stream, min(held, len(stream)))
             val.append(tail)
             totals = {**totals, "train_tokens": len(stream), "val_tokens": len(tail), "val_tail": True}
             stats["val"].append(totals)
-            notes.append(f"validation: the last {len(tail):,} tokens of {source.spec} ({len(tail) / max(len(stream) + len(tail), 1):.1%}"
+            notes.append(f"validation: the last {len(tail):,} tokens of {spec} ({len(tail) / max(len(stream) + len(tail), 1):.1%}"
                          f" of its tokens; its {totals['train_docs']:,} document(s) are too few to hold out whole ones)")
         elif not separate_val:
             val.append(TokenStream(shard_set.val))
@@ -225,9 +226,7 @@ def _dataset(tokenizer, tokenizer_path: Path, corpus_sha: str, tokenizer_sha: st
         stats["train"].append(totals)
     if separate_val:
         val, stats["val"] = [TokenStream(sets[-1].val)], [sets[-1].totals()]
-    weights = [s.weight for s in train_sources]
-    return Dataset(tokenizer, tokenizer_path, corpus_sha, tokenizer_sha, [s.spec for s in train_sources], train, weights,
-                   val, [1.0] if separate_val else weights, dirs, eval_tokens, stats, notes)
+    return Dataset(tokenizer, tokenizer_path, corpus_sha, tokenizer_sha, specs, train, weights, val, [1.0] if separate_val else weights, dirs, eval_tokens, stats, notes)
 
 
 def _check_lengths(ds: Dataset, data_cfg: DataConfig, train: list[Source], val: Source | None, seq_len: int) -> None:
@@ -293,9 +292,8 @@ def open_run_data(run_dir: Path, data_cfg: DataConfig, tokenizer_path: Path) -> 
         return None
     tokenizer = load_tokenizer(tokenizer_path)
     sets = [ShardSet(d) for d in dirs + ([val_dir] if val_dir else [])]
-    sources = [SimpleNamespace(spec=s["spec"], weight=float(s["weight"])) for s in record["sources"]]
     return _dataset(tokenizer, Path(tokenizer_path), record["identity"]["corpus"], record["identity"]["tokenizer"],
-                    sources, sets, dirs + ([val_dir] if val_dir else []), val_dir is not None,
+                    [s["spec"] for s in record["sources"]], [float(s["weight"]) for s in record["sources"]], sets, dirs + ([val_dir] if val_dir else []), val_dir is not None,
                     [int(s.get("val_tail", 0)) for s in record["sources"]], data_cfg.eval_tokens)
 
 
