@@ -104,6 +104,13 @@ class Dataset:
     def num_val_tokens(self) -> int:
         return sum(len(s) for s in self.val_streams)
 
+    def describe(self) -> str:
+        return (f"data: {', '.join(self.names)}: {self.num_train_tokens:,} training tokens, {self.num_val_tokens:,} "
+                f"validation tokens")
+
+    def epoch(self) -> tuple[int, str]:
+        return self.num_train_tokens, "tokens"
+
     def val_window_count(self, seq_len: int) -> int:
         return sum(max(0, (len(s) - 1) // seq_len) for s in self.val_streams)
 
@@ -226,7 +233,8 @@ def _dataset(tokenizer, tokenizer_path: Path, corpus_sha: str, tokenizer_sha: st
         stats["train"].append(totals)
     if separate_val:
         val, stats["val"] = [TokenStream(sets[-1].val)], [sets[-1].totals()]
-    return Dataset(tokenizer, tokenizer_path, corpus_sha, tokenizer_sha, specs, train, weights, val, [1.0] if separate_val else weights, dirs, eval_tokens, stats, notes)
+    return Dataset(tokenizer, tokenizer_path, corpus_sha, tokenizer_sha, specs, train, weights, val,
+                   [1.0] if separate_val else weights, dirs, eval_tokens, stats, notes)
 
 
 def _check_lengths(ds: Dataset, data_cfg: DataConfig, train: list[Source], val: Source | None, seq_len: int) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qtrain.config.recipe import DataConfig
 from qtrain.data.dataset import fingerprint_now, prepare_data
 from qtrain.data.loader import BatchStream
 from qtrain.data.protocols import RunData, Tokenizer
@@ -112,11 +113,11 @@ def _kind_of(record: dict, text_field: str = "text") -> str | None:
     return "unknown"
 
 
-def finetune_kind(data_cfg) -> str | None:
+def finetune_kind(data_cfg: DataConfig) -> str | None:
     """PROMPT_COMPLETION or CHAT for fine-tuning records, None for plain text: as [data] format says, or with
     "auto" as the first record of a JSONL corpus says (any other corpus, or a [data.sources] mixture, is plain
     text). A record with both [data] text_field and fine-tuning fields is refused under "auto"."""
-    fmt = getattr(data_cfg, "format", "auto")
+    fmt = data_cfg.format
     path = Path(data_cfg.corpus).expanduser()
     jsonl = not data_cfg.sources and path.name.endswith((".jsonl", ".jsonl.gz")) and path.is_file()
     if fmt == "text":
@@ -146,9 +147,9 @@ def finetune_kind(data_cfg) -> str | None:
     return kind
 
 
-def format_note(data_cfg, kind: str | None) -> str | None:
+def format_note(data_cfg: DataConfig, kind: str | None) -> str | None:
     """The header line saying which data format the run uses and why (None for non-JSONL plain text)."""
-    fmt = getattr(data_cfg, "format", "auto")
+    fmt = data_cfg.format
     what = {None: f'plain text (the "{data_cfg.text_field}" field of each record)',
             PROMPT_COMPLETION: "prompt/completion records (loss on the completions)",
             CHAT: "chat records (the tokenizer's chat template; loss on the assistant turns)"}[kind]
@@ -297,16 +298,15 @@ class FinetuneData:
     dropped: int = 0  # examples whose answer starts beyond seq_len + 1 tokens: left out
     notes: list[str] = dataclasses.field(default_factory=list)  # lines for the run header
 
-    @property
-    def num_train_examples(self) -> int:
-        return len(self.train)
-
     def describe(self) -> str:
         """The header's data line: examples, and their real (unpadded) tokens."""
         tr, va = self.train, self.val
         return (f"data: {self.kind} records: {len(tr):,} training examples ({tr.real_tokens():,} tokens, "
                 f"{tr.target_tokens():,} with loss; each padded to train.seq_len), {len(va):,} validation examples "
                 f"({va.real_tokens():,} tokens)")
+
+    def epoch(self) -> tuple[int, str]:
+        return len(self.train), "examples"
 
     def identity(self) -> dict[str, str]:
         return {"corpus": self.corpus_sha256, "tokenizer": self.tokenizer_sha256}

@@ -40,6 +40,14 @@ class RunData(Protocol):
 
     tokenizer: Tokenizer
     tokenizer_path: Path
+    notes: list[str]  # lines for the run header: how validation was formed, the detected record format
+
+    def describe(self) -> str:
+        """The run header's data line: the sources and how much training and validation data they hold."""
+
+    def epoch(self) -> tuple[int, str]:
+        """What one pass over the training data is: (tokens, "tokens") of plain text, (examples, "examples") of
+        fine-tuning records (each padded to a row of its own)."""
 
     def identity(self) -> dict[str, str]:
         """{"corpus": sha256, "tokenizer": sha256}: a checkpoint records it, a resume or eval compares it."""

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from qtrain.config.recipe import DataConfig
 from qtrain.data.default_corpus import default_corpus_path
 from qtrain.data.readers import DEFAULT_CORPUS, file_kind, is_data_file, read_file
 from qtrain.errors import DataError
@@ -163,7 +164,7 @@ def _directory_files(path: Path, spec: str, key: str, split: str) -> list[Path]:
                     f'.parquet or .arrow files')
 
 
-def resolve_sources(data_cfg, cache_root: Path) -> tuple[list[Source], Source | None]:
+def resolve_sources(data_cfg: DataConfig, cache_root: Path) -> tuple[list[Source], Source | None]:
     """(the training sources with their mixture weights, the separate validation source or None)."""
     if data_cfg.sources:
         train = []
@@ -180,7 +181,7 @@ def resolve_sources(data_cfg, cache_root: Path) -> tuple[list[Source], Source | 
         val = resolve_source(data_cfg.validation, cache_root, text_field=data_cfg.text_field,
                              split_blank_lines=data_cfg.split_blank_lines, key="[data] validation", split="validation")
     for s in train + ([val] if val else []):
-        s.skip_unreadable = bool(getattr(data_cfg, "skip_unreadable", False))
+        s.skip_unreadable = data_cfg.skip_unreadable
     return train, val
 
 

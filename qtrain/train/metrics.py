@@ -24,8 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from qtrain.config.recipe import TrainConfig
 from qtrain.core.atomic import write_atomic
+from qtrain.data.protocols import RunData
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -169,7 +172,8 @@ def cpu_threads(device) -> str:
     return f", {n} CPU thread{'s' * (n != 1)}: set OMP_NUM_THREADS to change"
 
 
-def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, start_step: int) -> str:
+def header(cfg: TrainConfig, model: nn.Module, data: RunData, device: torch.device, dtype: torch.dtype, run_dir: Path,
+           world_size: int, start_step: int) -> str:
     """The start-up summary: model size (int8 / float bytes), data, tokens per step and epochs, device."""
     from qtrain.data.tokenizer import boundary_note
     from qtrain.model.builder import int8_layers
@@ -192,25 +196,19 @@ def header(cfg, model, data, device, dtype, run_dir: Path, world_size: int, star
              f"({_bytes(float_bytes)}, {cfg.model.float_dtype})"]
     if cfg.model.init:
         lines.append(init_line(cfg))
-    train_tokens = getattr(data, "num_train_tokens", None)
-    examples = getattr(data, "num_train_examples", None)  # fine-tuning: padded rows, one example each
-    if train_tokens:
-        names = getattr(data, "names", None) or [cfg.data.corpus]
-        val = getattr(data, "num_val_tokens", 0)
-        lines.append(f"data: {', '.join(names)}: {train_tokens:,} training tokens, {val:,} validation tokens")
-    elif examples:
-        lines.append(data.describe())
+    lines.append(data.describe())
     lines.append(f"tokens: {boundary_note(data.tokenizer)}")
-    lines += getattr(data, "notes", [])  # how validation was formed, the detected record format
+    lines += data.notes  # how validation was formed, the detected record format
     resuming = f"; resuming at step {start_step}" if start_step else ""
-    if examples and not train_tokens:
+    size, unit = data.epoch()
+    if unit == "examples":  # fine-tuning: padded rows, one example each
         rows = world_size * t.batch_size * t.grad_accum_steps
         lines.append(f"steps: {t.steps:,} x {rows:,} examples per step ({world_size} x {t.batch_size} x "
                      f"{t.grad_accum_steps} accumulated) = {rows * t.steps:,} examples = "
-                     f"{rows * t.steps / examples:.2f} epochs of the training examples{resuming}")
+                     f"{rows * t.steps / size:.2f} epochs of the training examples{resuming}")
     else:
         covered = tokens_per_step * t.steps
-        epochs = f" = {covered / train_tokens:.2f} epochs of the training tokens" if train_tokens else ""
+        epochs = f" = {covered / size:.2f} epochs of the training tokens" if size else ""
         lines.append(f"steps: {t.steps:,} x {tokens_per_step:,} tokens per step ({world_size} x {t.batch_size} x "
                      f"{t.seq_len} x {t.grad_accum_steps} accumulated) = {covered:,} tokens{epochs}{resuming}")
     lines.append(f"device: {device} ({str(dtype).removeprefix('torch.')} compute{cpu_threads(device)}), world size "
