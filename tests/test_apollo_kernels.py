@@ -320,6 +320,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
     ptx = compile_for_sm90(AOT_SCRIPT, tmp_path)
     for name, code in ptx.items():

@@ -230,6 +230,7 @@ def _save_then_kill(run_dir: Path, delay_s: float) -> tuple[int, int]:
     return proc.wait(), reported
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     # one save takes ~0.25 s here, so delays up to 0.6 s land in every phase (tensors, meta, rename, prune)
     rng = random.Random(20240607)

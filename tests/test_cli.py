@@ -90,6 +90,7 @@ def run_dir(tmp_path_factory):
     return out, env
 
 
+@pytest.mark.slow
 def test_eval_batches_beyond_the_validation_set_says_how_many_it_holds(run_dir, monkeypatch):
     run, env = run_dir
     err = refused("eval", str(run), "--batches", "100000", env=env)
@@ -109,6 +110,7 @@ def _two_rank_env(tmp_path) -> dict:
     return {**os.environ, "QTRAIN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+@pytest.mark.slow
 def test_a_recipe_refused_under_nproc_is_printed_once_before_any_rank_starts(tmp_path):
     err = refused("train", "--nproc", "2", "--fsdp", "--out", str(tmp_path / "run"), "--set", "optim.method=galore",
                   env=_two_rank_env(tmp_path))

@@ -77,6 +77,7 @@ def runs(env, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_accumulating_two_micro_batches(runs):
     """>= 5 steps with projection refreshes every 2: bit for bit, weights, states, data position, losses."""
     assert_same_run(runs / "one", runs / "two")
@@ -84,6 +85,7 @@ def test_two_ranks_equal_one_process_accumulating_two_micro_batches(runs):
     assert json.loads((runs / "two" / "metrics.jsonl").read_text().splitlines()[1])["tokens"] == 2 * 2 * 64
 
 
+@pytest.mark.slow
 def test_resume_across_world_sizes(env, runs, tmp_path):
     """Each run cut back to its step-4 checkpoint, then continued in the other world size."""
     import shutil
@@ -97,6 +99,7 @@ def test_resume_across_world_sizes(env, runs, tmp_path):
         assert_same_run(runs / "one", tmp_path / run)
 
 
+@pytest.mark.slow
 def test_release_mode_overlapped_reduction_equals_synchronous(env, tmp_path):
     """Layer-wise release on 2 ranks: all-reduces in flight during backward (dp_overlap = 2) give the same
     bits as reducing and updating each gradient at once (dp_overlap = 0); replicas checked every step."""
@@ -134,6 +137,7 @@ def _replica_worker(rank: int, init: str, result) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_divergence_and_recipe_mismatch_fail_on_every_rank(tmp_path):
     result = mp.Manager().dict()
     start_ranks(_replica_worker, (f"file://{tmp_path / 'rendezvous'}", result), 2)
@@ -143,6 +147,7 @@ def test_divergence_and_recipe_mismatch_fail_on_every_rank(tmp_path):
         assert "ranks [1] were started with a recipe" in result[("recipe", rank)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
 def test_a_killed_rank_ends_the_job_and_keeps_the_last_checkpoint(env, tmp_path, fsdp):
     run = tmp_path / "run"

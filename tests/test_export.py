@@ -128,6 +128,7 @@ def exported(spm_models, tmp_path_factory):
     return {"models": models, "dirs": dirs, "ids": ids, "loaded": torch.load(root / "out.pt")}
 
 
+@pytest.mark.slow
 def test_loaded_without_qtrain(exported):
     assert exported["loaded"]["qtrain_imported"] is False
     for name in ("fp32", "bf16", "tied"):

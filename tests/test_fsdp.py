@@ -196,6 +196,7 @@ def _flat(sd: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_sharded_update_equals_unsharded(spawned, method):
     """APOLLO-Mini (tensor-wise), APOLLO (channel-wise, rank 4: the column blocks of down_proj, 88 of 176
@@ -215,6 +216,7 @@ def test_sharded_update_equals_unsharded(spawned, method):
         assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.slow
 def test_each_rank_keeps_half_the_persistent_bytes(spawned):
     """Weights (codes, scales, offsets, float tensors) and every optimizer state, counted on the tensors a
     rank holds: half the one-process bytes, but for the replicated RoPE tables and step counters."""
@@ -225,6 +227,7 @@ def test_each_rank_keeps_half_the_persistent_bytes(spawned):
     assert abs(per_rank[0] / single - 0.5) < 0.01, (per_rank, single)
 
 
+@pytest.mark.slow
 def test_estimator_predicts_the_sharded_bytes(spawned):
     """`qtrain estimate --nproc 2 --fsdp` (CPU): its persistent bytes are what each rank measured."""
     from qtrain.config.recipe import TrainConfig
@@ -239,6 +242,7 @@ def test_estimator_predicts_the_sharded_bytes(spawned):
     assert sharded.peak_allocated < single.peak_allocated + sharded.component("FSDP2 gathered").bytes
 
 
+@pytest.mark.slow
 def test_unsupported_recipes_are_refused_with_the_fix(spawned):
     ranks, _ = spawned
     refused = ranks[0][1]

@@ -57,6 +57,7 @@ def smol(tmp_path_factory) -> Path:
 
 
 # ---- #24.2: a template recipe takes the checkpoint's shape -------------------------------------------------------
+@pytest.mark.slow
 def test_finetune_template_takes_a_checkpoint_of_another_shape(smol, tmp_path):
     """finetune-tiny repeats the tiny shape (hidden 64, vocab 2048, untied, ...): pointed at the SmolLM2-like
     checkpoint it trains that checkpoint's architecture and says which recipe keys gave way. Before: one refusal per
@@ -86,6 +87,7 @@ def test_finetune_template_takes_a_checkpoint_of_another_shape(smol, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+@pytest.mark.slow
 def test_pretraining_recipe_takes_a_checkpoint_of_another_family(tmp_path):
     """`qtrain train tiny --set model.init=DIR` on a Qwen2 checkpoint: family and shape from config.json."""
     ckpt = tmp_path / "qwen2-hf"

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # What the build reads is copied out first: building in place would write build/ and *.egg-info into the
 # work tree. Everything else is left behind (tests, tools and docs are not in the wheel anyway).
@@ -28,6 +30,7 @@ def _run(args, cwd, env=None, timeout=120):
     return proc
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_finds_its_recipes_from_anywhere(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=NOT_COPIED, symlinks=True)

@@ -201,6 +201,7 @@ def _write_sharded_bf16_checkpoint(out: Path, shard_bytes: int) -> tuple[list[in
     return [f.stat().st_size for f in files], sum(s.numel() for s in shapes.values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
 def test_sharded_checkpoint_loads_below_int8_model_plus_one_shard(tmp_path):
     """Peak RSS growth while building the model from a 3-shard bf16 checkpoint (~49M parameters, 98 MB of

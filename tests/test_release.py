@@ -139,6 +139,7 @@ def test_missing_gradient_is_reported():
         updater.finish_step()
 
 
+@pytest.mark.slow
 def test_release_step_through_the_triton_kernels_tracks_the_torch_path(kernel_device):
     # The fused kernels inside real release hooks: in Triton's interpreter on CPU, compiled on CUDA. Dequantize
     # is bit-exact, so the first loss is identical; SR draws differ (Philox in the kernel vs torch's generator)

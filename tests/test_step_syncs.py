@@ -59,6 +59,7 @@ def test_a_release_step_of_every_shipped_recipe_makes_no_sync(recipe):
     assert count.total == 0, f"{recipe.stem}: {count} syncs: " + "; ".join(count.where[:5])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem in ("7b", "7b-8gb")], ids=lambda p: p.stem)
 def test_the_triton_path_makes_no_sync_either(recipe):
     from qtrain.quant import triton_kernels

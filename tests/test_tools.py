@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_matmul_smoke_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "tools/bench_matmul.py", "--tokens", "16", "--reps", "1"], cwd=ROOT, env=env,
@@ -20,6 +23,7 @@ def test_bench_matmul_smoke_in_the_interpreter():
     assert re.search(r"tiny M=16: one step's projection GEMMs .* fused / dequantize \d+\.\d+x", run.stdout)
 
 
+@pytest.mark.slow
 def test_bench_step_smoke_on_cpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "tools/bench_step.py", "--device", "cpu", "--sizes", "tiny", "--points", "1x16",
@@ -31,6 +35,7 @@ def test_bench_step_smoke_on_cpu():
     assert "tiny 1x16: qtrain fused / bf16 floor: tokens/s" in run.stdout
 
 
+@pytest.mark.slow
 def test_bench_eval_smoke_on_cpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "tools/bench_eval.py", "--device", "cpu", "--layers", "2", "--hidden", "64",

@@ -58,6 +58,7 @@ def qtrain_cmd(*args):
     return [sys.executable, "-m", "qtrain.cli.main", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     flags = [f"--set={o}" for o in FAST + ["train.steps=24", "train.save_every=4", "train.eval_every=100"]]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -302,6 +302,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_with_the_reference_roundings(tmp_path):
     ptx = compile_for_sm90(AOT_SCRIPT, tmp_path)
     per_thread = triton_kernels.TILE_ELEMS // (32 * triton_kernels.NUM_WARPS)  # 16 elements

@@ -231,6 +231,7 @@ def test_int8_linear_fused_matches_dequantize_forward_and_backward_cpu(autocast)
         assert torch.allclose(dw1.float(), dw0.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="CPU interpreter case (a GPU machine runs it in the subprocess)")
 def test_tiny_llama_loss_and_gradients_agree_between_matmul_paths_cpu():
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -277,6 +278,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_to_tensor_core_mma(tmp_path):
     for name, code in compile_for_sm90(AOT_SCRIPT, tmp_path).items():
         assert "wgmma.mma_async" in code, f"{name}: no Hopper tensor-core MMA"
