@@ -21,7 +21,6 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-
 # What every rank of start_ranks imports: once, in the fork server, instead of in each rank (~7 s of CPU each)
 RANK_PRELOAD = ["torch", "torch.distributed", "transformers.models.llama.modeling_llama", "qtrain.train.run",
                 "qtrain.parallel.fsdp"]

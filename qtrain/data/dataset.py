@@ -300,9 +300,11 @@ def open_run_data(run_dir: Path, data_cfg: DataConfig, tokenizer_path: Path) -> 
         return None
     tokenizer = load_tokenizer(tokenizer_path)
     sets = [ShardSet(d) for d in dirs + ([val_dir] if val_dir else [])]
+    recorded = record["sources"]
     return _dataset(tokenizer, Path(tokenizer_path), record["identity"]["corpus"], record["identity"]["tokenizer"],
-                    [s["spec"] for s in record["sources"]], [float(s["weight"]) for s in record["sources"]], sets, dirs + ([val_dir] if val_dir else []), val_dir is not None,
-                    [int(s.get("val_tail", 0)) for s in record["sources"]], data_cfg.eval_tokens)
+                    [s["spec"] for s in recorded], [float(s["weight"]) for s in recorded], sets,
+                    dirs + ([val_dir] if val_dir else []), val_dir is not None,
+                    [int(s.get("val_tail", 0)) for s in recorded], data_cfg.eval_tokens)
 
 
 def fingerprint_now(data_cfg: DataConfig) -> str | None:

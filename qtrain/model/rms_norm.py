@@ -8,8 +8,9 @@ step cannot afford (docs/performance.md). The fused twin computes the same funct
     h = (x.float() * rsqrt(mean(x.float()²) + eps)).to(x.dtype);   y = weight * h   (promoted dtype)
 
 in one program per tile of rows (one row from 4096 wide up); backward is one kernel (dx per row, and per-block
-partial sums of dweight in fp32) and one reduction of the partials. It is not bit-identical to the reference: the row sums run in another
-order (fp32, a few ulp relative), and dweight is summed in fp32 before one final rounding.
+partial sums of dweight in fp32) and one reduction of the partials. It is not bit-identical to the reference:
+the row sums run in another order (fp32, a few ulp relative), and dweight is summed in fp32 before one final
+rounding.
 
 `fuse_rms_norms(model, backend)` gives every RMSNorm module of a model this forward. The backend convention
 is the int8 kernels' (qtrain.quant.dispatch.use_triton): "auto" runs the kernel on CUDA and transformers'
@@ -84,6 +85,11 @@ def _rms_backward_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_
     tl.store(dw_part_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=cols < n_cols)
 
 
+def _tile_rows(block: int, most: int) -> int:
+    """Rows of `block` columns a program holds at once: TILE elements, at least one row, at most `most`."""
+    return min(most, max(1, TILE // block))
+
+
 def _is_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
@@ -97,7 +103,7 @@ class _FusedRMSNorm(torch.autograd.Function):
         y = torch.empty(x2.shape, dtype=y_dtype, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(d)
-        rows = min(max(1, TILE // block), triton.next_power_of_2(x2.shape[0]))
+        rows = _tile_rows(block, triton.next_power_of_2(x2.shape[0]))
         _rms_forward_kernel[(triton.cdiv(x2.shape[0], rows),)](
             x2, weight, y, rstd, x2.shape[0], d, eps, X_BF16=_is_bf16(x.dtype), Y_BF16=_is_bf16(y_dtype), ROWS=rows,
             BLOCK=block, num_warps=_warps(rows * block))
@@ -114,7 +120,7 @@ class _FusedRMSNorm(torch.autograd.Function):
         programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
         dw_part = torch.empty((programs, d), dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(d)
-        tile_rows = min(ROWS_PER_PROGRAM, max(1, TILE // block))
+        tile_rows = _tile_rows(block, ROWS_PER_PROGRAM)
         _rms_backward_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_part, rows, d,
                                           X_BF16=_is_bf16(x2.dtype), Y_BF16=_is_bf16(dy.dtype),
                                           ROWS=ROWS_PER_PROGRAM, TILE_ROWS=tile_rows, BLOCK=block,

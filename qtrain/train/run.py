@@ -36,7 +36,8 @@ from qtrain.train.build import build
 from qtrain.train.loop import RunResult, RunSetup, fit
 from qtrain.update.release import attach_release
 
-Found = tuple[Path, dict[str, torch.Tensor] | None, dict]  # load_latest: a checkpoint, its tensors (None: sharded), meta
+# load_latest's answer: a checkpoint, its tensors (None when sharded: each rank reads its blocks later), its meta
+Found = tuple[Path, dict[str, torch.Tensor] | None, dict]
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False) -> RunResult:
